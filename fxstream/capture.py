@@ -1,0 +1,119 @@
+"""Capture an ``nn.Module`` into an ATen-level ``torch.fx.GraphModule`` with ``torch.export``.
+
+Non-strict export is used because it is 3-5x faster than strict export on the diffusers video UNets and gives
+the same graph (``../shared/reference/CAPTURE-NOTES.md``). Shapes are static: one capture per input signature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import numbers
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxstream.errors import CaptureError
+
+# Parameter names whose python-number values are turned into 0-d tensors before export. A python number
+# would be specialised into a guard (``timestep == 500``) and the graph would be valid for one step only.
+TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+
+# Side-effect-only checks that export inserts around dtype conversions. They would hold their operand whole
+# (and so block slicing through every ``.to(dtype)``); static export already fixed what they check.
+_CHECK_OPS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def normalize_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Bind ``args``/``kwargs`` to ``module.forward`` and turn python-number timesteps into 0-d tensors."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"arguments do not match {type(module).__name__}.forward: {e}") from e
+    device = _first_tensor_device(args, kwargs)
+    for name in TIMESTEP_NAMES:
+        value = bound.arguments.get(name)
+        if isinstance(value, numbers.Number) and not isinstance(value, bool):
+            bound.arguments[name] = torch.tensor(float(value), device=device)
+    return tuple(bound.args), dict(bound.kwargs)
+
+
+def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device | None:
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+@contextlib.contextmanager
+def _module_stack(module: nn.Module) -> Iterator[list[str]]:
+    """Track which submodule is running, so a capture failure can name it."""
+    stack: list[str] = []
+    handles = []
+    for name, sub in module.named_modules():
+        label = name or type(module).__name__
+
+        def pre(_m, _a, label=label):
+            stack.append(label)
+
+        def post(_m, _a, _o, label=label):
+            if stack and stack[-1] == label:
+                stack.pop()
+
+        handles.append(sub.register_forward_pre_hook(pre))
+        handles.append(sub.register_forward_hook(post))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _failing_operation(exc: BaseException) -> str:
+    """The innermost source line of the traceback that is not in torch's own tracing machinery."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if "/torch/" not in frame.filename:
+            return f"{frame.line.strip() if frame.line else '?'} ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})"
+    return type(exc).__name__
+
+
+def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModule:
+    """Capture ``module(*args, **kwargs)`` as an ATen-level GraphModule.
+
+    Works on real tensors and on meta or fake tensors (for full-size models built without weights). The
+    returned GraphModule takes the same arguments (after :func:`normalize_inputs`) and returns the same
+    output structure as the module; every node carries ``meta["val"]`` and ``meta["nn_module_stack"]``.
+
+    Raises:
+        CaptureError: naming the submodule that was running and the operation that failed.
+    """
+    args, kwargs = normalize_inputs(module, args, kwargs)
+    with _module_stack(module) as stack:
+        try:
+            exported = torch.export.export(module, args, kwargs, strict=False)
+        except Exception as e:  # export raises many unrelated types; all mean "could not capture"
+            module_path = stack[-1] if stack else type(module).__name__
+            operation = _failing_operation(e)
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CaptureError(
+                f"could not capture {type(module).__name__}: failed in module '{module_path}' at "
+                f"{operation}: {type(e).__name__}: {first_line}",
+                module_path=module_path,
+                operation=operation,
+            ) from e
+    gm = exported.module()
+    strip_checks(gm)
+    return gm
+
+
+def strip_checks(gm: torch.fx.GraphModule) -> None:
+    """Remove export's side-effect-only metadata assertions (see ``_CHECK_OPS``)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _CHECK_OPS and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
