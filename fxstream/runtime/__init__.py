@@ -1,0 +1,1 @@
+"""Runtime modules that compiled graphs call: sliced groups and step-rehash control."""

@@ -1,0 +1,340 @@
+"""Operator grouping: connected node sets that are parallel along one shared slice axis.
+
+Input: a captured ATen GraphModule with ``meta["val"]`` on every node.
+Output: a list of :class:`OperatorGroup`, each a convex node set (outlining it creates no cycle) in which every
+node's output carries the group's axis (a :class:`~passes.dims.SliceAxis`, or ``REDUCED`` for a reduction
+combined across slices), with its boundary: the inputs it reads (sliced or whole) and the outputs it produces.
+
+Method (the partitioner pattern of ``torch.fx.passes.infra.partitioner``): walk the graph in topological order;
+a node joins the group of one of its producers when its dim rule maps its output axis onto exactly the axis
+that producer carries, every other operand is available outside the group, and no cycle appears; otherwise it
+starts a new group, whose axis is chosen by looking a little ahead for the axis that covers the most bytes
+with the most slices. Ops without a rule are barriers and belong to no group.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from passes.dims import REDUCED, WHOLE, SliceAxis, SplitReduction, input_axes, shape, val
+from passes.reductions import reduced_input_ok
+
+# An axis with fewer positions than this never starts a group: it cannot cut a peak by more than half, and
+# along the classifier-free-guidance batch (2) it would swallow the whole network into one group.
+MIN_SEED_LENGTH = 4
+# How many following nodes the seed look-ahead inspects (about one ResBlock or transformer block).
+LOOKAHEAD_NODES = 48
+# Axes whose look-ahead scores are this close count as tied; the outermost dim wins (contiguous slices).
+TIE_TOLERANCE = 0.05
+
+_TEMPORAL_HINTS = ("temporal", "time_mixer", "motion", "temp_")
+
+
+@dataclass
+class OperatorGroup:
+    """A set of nodes that can run slice by slice along one axis of length ``length``."""
+
+    name: str
+    kind: str  # "spatial" (frames axis), "temporal" (pixel axis) or "other"
+    length: int
+    nodes: list[torch.fx.Node]
+    axes: dict[torch.fx.Node, object]  # SliceAxis or REDUCED, per node
+    inputs: dict[torch.fx.Node, object] = field(default_factory=dict)  # SliceAxis or WHOLE
+    outputs: list[torch.fx.Node] = field(default_factory=list)
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    def intermediate_bytes(self) -> int:
+        return sum(tensor_bytes(val(n)) for n in self.nodes)
+
+
+def tensor_bytes(v: object) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (list, tuple)):
+        return sum(tensor_bytes(x) for x in v)
+    return 0
+
+
+def module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _clean_path(path)
+
+
+def _module_classes(node: torch.fx.Node) -> list[str]:
+    """Classes of the modules the node runs in, outermost first, without the captured root module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [str(v[1]).rsplit(".", 1)[-1] for v in list(stack.values())[1:]]
+
+
+def _clean_path(path: str) -> str:
+    # export writes "L['self'].down_blocks[0].resnets[1]" or "down_blocks.0.resnets.1"; normalise to dots
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    for a, b in (("[", "."), ("]", ""), ("'", "")):
+        path = path.replace(a, b)
+    return path.strip(".")
+
+
+def _groupable(node: torch.fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    v = val(node)
+    if isinstance(v, torch.Tensor):
+        return v.dim() > 0
+    return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in v)
+
+
+def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [x for x in node.all_input_nodes if isinstance(val(x), (torch.Tensor, list, tuple))]
+
+
+class _Grouper:
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.order = list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.order)}
+        self.group_of: dict[torch.fx.Node, int] = {}
+        self.axis_of: dict[torch.fx.Node, object] = {}
+        self.members: dict[int, list[torch.fx.Node]] = defaultdict(list)
+        self.length: dict[int, int] = {}
+        self.reqs: dict[int, dict[torch.fx.Node, object]] = defaultdict(dict)
+        self.anc: dict[torch.fx.Node, int] = {}  # bitmask of groups among a node's ancestors
+        self.split_candidates: list[torch.fx.Node] = []
+
+    # -- the join test ---------------------------------------------------------------------------------------
+    def _options(self, node: torch.fx.Node, length: int) -> list[object]:
+        s = shape(node)
+        opts: list[object] = [SliceAxis(d, s[d] // length) for d in range(len(s)) if s[d] % length == 0 and s[d] >= length]
+        if node.target is torch.ops.fxstream.group_norm_partial.default:
+            opts.append(REDUCED)
+        return opts
+
+    def _fits(self, node, axis, members_axis, gid, reqs, check_cycles=True, passable_split=False):
+        """The input requirements if ``node`` with output ``axis`` can join the group, else None."""
+        if axis is REDUCED:
+            x = node.args[0]
+            a = members_axis.get(x)
+            if not isinstance(a, SliceAxis) or not reduced_input_ok(node, a):
+                return None
+            return {}
+        try:
+            req = input_axes(node, axis)
+        except SplitReduction:
+            if not passable_split:
+                return None
+            req = {node.args[0]: axis}
+        if req is None:
+            return None
+        inside = False
+        for p, r in req.items():
+            if p in members_axis:
+                if members_axis[p] != r:
+                    return None
+                inside = True
+            else:
+                if r is not WHOLE and (r.dim >= len(shape(p) or ()) or shape(p)[r.dim] % r.unit):
+                    return None
+                if reqs.get(p, r) != r:
+                    return None
+                if check_cycles and gid is not None and (self.anc.get(p, 0) >> gid) & 1:
+                    return None
+        if not inside and members_axis:
+            return None
+        # a rule that does not say how every tensor operand is read is incomplete: a barrier, not a guess
+        for p in _tensor_inputs(node):
+            if p not in req:
+                return None
+        return req
+
+    # -- seeding -----------------------------------------------------------------------------------------------
+    def _score(self, seed: torch.fx.Node, axis: SliceAxis) -> float:
+        """Bytes a group seeded here would cover in the next few nodes, weighted by its slicing potential."""
+        length = shape(seed)[axis.dim] // axis.unit
+        members = {seed: axis}
+        reqs: dict = {}
+        covered = tensor_bytes(val(seed))
+        start = self.index[seed]
+        for node in self.order[start + 1 : start + 1 + LOOKAHEAD_NODES]:
+            if not _groupable(node) or not any(p in members for p in node.all_input_nodes):
+                continue
+            for opt in self._options(node, length):
+                req = self._fits(node, opt, members, None, reqs, check_cycles=False, passable_split=True)
+                if req is not None:
+                    members[node] = opt
+                    for p, r in req.items():
+                        if p not in members:
+                            reqs[p] = r
+                    covered += tensor_bytes(val(node))
+                    break
+        return covered * (1.0 - 1.0 / length)
+
+    def _seed_axis(self, node: torch.fx.Node) -> SliceAxis | None:
+        s = shape(node)
+        scored = []
+        for d in range(len(s)):
+            if s[d] < MIN_SEED_LENGTH:
+                continue
+            axis = SliceAxis(d, 1)
+            try:
+                req = input_axes(node, axis)
+            except SplitReduction:
+                req = None
+            if req is None:
+                continue
+            scored.append((self._score(node, axis), d, axis))
+        if not scored:
+            return None
+        best = max(sc for sc, _, _ in scored)
+        if best <= 0:
+            return None
+        for sc, _, axis in sorted(scored, key=lambda t: t[1]):
+            if sc >= best * (1 - TIE_TOLERANCE):
+                return axis
+        return None
+
+    # -- the walk ----------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        next_gid = 0
+        for node in self.order:
+            anc = 0
+            for p in node.all_input_nodes:
+                anc |= self.anc.get(p, 0)
+                if p in self.group_of:
+                    anc |= 1 << self.group_of[p]
+            self.anc[node] = anc
+            if not _groupable(node):
+                continue
+            joined = False
+            producer_groups = sorted(
+                {self.group_of[p] for p in node.all_input_nodes if p in self.group_of},
+                key=lambda g: -sum(tensor_bytes(val(p)) for p in node.all_input_nodes if self.group_of.get(p) == g),
+            )
+            for gid in producer_groups:
+                members_axis = {n: self.axis_of[n] for n in node.all_input_nodes if self.group_of.get(n) == gid}
+                for opt in self._options(node, self.length[gid]):
+                    try:
+                        req = self._fits(node, opt, members_axis, gid, self.reqs[gid])
+                    except SplitReduction:
+                        req = None
+                    if req is None:
+                        continue
+                    self._add(node, gid, opt, req)
+                    joined = True
+                    break
+                if joined:
+                    break
+                if node.target is torch.ops.aten.group_norm.default:
+                    x = node.args[0]
+                    if self.group_of.get(x) == gid and isinstance(self.axis_of[x], SliceAxis) and self.axis_of[x].dim >= 2:
+                        self.split_candidates.append(node)
+            if joined:
+                continue
+            axis = self._seed_axis(node)
+            if axis is None:
+                continue
+            req = input_axes(node, axis)
+            gid = next_gid
+            next_gid += 1
+            self.length[gid] = shape(node)[axis.dim] // axis.unit
+            self._add(node, gid, axis, req)
+
+    def _add(self, node, gid, axis, req) -> None:
+        self.group_of[node] = gid
+        self.axis_of[node] = axis
+        self.members[gid].append(node)
+        for p, r in req.items():
+            if self.group_of.get(p) != gid:
+                self.reqs[gid][p] = r
+
+    # -- results -----------------------------------------------------------------------------------------------
+    def groups(self) -> list[OperatorGroup]:
+        result = []
+        for gid, nodes in sorted(self.members.items()):
+            if not any(n.target is not torch.ops.aten.view.default for n in nodes):
+                continue
+            members = set(nodes)
+            outputs = [n for n in nodes if any(u not in members for u in n.users)]
+            inputs = {p: r for p, r in self.reqs[gid].items() if p not in members}
+            # every outside tensor a member reads must be a declared input
+            result.append(
+                OperatorGroup(
+                    name=_group_name(nodes),
+                    kind=_group_kind(nodes, {n: self.axis_of[n] for n in nodes}),
+                    length=self.length[gid],
+                    nodes=nodes,
+                    axes={n: self.axis_of[n] for n in nodes},
+                    inputs=inputs,
+                    outputs=outputs,
+                )
+            )
+        _dedupe_names(result)
+        return result
+
+
+def _group_name(nodes: list[torch.fx.Node]) -> str:
+    paths = [module_path(n).split(".") for n in nodes if module_path(n)]
+    if not paths:
+        return nodes[0].name
+    common = os.path.commonprefix(paths)
+    if common:
+        return ".".join(common)
+    # no common module: name by the module holding most of the group's bytes
+    by_path: dict[str, int] = defaultdict(int)
+    for n in nodes:
+        by_path[module_path(n)] += tensor_bytes(val(n))
+    return max(by_path, key=by_path.get) or nodes[0].name
+
+
+def _group_kind(nodes: list[torch.fx.Node], axes: dict) -> str:
+    weight = defaultdict(int)
+    for n in nodes:
+        classes = " ".join(_module_classes(n)).lower() + " " + module_path(n).lower()
+        kind = "temporal" if any(h in classes for h in _TEMPORAL_HINTS) else "spatial"
+        weight[kind] += tensor_bytes(val(n))
+    if not weight:
+        return "other"
+    kind = max(weight, key=weight.get)
+    if kind == "spatial" and not any(isinstance(a, SliceAxis) and a.dim == 0 for a in axes.values()):
+        return "other"
+    return kind
+
+
+def _dedupe_names(groups: list[OperatorGroup]) -> None:
+    seen: dict[str, int] = defaultdict(int)
+    for g in groups:
+        seen[g.name] += 1
+    count: dict[str, int] = defaultdict(int)
+    for g in groups:
+        if seen[g.name] > 1:
+            count[g.name] += 1
+            g.name = f"{g.name}#{count[g.name]}"
+
+
+def find_groups(gm: torch.fx.GraphModule, *, split_reductions: bool = True) -> list[OperatorGroup]:
+    """Label the graph's homogeneous operator chains and merge them into :class:`OperatorGroup` s.
+
+    With ``split_reductions`` (the default), GroupNorms that stop a group along one of their reduced dims are
+    rewritten into exact split form (``passes/reductions.py``), in place, and the graph is grouped again.
+    """
+    grouper = _Grouper(gm)
+    grouper.run()
+    if split_reductions and grouper.split_candidates:
+        from passes.reductions import split_group_norms
+
+        split_group_norms(gm, grouper.split_candidates)
+        grouper = _Grouper(gm)
+        grouper.run()
+    return grouper.groups()
+
+
+__all__ = ["OperatorGroup", "find_groups", "module_path", "tensor_bytes", "REDUCED", "WHOLE"]

@@ -1,0 +1,144 @@
+"""Exact split reductions: GroupNorm whose statistics span the sliced axis.
+
+SVD's temporal ResBlocks, AnimateDiff's motion modules and the SVD VAE's temporal decoder normalise over
+(C/G, T, H, W). Slicing along H or the pixel axis and normalising each slice with its own statistics (what the
+paper's released code does) changes the result. Here such a GroupNorm becomes two ops:
+
+    partial = fxstream.group_norm_partial(x, G)          # per (sample, group): count, mean, M2 in float32
+    y       = fxstream.group_norm_apply(x, partial, G, weight, bias, eps)
+
+``partial`` is a reduction: a sliced group computes it per slice and combines the slices exactly (Chan et al.'s
+parallel variance), then the apply runs slice by slice with the complete statistics. Unsliced, the pair equals
+``aten.group_norm`` up to float reordering. Statistics accumulate in float32 for half inputs.
+
+Input: a GraphModule and the group_norm nodes to split. Output: the same GraphModule, rewritten in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from passes.dims import REDUCED, WHOLE, InputAxes, SliceAxis, register_rule, shape
+
+aten = torch.ops.aten
+
+
+@torch.library.custom_op("fxstream::group_norm_partial", mutates_args=())
+def group_norm_partial(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(N, G, 3) float32 statistics of ``x`` (N, C, ...) per sample and channel group: count, mean, M2."""
+    n = x.shape[0]
+    g = x.reshape(n, num_groups, -1).float()
+    var, mean = torch.var_mean(g, dim=-1, correction=0)
+    count = torch.full_like(mean, g.shape[-1])
+    return torch.stack([count, mean, var * count], dim=-1)
+
+
+@group_norm_partial.register_fake
+def _(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], num_groups, 3), dtype=torch.float32)
+
+
+def combine_partials(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Merge two partial statistics of disjoint parts of the same groups (exact up to rounding)."""
+    na, ma, m2a = a.unbind(-1)
+    nb, mb, m2b = b.unbind(-1)
+    n = na + nb
+    delta = mb - ma
+    mean = ma + delta * (nb / n)
+    m2 = m2a + m2b + delta * delta * (na * nb / n)
+    return torch.stack([n, mean, m2], dim=-1)
+
+
+@torch.library.custom_op("fxstream::group_norm_apply", mutates_args=())
+def group_norm_apply(
+    x: torch.Tensor,
+    stats: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """Normalise ``x`` (N, C, ...) with complete statistics from :func:`group_norm_partial`."""
+    n, c = x.shape[0], x.shape[1]
+    count, mean, m2 = stats.unbind(-1)
+    rstd = torch.rsqrt(m2 / count + eps)
+    g = x.reshape(n, num_groups, c // num_groups, -1).float()
+    y = (g - mean[:, :, None, None]) * rstd[:, :, None, None]
+    y = y.reshape(n, c, -1)
+    if weight is not None:
+        y = y * weight.float()[None, :, None]
+    if bias is not None:
+        y = y + bias.float()[None, :, None]
+    return y.to(x.dtype).reshape(x.shape)
+
+
+@group_norm_apply.register_fake
+def _(x, stats, num_groups, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+PARTIAL_OP = torch.ops.fxstream.group_norm_partial.default
+APPLY_OP = torch.ops.fxstream.group_norm_apply.default
+
+# How the sliced loop combines per-slice results of each reduction op.
+COMBINE = {PARTIAL_OP: combine_partials}
+
+
+def _partial_rule(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    if axis.dim != 0:
+        return None
+    return {node.args[0]: SliceAxis(0, axis.unit)}
+
+
+def _apply_rule(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    x, stats = node.args[0], node.args[1]
+    if axis.dim == 1:
+        return None
+    req: InputAxes = {x: SliceAxis(axis.dim, axis.unit)}
+    req[stats] = SliceAxis(0, axis.unit) if axis.dim == 0 else WHOLE
+    for p in node.args[3:5]:
+        if isinstance(p, torch.fx.Node):
+            req[p] = WHOLE
+    return req
+
+
+def reduced_input_ok(node: torch.fx.Node, in_axis: SliceAxis) -> bool:
+    """True when ``node`` is a reduction whose input may be sliced along ``in_axis`` with the output combined
+    across slices (REDUCED)."""
+    return node.target is PARTIAL_OP and in_axis.dim >= 2
+
+
+register_rule(PARTIAL_OP, _partial_rule)
+register_rule(APPLY_OP, _apply_rule)
+
+
+def split_group_norms(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> int:
+    """Replace each ``aten.group_norm`` in ``nodes`` by a partial-statistics op and an apply op.
+
+    Returns the number of nodes rewritten. Fake values are propagated onto the new nodes.
+    """
+    count = 0
+    for node in nodes:
+        if node.target is not aten.group_norm.default:
+            continue
+        x, groups = node.args[0], node.args[1]
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+        eps = node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
+        with gm.graph.inserting_before(node):
+            partial = gm.graph.call_function(PARTIAL_OP, (x, groups))
+            apply = gm.graph.call_function(APPLY_OP, (x, partial, groups, weight, bias, eps))
+        xv = x.meta["val"]
+        partial.meta = {**node.meta, "val": xv.new_empty((shape(x)[0], groups, 3), dtype=torch.float32)}
+        apply.meta = {**node.meta}
+        node.replace_all_uses_with(apply)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
+__all__ = ["REDUCED", "COMBINE", "PARTIAL_OP", "APPLY_OP", "split_group_norms", "reduced_input_ok"]
