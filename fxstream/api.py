@@ -1,0 +1,49 @@
+"""``fxstream.compile``: the one-line entry point."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fxstream.module import StreamlinedModule
+
+_TARGETS = ("cpu", "cuda")
+
+
+def compile(  # noqa: A001 - mirrors torch.compile
+    module: nn.Module,
+    budget_gb: float | None = None,
+    *,
+    chunks: int | None = None,
+    target: str | None = None,
+) -> StreamlinedModule:
+    """Compile ``module`` so that it runs within ``budget_gb`` GiB (weights + activations), exactly.
+
+    Args:
+        module: any ``nn.Module`` torch.export can capture (diffusers video UNets, VAE decoders...).
+        budget_gb: memory budget in GiB for the module's weights and activations. None: as little memory as
+            slicing can reach. A budget the model already fits in leaves it unsliced (fastest).
+        chunks: force this many slices in every operator group, ignoring the budget (experiments, tests).
+        target: ``"cuda"`` or ``"cpu"``: the device whose attention kernels the memory model assumes.
+            None: the device of the inputs.
+
+    Returns:
+        A :class:`~fxstream.module.StreamlinedModule`, called exactly like ``module``. It compiles on its first
+        call for each input signature; ``.plan`` and ``.report()`` then describe what was decided.
+
+    Raises:
+        ValueError: for a non-positive budget or chunk count, or an unknown target.
+        fxstream.errors.BudgetError: on the first call, when no plan fits the budget.
+        fxstream.errors.CaptureError: on the first call, when the module cannot be captured.
+    """
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
+    if budget_gb is not None and not budget_gb > 0:
+        raise ValueError(f"budget_gb must be positive, got {budget_gb}")
+    if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
+        raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
+    if target is not None and target not in _TARGETS:
+        raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
+    if isinstance(module, StreamlinedModule):
+        module = module.original
+    budget_bytes = None if budget_gb is None else int(budget_gb * 2**30)
+    return StreamlinedModule(module, budget_bytes=budget_bytes, chunks=chunks, target=target)

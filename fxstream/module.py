@@ -1,0 +1,178 @@
+"""StreamlinedModule: the drop-in replacement ``fxstream.compile`` returns.
+
+It is called exactly like the original module and returns the same types. On the first call with a new input
+signature (tensor shapes, dtypes and devices, and the values of non-tensor arguments) it captures the module,
+groups its operators, chooses slice counts for the budget and keeps the sliced GraphModule; later calls with
+that signature reuse it. Attributes the module does not have (``config``, ``dtype``, ``device``...) are read
+from the original, whose parameters it shares.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxstream.capture import capture, normalize_inputs
+from passes.budget import BudgetResult, forced_chunks, plan_chunks
+from passes.chains import OperatorGroup, find_groups
+from passes.memory import MemoryTimeline, analyze_memory, format_bytes
+from passes.plan import GroupPlan, Plan
+
+
+@dataclass
+class CompiledEntry:
+    """One input signature's compiled graph and what was decided for it."""
+
+    graph_module: torch.fx.GraphModule
+    plan: Plan
+    baseline: MemoryTimeline
+    planned: MemoryTimeline
+    compile_seconds: float
+
+
+def signature_of(args: tuple) -> tuple:
+    """A hashable key of the normalised call: tensors by shape, dtype and device; other values by repr."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append(("T", tuple(a.shape), str(a.dtype), str(a.device)))
+        else:
+            key.append(("V", repr(a)))
+    return tuple(key)
+
+
+def describe_signature(args: tuple) -> str:
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append(f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}")
+        else:
+            parts.append(repr(a))
+    return ", ".join(parts)
+
+
+def _axis_text(group: OperatorGroup) -> str:
+    axis = next(a for a in (group.axes[o] for o in group.nodes) if hasattr(a, "dim"))
+    return f"dim {axis.dim}" + (f" x{axis.unit}" if axis.unit != 1 else "")
+
+
+def build_plan(
+    module: nn.Module,
+    args: tuple,
+    *,
+    budget_bytes: int | None,
+    chunks: int | None = None,
+    target: str | None = None,
+) -> CompiledEntry:
+    """Capture ``module`` on normalised ``args`` and slice it for the budget (or ``chunks`` everywhere)."""
+    start = time.perf_counter()
+    gm = capture(module, *args)
+    target = target or _target_of(args)
+    baseline = analyze_memory(gm, lifetime="eager", target=target)
+    groups = find_groups(gm)
+    split = sum(1 for n in gm.graph.nodes if n.target is torch.ops.fxstream.group_norm_partial.default)
+    if chunks is not None:
+        result: BudgetResult = forced_chunks(gm, groups, chunks, target=target)
+    else:
+        result = plan_chunks(gm, groups, budget_bytes, target=target)
+    planned = result.timeline
+    plan = Plan(
+        groups=[
+            GroupPlan(
+                name=g.name,
+                kind=g.kind,
+                axis=_axis_text(g),
+                length=g.length,
+                slices=min(result.chunks.get(g.name, 1), g.length),
+                nodes=len(g.nodes),
+                intermediate_bytes=g.intermediate_bytes(),
+            )
+            for g in groups
+            if result.chunks.get(g.name, 1) > 1
+        ],
+        predicted_peak_bytes=result.weight_bytes + planned.activation_peak_bytes,
+        predicted_activation_peak_bytes=planned.activation_peak_bytes,
+        baseline_peak_bytes=baseline.weight_bytes + baseline.activation_peak_bytes,
+        baseline_activation_peak_bytes=baseline.activation_peak_bytes,
+        weight_bytes=result.weight_bytes,
+        budget_bytes=budget_bytes,
+        peak_node=planned.peak_node,
+        peak_module_path=planned.peak_module_path,
+        target=target,
+        signature=describe_signature(args),
+        candidate_groups=len(groups),
+        split_reductions=split,
+    )
+    return CompiledEntry(result.graph_module, plan, baseline, planned, time.perf_counter() - start)
+
+
+def _target_of(args: tuple) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return "cuda" if a.device.type in ("cuda", "meta") else "cpu"
+    return "cpu"
+
+
+class StreamlinedModule(nn.Module):
+    """A module compiled by fxstream: same call, same outputs, less memory. See :func:`fxstream.compile`."""
+
+    def __init__(self, module: nn.Module, *, budget_bytes: int | None, chunks: int | None, target: str | None):
+        super().__init__()
+        self.original = module
+        self._fx_budget_bytes = budget_bytes
+        self._fx_chunks = chunks
+        self._fx_target = target
+        self._fx_cache: dict[tuple, CompiledEntry] = {}
+        self._fx_last: CompiledEntry | None = None
+
+    # -- calling -----------------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        flat, _ = normalize_inputs(self.original, args, kwargs)
+        key = signature_of(flat)
+        entry = self._fx_cache.get(key)
+        if entry is None:
+            entry = build_plan(
+                self.original, flat, budget_bytes=self._fx_budget_bytes, chunks=self._fx_chunks,
+                target=self._fx_target,
+            )
+            self._fx_cache[key] = entry
+        self._fx_last = entry
+        return entry.graph_module(*flat)
+
+    # -- what was decided --------------------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan | None:
+        """The Plan of the most recent call's input signature (None before the first call)."""
+        return self._fx_last.plan if self._fx_last else None
+
+    @property
+    def compiled(self) -> CompiledEntry | None:
+        return self._fx_last
+
+    def report(self) -> str:
+        """Baseline (eager) vs planned memory, per block, for the most recent input signature."""
+        from fxstream.report import plan_report
+
+        if self._fx_last is None:
+            return "not compiled yet: call the module once"
+        text = plan_report(self._fx_last)
+        print(text)
+        return text
+
+    # -- drop-in attributes ------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self._modules.get("original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+    def extra_repr(self) -> str:
+        budget = "minimum" if self._fx_budget_bytes is None else format_bytes(self._fx_budget_bytes)
+        return f"budget={budget}, compiled_signatures={len(self._fx_cache)}"

@@ -1,0 +1,68 @@
+"""The Plan: a typed, JSON-serialisable record of what the compiler decided for one input signature."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class GroupPlan:
+    """One operator group: its name (module path), kind, axis, axis length and the slices chosen."""
+
+    name: str
+    kind: str
+    axis: str
+    length: int
+    slices: int
+    nodes: int
+    intermediate_bytes: int
+
+
+@dataclass
+class Plan:
+    """What was decided, and the memory it predicts (bytes; peaks include resident weights)."""
+
+    groups: list[GroupPlan]
+    predicted_peak_bytes: int
+    predicted_activation_peak_bytes: int
+    baseline_peak_bytes: int
+    baseline_activation_peak_bytes: int
+    weight_bytes: int
+    budget_bytes: int | None
+    peak_node: str
+    peak_module_path: str
+    target: str
+    signature: str = ""
+    candidate_groups: int = 0
+    split_reductions: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sliced_groups(self) -> list[GroupPlan]:
+        return [g for g in self.groups if g.slices > 1]
+
+    def chunks(self) -> dict[str, int]:
+        return {g.name: g.slices for g in self.groups}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        data = dict(data)
+        data["groups"] = [GroupPlan(**g) for g in data["groups"]]
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Plan:
+        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        text = p.read_text() if p is not None else str(text_or_path)
+        return cls.from_dict(json.loads(text))
