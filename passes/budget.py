@@ -68,7 +68,7 @@ def plan_chunks(
         for name, k in ch.items():
             if k > 1 and (name, k) not in cache:
                 cache[(name, k)] = body_workspace_bytes(by_name[name], k)
-        sliced = apply_plan(gm, groups, ch, cache)
+        sliced = apply_plan(gm, groups, ch, cache, planning=True)
         return sliced, analyze_memory(sliced, lifetime="graph", target=target)
 
     sliced, timeline = build(chunks)
@@ -77,7 +77,7 @@ def plan_chunks(
     while True:
         total = weights + timeline.activation_peak_bytes
         if budget_bytes is not None and total <= budget_bytes:
-            return BudgetResult(chunks, sliced, timeline, weights)
+            return _finish(gm, groups, chunks, cache, target, weights)
         threshold = timeline.activation_peak_bytes if budget_bytes is None else budget_bytes - weights
         nodes = {n.name: n for n in sliced.graph.nodes}
         bumped = False
@@ -97,7 +97,7 @@ def plan_chunks(
         sliced, timeline = build(chunks)
         if timeline.activation_peak_bytes < best[2].activation_peak_bytes:
             best = (dict(chunks), sliced, timeline)
-    chunks, sliced, timeline = best
+    chunks, _, timeline = best
     floor = weights + timeline.activation_peak_bytes
     if budget_bytes is not None and floor > budget_bytes:
         raise BudgetError(
@@ -108,7 +108,13 @@ def plan_chunks(
             min_peak_bytes=floor,
             bounding_node=timeline.peak_node,
         )
-    return BudgetResult(chunks, sliced, timeline, weights)
+    return _finish(gm, groups, chunks, cache, target, weights)
+
+
+def _finish(gm, groups, chunks, cache, target, weights) -> BudgetResult:
+    """Build the runnable sliced GraphModule for the chosen counts."""
+    sliced = apply_plan(gm, groups, chunks, cache)
+    return BudgetResult(chunks, sliced, analyze_memory(sliced, lifetime="graph", target=target), weights)
 
 
 def forced_chunks(gm: torch.fx.GraphModule, groups: list[OperatorGroup], k: int, *,

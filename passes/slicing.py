@@ -61,13 +61,14 @@ def stable_topological_sort(graph: torch.fx.Graph) -> None:
         raise RuntimeError("graph has a cycle after outlining; a group was not convex")
 
 
-def _body(group: OperatorGroup, inputs: list[torch.fx.Node], n: int) -> torch.fx.GraphModule:
-    """The group's subgraph for a slice of ``n`` positions of its axis."""
+def _body(group: OperatorGroup, inputs: list[torch.fx.Node], n: int, with_vals: bool = True) -> torch.fx.GraphModule:
+    """The group's subgraph for a slice of ``n`` positions of its axis (with fake values of that slice on its
+    nodes when ``with_vals``: only memory estimates need them)."""
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for p in inputs:
         ph = graph.placeholder(p.name)
-        ph.meta = {"val": _slice_val(val(p), group.inputs[p], n)}
+        ph.meta = {"val": _slice_val(val(p), group.inputs[p], n)} if with_vals else {}
         env[p] = ph
     for node in group.nodes:
         axis = group.axes[node]
@@ -80,7 +81,8 @@ def _body(group: OperatorGroup, inputs: list[torch.fx.Node], n: int) -> torch.fx
             torch.fx.node.map_arg(kwargs, lambda a: env[a]),
         )
         new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
-        new.meta["val"] = _slice_val(val(node), axis, n)
+        if with_vals:
+            new.meta["val"] = _slice_val(val(node), axis, n)
         env[node] = new
     graph.output(tuple(env[o] for o in group.outputs))
     graph.lint()
@@ -94,6 +96,8 @@ def _slice_val(v, axis, n: int):
     if isinstance(v, (list, tuple)):
         return type(v)(_slice_val(t, axis, n) for t in v)
     if isinstance(v, torch.Tensor):
+        if v.shape[axis.dim] == n * axis.unit:
+            return v
         return v.narrow(axis.dim, 0, n * axis.unit)
     return v
 
@@ -110,10 +114,43 @@ def body_workspace_bytes(group: OperatorGroup, chunks: int) -> int:
     return math.ceil(full * step / group.length)
 
 
+class PlanningView(torch.nn.Module):
+    """A rewritten graph to analyse, not to run: no code generated, no bodies built, attributes from ``gm``."""
+
+    def __init__(self, gm: torch.fx.GraphModule, graph: torch.fx.Graph):
+        super().__init__()
+        self.graph = graph
+        self._source = gm
+
+    def add_submodule(self, name: str, module: torch.nn.Module) -> None:
+        setattr(self, name, module)
+
+    def recompile(self) -> None:
+        pass
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["_source"], name)
+
+
 def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: dict[str, int],
-               workspace: dict[tuple[str, int], int] | None = None) -> torch.fx.GraphModule:
-    """Return a copy of ``gm`` in which every group with ``chunks[name] > 1`` runs slice by slice."""
-    new_gm, mapping = copy_graph_module(gm)
+               workspace: dict[tuple[str, int], int] | None = None, *,
+               planning: bool = False) -> torch.fx.GraphModule:
+    """Return a copy of ``gm`` in which every group with ``chunks[name] > 1`` runs slice by slice.
+
+    With ``planning``, the copy is a :class:`PlanningView` for memory analysis only (much cheaper to build).
+    """
+    if planning:
+        graph = torch.fx.Graph()
+        mapping: dict[torch.fx.Node, torch.fx.Node] = {}
+        graph.output(graph.graph_copy(gm.graph, mapping))
+        for old, new in mapping.items():
+            new.meta = dict(old.meta)
+        new_gm = PlanningView(gm, graph)
+    else:
+        new_gm, mapping = copy_graph_module(gm)
     graph = new_gm.graph
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # outputs of groups already outlined -> their getitem
     for group in groups:
@@ -133,7 +170,7 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
         )
         inputs = list(g.inputs)
         lengths = sorted({b - a for a, b in slice_bounds(g.length, k)})
-        bodies = {n: _body(g, inputs, n) for n in lengths}
+        bodies = {} if planning else {n: _body(g, inputs, n, with_vals=False) for n in lengths}
         in_specs = [
             SlicedInput(None) if a is WHOLE else SlicedInput(a.dim, a.unit) for a in (g.inputs[p] for p in inputs)
         ]
@@ -145,7 +182,7 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
             else:
                 out_specs.append(SlicedOutput(tuple(v.shape), v.dtype, a.dim, a.unit))
         target = "sliced_" + "".join(c if c.isalnum() else "_" for c in g.name)
-        while hasattr(new_gm, target):
+        while target in new_gm._modules or hasattr(gm, target):
             target += "_"
         new_gm.add_submodule(target, SlicedCall(g.name, bodies, g.length, k, in_specs, out_specs))
         last = nodes[-1]
@@ -169,8 +206,9 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
         for node in reversed(nodes):
             graph.erase_node(node)
     stable_topological_sort(graph)
-    graph.lint()
-    new_gm.recompile()
+    if not planning:
+        graph.lint()
+        new_gm.recompile()
     return new_gm
 
 
