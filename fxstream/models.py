@@ -1,0 +1,827 @@
+"""The model zoo: the diffusers video models fxstream targets, at three sizes, with pipeline-exact inputs.
+
+    m = fxstream.models.build("svd", "tiny")
+    out = m.module(*m.args, **m.kwargs)          # one UNet forward, as the pipeline calls it
+
+Sizes:
+
+* ``"full"``: the real architecture and config (from the model cards' ``config.json``), built on the ``meta``
+  device by default: no memory, a few seconds, meta example inputs. Use it for capture and memory estimates
+  of the real model (``../shared/reference/CAPTURE-NOTES.md``, "Full-size facts"). Passing an explicit
+  ``device`` materialises random weights there instead (6 GB fp32 for SVD: meant for a GPU).
+* ``"medium"``: the same block types with CPU-friendly widths, real random weights; used for memory
+  measurements (each forward is at most a few seconds on a 2-core CPU).
+* ``"tiny"``: the smallest config of the same architecture (2 levels, 32/64 channels, 1 layer per block);
+  a forward takes well under a second and a capture a few seconds. Used by the tests.
+
+Pixel sizes are video sizes before the VAE factor 8: latents are ``height // 8`` x ``width // 8``.
+
+Sizes chosen (default frames x pixels; widths per level; layers per block):
+
+=============== ======================= ======================= ====================================
+model           tiny (4 x 128x128)      medium (8 x 256x256)    full (pipeline default)
+=============== ======================= ======================= ====================================
+svd, svd-xt     32/64, 1, heads 2/4     64/128/128, 2, heads    320/640/1280/1280, 2; 14 (xt: 25)
+                                        2/4/4                   x 576x1024
+animatediff     32/64, 1, 2 heads,      64/128/128, 2, 4 heads  SD-1.5 + adapter v1-5-2; 16 x 512x512
+                motion 2 heads          motion 4 heads
+modelscope      32/64, 1, head dim 16   64/128/128, 2, head     320/640/1280/1280, 2; 16 x 256x256
+                                        dim 32
+svd-vae-dec.    32/32/32/32, 1          32/32/64/64, 1          128/256/512/512, 2; 14 x 576x1024
+sd-vae-dec.     16/16/32/32, 1          32/32/64/64, 1          128/256/512/512, 2; 16 x 512x512
+=============== ======================= ======================= ====================================
+
+Tiny and medium UNets keep the full model's block pattern (cross-attention levels, then one plain level) with
+fewer levels; cross-attention dims are 32 (tiny) and 64 (medium); VAE decoders keep all 4 levels so that the
+factor 8 holds. SVD's classes hard-code GroupNorm(32), so their widths are multiples of 32.
+
+Every module is returned in eval mode with ``requires_grad=False`` on its parameters, so a plain call does
+not record an autograd graph (the pipelines run under ``torch.no_grad()``; memory measured on the zoo must
+not include saved activations). Tiny and medium weights are random, seeded by ``seed``; layers that diffusers
+initialises to zero (UNet3D's last temporal convolution) are re-randomised, so every layer affects the output
+and a transformation that breaks one cannot go unnoticed.
+
+Example inputs follow the diffusers pipelines' UNet / VAE-decoder calls, with ``None``-valued keywords and
+``return_dict`` omitted (left to the default). The timestep is a 0-d tensor: a python number would be
+specialised into a guard by ``torch.export``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+SIZES = ("tiny", "medium", "full")
+VAE_SCALE_FACTOR = 8  # every VAE here: 3 upsamplers (4 levels)
+
+# Per-size default (frames, height, width) for tiny and medium; "full" uses ModelSpec.default_*.
+_TINY_SHAPE = (4, 128, 128)  # latents 16x16
+_MEDIUM_SHAPE = (8, 256, 256)  # latents 32x32
+
+
+def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stable Video Diffusion (img2vid / img2vid-xt): UNetSpatioTemporalConditionModel.
+# Full: stabilityai/stable-video-diffusion-img2vid(-xt) unet/config.json == the diffusers class defaults,
+# except num_frames (14 / 25; a config value only, it does not change the architecture). 1,524,623,082
+# parameters.
+# Note: the class hard-codes GroupNorm(32 groups), so every width must be a multiple of 32.
+SVD_UNET_CONFIG = _frozen(
+    dict(
+        sample_size=96,
+        in_channels=8,  # 4 noisy latents + 4 conditioning-image latents
+        out_channels=4,
+        down_block_types=(
+            "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+            "DownBlockSpatioTemporal",
+        ),
+        up_block_types=(
+            "UpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+        ),
+        block_out_channels=(320, 640, 1280, 1280),
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=768,  # 3 added time ids x 256
+        layers_per_block=2,
+        cross_attention_dim=1024,  # CLIP ViT-H image embedding
+        transformer_layers_per_block=1,
+        num_attention_heads=(5, 10, 20, 20),  # head dim 64
+        num_frames=14,
+    )
+)
+SVD_XT_UNET_CONFIG = _frozen({**SVD_UNET_CONFIG, "num_frames": 25})
+
+# Tiny: 2 levels (cross-attention level + plain level, like the full model's first and last), head dim 16.
+SVD_UNET_TINY = _frozen(
+    dict(
+        in_channels=8,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 64),
+        addition_time_embed_dim=16,
+        projection_class_embeddings_input_dim=48,
+        layers_per_block=1,
+        cross_attention_dim=32,
+        transformer_layers_per_block=1,
+        num_attention_heads=(2, 4),
+        num_frames=4,
+    )
+)
+# Medium: 3 levels (two cross-attention levels + plain level), 2 layers per block like the full model,
+# head dim 32.
+SVD_UNET_MEDIUM = _frozen(
+    dict(
+        in_channels=8,
+        out_channels=4,
+        down_block_types=(
+            "CrossAttnDownBlockSpatioTemporal",
+            "CrossAttnDownBlockSpatioTemporal",
+            "DownBlockSpatioTemporal",
+        ),
+        up_block_types=(
+            "UpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+            "CrossAttnUpBlockSpatioTemporal",
+        ),
+        block_out_channels=(64, 128, 128),
+        addition_time_embed_dim=32,
+        projection_class_embeddings_input_dim=96,
+        layers_per_block=2,
+        cross_attention_dim=64,
+        transformer_layers_per_block=1,
+        num_attention_heads=(2, 4, 4),
+        num_frames=8,
+    )
+)
+
+# SVD pipeline constants (StableVideoDiffusionPipeline.__call__ defaults): added_time_ids = [fps - 1,
+# motion_bucket_id, noise_aug_strength] with fps=7; first Euler timestep 0.25 * log(sigma_max=700).
+SVD_ADDED_TIME_IDS = (6.0, 127.0, 0.02)
+SVD_FIRST_TIMESTEP = 0.25 * math.log(700.0)
+
+# ------------------------------------------------------------------------------------------------------------
+# AnimateDiff: UNetMotionModel.from_unet2d(SD-1.5 UNet2DConditionModel, MotionAdapter).
+# SD-1.5 UNet: runwayml/stable-diffusion-v1-5 unet/config.json ("attention_head_dim": 8 is really the number
+# of heads, a historical misnomer). 859,520,964 parameters.
+SD15_UNET_CONFIG = _frozen(
+    dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+        act_fn="silu",
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        cross_attention_dim=768,  # CLIP ViT-L text encoder
+        attention_head_dim=8,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        center_input_sample=False,
+    )
+)
+# guoyww/animatediff-motion-adapter-v1-5-2 config.json. 453,209,280 parameters. The combined UNetMotionModel
+# has 1,312,730,244 (the adapter's motion modules plus the SD-1.5 UNet).
+MOTION_ADAPTER_V152_CONFIG = _frozen(
+    dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        motion_layers_per_block=2,
+        motion_mid_block_layers_per_block=1,
+        motion_num_attention_heads=8,
+        motion_norm_num_groups=32,
+        motion_max_seq_length=32,  # sinusoidal position table: at most 32 frames
+        use_motion_mid_block=True,
+        conv_in_channels=None,
+    )
+)
+ANIMATEDIFF_FULL = _frozen(dict(unet=SD15_UNET_CONFIG, motion_adapter=MOTION_ADAPTER_V152_CONFIG))
+ANIMATEDIFF_TINY = _frozen(
+    dict(
+        unet=_frozen(
+            dict(
+                sample_size=16,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                norm_num_groups=8,
+                cross_attention_dim=32,
+                attention_head_dim=2,  # 2 heads
+            )
+        ),
+        motion_adapter=_frozen(
+            dict(
+                block_out_channels=(32, 64),
+                motion_layers_per_block=1,
+                motion_num_attention_heads=2,
+                motion_norm_num_groups=8,
+                motion_max_seq_length=32,
+                use_motion_mid_block=True,
+            )
+        ),
+    )
+)
+ANIMATEDIFF_MEDIUM = _frozen(
+    dict(
+        unet=_frozen(
+            dict(
+                sample_size=32,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                block_out_channels=(64, 128, 128),
+                layers_per_block=2,
+                norm_num_groups=32,
+                cross_attention_dim=64,
+                attention_head_dim=4,  # 4 heads
+            )
+        ),
+        motion_adapter=_frozen(
+            dict(
+                block_out_channels=(64, 128, 128),
+                motion_layers_per_block=2,
+                motion_num_attention_heads=4,
+                motion_norm_num_groups=32,
+                motion_max_seq_length=32,
+                use_motion_mid_block=True,
+            )
+        ),
+    )
+)
+
+# ------------------------------------------------------------------------------------------------------------
+# ModelScope text-to-video / Zeroscope v2: UNet3DConditionModel. damo-vilab/text-to-video-ms-1.7b and
+# cerspense/zeroscope_v2_576w share this unet/config.json (== the diffusers class defaults). 1,411,233,860
+# parameters. "attention_head_dim" goes through two misnomers that cancel: UNet3DConditionModel takes it as
+# the number of heads, and its blocks pass (channels // that, that) to Transformer2DModel(num_heads,
+# head_dim), so it is the head dim after all: 64 (5/10/20/20 heads). transformer_in has 8 heads of that dim
+# (inner dim 512).
+MODELSCOPE_UNET_CONFIG = _frozen(
+    dict(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(
+            "CrossAttnDownBlock3D",
+            "CrossAttnDownBlock3D",
+            "CrossAttnDownBlock3D",
+            "DownBlock3D",
+        ),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+        act_fn="silu",
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        cross_attention_dim=1024,  # OpenCLIP ViT-H text encoder
+        attention_head_dim=64,
+    )
+)
+MODELSCOPE_UNET_TINY = _frozen(
+    dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=16,  # really the head dim here (2 and 4 heads), see MODELSCOPE_UNET_CONFIG
+    )
+)
+MODELSCOPE_UNET_MEDIUM = _frozen(
+    dict(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(64, 128, 128),
+        layers_per_block=2,
+        norm_num_groups=32,
+        cross_attention_dim=64,
+        attention_head_dim=32,  # really the head dim here (2, 4, 4 heads), see MODELSCOPE_UNET_CONFIG
+    )
+)
+
+# ------------------------------------------------------------------------------------------------------------
+# VAE decoders. The module is the diffusers decoder submodule itself (``pipe.vae.decoder``), called as the
+# VAE's ``decode`` calls it, with all frames at once (the pipelines' default: SVD decode_chunk_size =
+# num_frames, AnimateDiff decode_chunk_size = 16). The 1x1 ``post_quant_conv`` of AutoencoderKL (20
+# parameters) runs outside the decoder and is not included. Both use 4 levels (3 upsamplers, factor 8) at
+# every size, so pixel sizes mean the same at every size.
+#
+# SVD: AutoencoderKLTemporalDecoder's TemporalDecoder with stabilityai/stable-video-diffusion-img2vid
+# vae/config.json (block_out_channels 128/256/512/512, layers_per_block 2, latent_channels 4; the class
+# defaults are a toy).
+# 63,579,183 parameters (the whole VAE with its encoder is 97.7 M). GroupNorm(32) is hard-coded: widths are
+# multiples of 32.
+SVD_VAE_DECODER_CONFIG = _frozen(
+    dict(in_channels=4, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2)
+)
+SVD_VAE_DECODER_TINY = _frozen(
+    dict(in_channels=4, out_channels=3, block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+)
+SVD_VAE_DECODER_MEDIUM = _frozen(
+    dict(in_channels=4, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1)
+)
+# SD-1.5: AutoencoderKL's Decoder with runwayml/stable-diffusion-v1-5 vae/config.json (the VAE AnimateDiff
+# uses). 49,490,179 parameters (the whole VAE is 83.7 M).
+SD_VAE_DECODER_CONFIG = _frozen(
+    dict(
+        in_channels=4,
+        out_channels=3,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        norm_num_groups=32,
+        act_fn="silu",
+    )
+)
+SD_VAE_DECODER_TINY = _frozen(
+    dict(
+        in_channels=4,
+        out_channels=3,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        act_fn="silu",
+    )
+)
+SD_VAE_DECODER_MEDIUM = _frozen(
+    dict(
+        in_channels=4,
+        out_channels=3,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        act_fn="silu",
+    )
+)
+
+# Text encoders' sequence length (CLIP tokenizer max length), for AnimateDiff / ModelScope prompt embeddings.
+TEXT_SEQ_LEN = 77
+# First timestep of a 50-step DDIM schedule (AnimateDiff's and ModelScope's pipelines' default step count).
+DDIM_FIRST_TIMESTEP = 981
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Builders: config -> module (called under the target device context and a seeded RNG).
+
+
+def _build_svd_unet(cfg: Mapping[str, Any]) -> nn.Module:
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    return UNetSpatioTemporalConditionModel(**cfg)
+
+
+def _build_animatediff(cfg: Mapping[str, Any]) -> nn.Module:
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    unet = UNet2DConditionModel(**cfg["unet"])
+    adapter = MotionAdapter(**cfg["motion_adapter"])
+    return UNetMotionModel.from_unet2d(unet, adapter)
+
+
+def _build_unet3d(cfg: Mapping[str, Any]) -> nn.Module:
+    from diffusers import UNet3DConditionModel
+
+    return UNet3DConditionModel(**cfg)
+
+
+def _build_temporal_decoder(cfg: Mapping[str, Any]) -> nn.Module:
+    from diffusers.models.autoencoders.autoencoder_kl_temporal_decoder import TemporalDecoder
+
+    return TemporalDecoder(**cfg)
+
+
+def _build_sd_decoder(cfg: Mapping[str, Any]) -> nn.Module:
+    from diffusers.models.autoencoders.vae import Decoder
+
+    return Decoder(**cfg)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Example inputs. ``rand(shape)`` draws from the seeded generator in the model dtype on the target device.
+
+
+@dataclass(frozen=True)
+class _InputContext:
+    module: nn.Module
+    batch: int  # prompts / videos
+    cfg_batch: int  # batch after classifier-free guidance doubling
+    frames: int
+    latent_h: int
+    latent_w: int
+    dtype: torch.dtype
+    device: torch.device
+    rand: Callable[[tuple[int, ...]], torch.Tensor]
+
+    def scalar(self, value: float | int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(value, dtype=dtype, device=self.device)
+
+
+def _svd_unet_inputs(c: _InputContext) -> tuple[tuple, dict]:
+    # StableVideoDiffusionPipeline: latent_model_input = cat([latents] * 2) ++ image_latents along channels.
+    unet = c.module
+    sample = c.rand((c.cfg_batch, c.frames, unet.config.in_channels, c.latent_h, c.latent_w))
+    t = c.scalar(SVD_FIRST_TIMESTEP, torch.float32)  # EulerDiscreteScheduler timesteps are float32
+    image_embeddings = c.rand((c.cfg_batch, 1, unet.config.cross_attention_dim))
+    n_ids = unet.config.projection_class_embeddings_input_dim // unet.config.addition_time_embed_dim
+    ids = (SVD_ADDED_TIME_IDS * n_ids)[:n_ids]
+    added_time_ids = torch.tensor([ids] * c.cfg_batch, dtype=c.dtype, device=c.device)
+    return (sample, t), {"encoder_hidden_states": image_embeddings, "added_time_ids": added_time_ids}
+
+
+def _text_unet_inputs(c: _InputContext, *, repeat_per_frame: bool = False) -> tuple[tuple, dict]:
+    # TextToVideoSDPipeline / AnimateDiffPipeline: latents (B, C, F, h, w); DDIM int64 timesteps; CLIP prompt
+    # embeddings (B, 77, cross_attention_dim).
+    unet = c.module
+    sample = c.rand((c.cfg_batch, unet.config.in_channels, c.frames, c.latent_h, c.latent_w))
+    t = c.scalar(DDIM_FIRST_TIMESTEP, torch.int64)
+    prompt_embeds = c.rand((c.cfg_batch, TEXT_SEQ_LEN, unet.config.cross_attention_dim))
+    if repeat_per_frame:
+        prompt_embeds = prompt_embeds.repeat_interleave(c.frames, dim=0)
+    return (sample, t), {"encoder_hidden_states": prompt_embeds}
+
+
+def _animatediff_inputs(c: _InputContext) -> tuple[tuple, dict]:
+    # diffusers' UNetMotionModel (0.42) does not repeat the prompt embeddings per frame; AnimateDiffPipeline
+    # does (`prompt_embeds.repeat_interleave(repeats=num_frames, dim=0)`): (B * F, 77, 768).
+    return _text_unet_inputs(c, repeat_per_frame=True)
+
+
+def _temporal_decoder_inputs(c: _InputContext) -> tuple[tuple, dict]:
+    # AutoencoderKLTemporalDecoder.decode(z, num_frames): z is (batch * frames, 4, h, w), video-major.
+    z = c.rand((c.batch * c.frames, c.module.conv_in.in_channels, c.latent_h, c.latent_w))
+    image_only_indicator = torch.zeros(c.batch, c.frames, dtype=c.dtype, device=c.device)
+    return (z,), {"image_only_indicator": image_only_indicator, "num_frames": c.frames}
+
+
+def _sd_decoder_inputs(c: _InputContext) -> tuple[tuple, dict]:
+    # AutoencoderKL._decode: decoder(post_quant_conv(z)) with z (batch * frames, 4, h, w).
+    z = c.rand((c.batch * c.frames, c.module.conv_in.in_channels, c.latent_h, c.latent_w))
+    return (z,), {}
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One zoo entry.
+
+    ``default_frames/height/width`` are the pipeline defaults used at size ``"full"`` (pixel sizes, before the
+    VAE factor 8); tiny and medium default to 4 frames at 128x128 and 8 frames at 256x256 (see
+    :meth:`default_shape`). ``configs`` maps each size to the keyword arguments of ``builder``.
+    """
+
+    name: str
+    family: str  # "unet" | "vae-decoder"
+    description: str
+    default_frames: int
+    default_height: int
+    default_width: int
+    module_class: str  # the diffusers class of the built module
+    configs: Mapping[str, Mapping[str, Any]] = field(compare=False, repr=False)
+    builder: Callable[[Mapping[str, Any]], nn.Module] = field(compare=False, repr=False)
+    make_inputs: Callable[[_InputContext], tuple[tuple, dict]] = field(compare=False, repr=False)
+    uses_cfg: bool = True  # classifier-free guidance doubles the batch (UNets only)
+    max_frames: int | None = None  # e.g. AnimateDiff's motion_max_seq_length
+
+    @property
+    def full_config(self) -> Mapping[str, Any]:
+        return self.configs["full"]
+
+    @property
+    def tiny_config(self) -> Mapping[str, Any]:
+        return self.configs["tiny"]
+
+    @property
+    def medium_config(self) -> Mapping[str, Any]:
+        return self.configs["medium"]
+
+    def default_shape(self, size: str) -> tuple[int, int, int]:
+        """(frames, height, width) in pixels used by :func:`build` when they are not given."""
+        if size == "tiny":
+            return _TINY_SHAPE
+        if size == "medium":
+            return _MEDIUM_SHAPE
+        return (self.default_frames, self.default_height, self.default_width)
+
+
+ZOO: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="svd",
+            family="unet",
+            description="Stable Video Diffusion img2vid UNet (UNetSpatioTemporalConditionModel), 14 frames "
+            "576x1024, classifier-free guidance always on",
+            default_frames=14,
+            default_height=576,
+            default_width=1024,
+            module_class="UNetSpatioTemporalConditionModel",
+            configs=_frozen({"tiny": SVD_UNET_TINY, "medium": SVD_UNET_MEDIUM, "full": SVD_UNET_CONFIG}),
+            builder=_build_svd_unet,
+            make_inputs=_svd_unet_inputs,
+        ),
+        ModelSpec(
+            name="svd-xt",
+            family="unet",
+            description="Stable Video Diffusion img2vid-xt UNet: the SVD UNet at 25 frames 576x1024",
+            default_frames=25,
+            default_height=576,
+            default_width=1024,
+            module_class="UNetSpatioTemporalConditionModel",
+            configs=_frozen({"tiny": SVD_UNET_TINY, "medium": SVD_UNET_MEDIUM, "full": SVD_XT_UNET_CONFIG}),
+            builder=_build_svd_unet,
+            make_inputs=_svd_unet_inputs,
+        ),
+        ModelSpec(
+            name="animatediff",
+            family="unet",
+            description="AnimateDiff UNetMotionModel: SD-1.5 UNet + motion adapter v1-5-2, 16 frames 512x512",
+            default_frames=16,
+            default_height=512,
+            default_width=512,
+            module_class="UNetMotionModel",
+            configs=_frozen(
+                {"tiny": ANIMATEDIFF_TINY, "medium": ANIMATEDIFF_MEDIUM, "full": ANIMATEDIFF_FULL}
+            ),
+            builder=_build_animatediff,
+            make_inputs=_animatediff_inputs,
+            max_frames=MOTION_ADAPTER_V152_CONFIG["motion_max_seq_length"],
+        ),
+        ModelSpec(
+            name="modelscope",
+            family="unet",
+            # ModelScope's pipeline default (TextToVideoSDPipeline: 16 frames, sample_size 32 * 8 = 256).
+            # Zeroscope v2 576w is the same UNet run at 24 frames 320x576: build(..., frames=24, height=320,
+            # width=576).
+            description="ModelScope text-to-video / Zeroscope v2 UNet3DConditionModel, 16 frames 256x256",
+            default_frames=16,
+            default_height=256,
+            default_width=256,
+            module_class="UNet3DConditionModel",
+            configs=_frozen(
+                {
+                    "tiny": MODELSCOPE_UNET_TINY,
+                    "medium": MODELSCOPE_UNET_MEDIUM,
+                    "full": MODELSCOPE_UNET_CONFIG,
+                }
+            ),
+            builder=_build_unet3d,
+            make_inputs=_text_unet_inputs,
+        ),
+        ModelSpec(
+            name="svd-vae-decoder",
+            family="vae-decoder",
+            description="SVD VAE temporal decoder (AutoencoderKLTemporalDecoder.decoder), all 14 frames at "
+            "576x1024 at once",
+            default_frames=14,
+            default_height=576,
+            default_width=1024,
+            module_class="TemporalDecoder",
+            configs=_frozen(
+                {
+                    "tiny": SVD_VAE_DECODER_TINY,
+                    "medium": SVD_VAE_DECODER_MEDIUM,
+                    "full": SVD_VAE_DECODER_CONFIG,
+                }
+            ),
+            builder=_build_temporal_decoder,
+            make_inputs=_temporal_decoder_inputs,
+            uses_cfg=False,
+        ),
+        ModelSpec(
+            name="sd-vae-decoder",
+            family="vae-decoder",
+            description="SD-1.5 VAE decoder (AutoencoderKL.decoder) as AnimateDiff uses it: all 16 frames at "
+            "512x512 decoded per frame in one batch",
+            default_frames=16,
+            default_height=512,
+            default_width=512,
+            module_class="Decoder",
+            configs=_frozen(
+                {"tiny": SD_VAE_DECODER_TINY, "medium": SD_VAE_DECODER_MEDIUM, "full": SD_VAE_DECODER_CONFIG}
+            ),
+            builder=_build_sd_decoder,
+            make_inputs=_sd_decoder_inputs,
+            uses_cfg=False,
+        ),
+    )
+}
+
+
+def names() -> list[str]:
+    """The zoo's model names, in definition order."""
+    return list(ZOO)
+
+
+@dataclass
+class BuiltModel:
+    """A built zoo model and one forward's example inputs: ``module(*args, **kwargs)`` runs it.
+
+    ``cfg`` is whether the batch was doubled for classifier-free guidance (always False for VAE decoders).
+    ``frames``, ``height`` and ``width`` are the video size in pixels; latents are ``height // 8`` x
+    ``width // 8``.
+    """
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    spec: ModelSpec
+    size: str
+    frames: int
+    height: int
+    width: int
+    cfg: bool
+    dtype: torch.dtype
+    batch: int = 1
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device(self.module)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def __call__(self) -> Any:
+        """Run one forward on the example inputs (no autograd)."""
+        with torch.no_grad():
+            return self.module(*self.args, **self.kwargs)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_positive_int(arg: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{arg}: expected a positive integer, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{arg}: must be positive, got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' construction-time warnings (e.g. UNetMotionModel's float32-modules note)."""
+    try:
+        from diffusers.utils import logging as dlogging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    old = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(old)
+
+
+def _rerandomize_zero_layers(module: nn.Module) -> None:
+    """Re-initialise conv/linear layers whose weight diffusers zeroed (UNet3D ``temp_convs.*.conv4``)."""
+    for sub in module.modules():
+        weight = getattr(sub, "weight", None)
+        if (
+            isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            and isinstance(weight, torch.Tensor)
+            and weight.device.type != "meta"
+            and not weight.any()
+        ):
+            sub.reset_parameters()
+
+
+def build(
+    name: str,
+    size: str = "tiny",
+    *,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    cfg: bool = True,
+    batch: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> BuiltModel:
+    """Build zoo model ``name`` at ``size`` with example inputs for one forward.
+
+    Args:
+        name: a key of :data:`ZOO` (see :func:`names`).
+        size: ``"tiny"``, ``"medium"`` or ``"full"``.
+        frames, height, width: video size in pixels (height and width multiples of 8); default per size, see
+            :meth:`ModelSpec.default_shape`.
+        cfg: double the UNet batch for classifier-free guidance, as the pipelines do (VAE decoders: ignored).
+        batch: number of videos.
+        dtype: floating dtype of weights and inputs (timesteps keep the scheduler's dtype).
+        device: where to build; default ``"meta"`` for ``"full"`` (no memory) and ``"cpu"`` otherwise.
+        seed: seeds the weights (``torch.manual_seed`` before construction, in a forked RNG so the global RNG
+            is left untouched) and the example inputs (a separate ``torch.Generator``).
+
+    Raises:
+        ValueError: naming the argument, for an unknown name or size, non-positive sizes, or height/width not
+            divisible by 8.
+    """
+    if not isinstance(name, str) or name not in ZOO:
+        raise ValueError(f"name: unknown model {name!r}; known models: {', '.join(names())}")
+    if size not in SIZES:
+        raise ValueError(f"size: unknown size {size!r}; expected one of {', '.join(SIZES)}")
+    spec = ZOO[name]
+    d_frames, d_height, d_width = spec.default_shape(size)
+    frames = _check_positive_int("frames", d_frames if frames is None else frames)
+    height = _check_positive_int("height", d_height if height is None else height)
+    width = _check_positive_int("width", d_width if width is None else width)
+    batch = _check_positive_int("batch", batch)
+    for arg, value in (("height", height), ("width", width)):
+        if value % VAE_SCALE_FACTOR:
+            raise ValueError(f"{arg}: must be divisible by {VAE_SCALE_FACTOR} (the VAE factor), got {value}")
+    if spec.max_frames is not None and frames > spec.max_frames:
+        raise ValueError(f"frames: {name} supports at most {spec.max_frames} frames, got {frames}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an integer, got {seed!r}")
+    if device is None:
+        device = "meta" if size == "full" else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: invalid device {device!r}: {e}") from e
+
+    module = _construct(spec, size, device, dtype, seed)
+
+    cfg_used = bool(cfg) and spec.uses_cfg
+    ctx = _InputContext(
+        module=module,
+        batch=batch,
+        cfg_batch=batch * (2 if cfg_used else 1),
+        frames=frames,
+        latent_h=height // VAE_SCALE_FACTOR,
+        latent_w=width // VAE_SCALE_FACTOR,
+        dtype=dtype,
+        device=device,
+        rand=_random_source(seed, dtype, device),
+    )
+    args, kwargs = spec.make_inputs(ctx)
+    return BuiltModel(
+        module=module,
+        args=args,
+        kwargs=kwargs,
+        spec=spec,
+        size=size,
+        frames=frames,
+        height=height,
+        width=width,
+        cfg=cfg_used,
+        dtype=dtype,
+        batch=batch,
+        seed=seed,
+    )
+
+
+def _construct(spec: ModelSpec, size: str, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with _quiet_diffusers(), torch.random.fork_rng(devices=fork_devices), torch.device(device):
+        torch.manual_seed(seed)
+        module = spec.builder(spec.configs[size])
+        _rerandomize_zero_layers(module)
+        # Fix parameters created outside the device context (SVD's AlphaBlender.mix_factor is built with
+        # torch.Tensor([alpha]) on the CPU) and cast to the requested dtype.
+        module.to(device=device, dtype=dtype)
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _random_source(
+    seed: int, dtype: torch.dtype, device: torch.device
+) -> Callable[[tuple[int, ...]], torch.Tensor]:
+    """Seeded standard-normal tensors: drawn on the CPU (the same values on every device), then moved."""
+    if device.type == "meta":
+        return lambda shape: torch.empty(shape, dtype=dtype, device=device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return lambda shape: torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
