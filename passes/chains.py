@@ -31,6 +31,13 @@ MIN_SEED_LENGTH = 4
 LOOKAHEAD_NODES = 48
 # Axes whose look-ahead scores are this close count as tied; the outermost dim wins (contiguous slices).
 TIE_TOLERANCE = 0.05
+# A node that reads a complete reduction of its own group (GroupNorm statistics over the sliced axis) runs in a
+# later pass over the slices, recomputing what it needs from the group's inputs instead of keeping a full-size
+# tensor. Pass p recomputes passes 0..p-1, so cost grows quadratically: three passes let a temporal ResBlock
+# (two such GroupNorms) run as one group with one extra convolution.
+MAX_PASSES = 3
+# Rounds of moving group tails to the next group (each round regroups the graph; two settle the zoo models).
+TAIL_ROUNDS = 3
 
 _TEMPORAL_HINTS = ("temporal", "time_mixer", "motion", "temp_")
 
@@ -46,6 +53,11 @@ class OperatorGroup:
     axes: dict[torch.fx.Node, object]  # SliceAxis or REDUCED, per node
     inputs: dict[torch.fx.Node, object] = field(default_factory=dict)  # SliceAxis or WHOLE
     outputs: list[torch.fx.Node] = field(default_factory=list)
+    passes: dict[torch.fx.Node, int] = field(default_factory=dict)  # which pass over the slices computes a node
+
+    @property
+    def num_passes(self) -> int:
+        return 1 + max(self.passes.values(), default=0)
 
     @property
     def node_names(self) -> list[str]:
@@ -99,8 +111,10 @@ def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 
 class _Grouper:
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, banned: set[tuple[str, str]] | None = None):
         self.gm = gm
+        self.banned = banned or set()  # (node, seed of a group) pairs: the node may not join that group
+        self.seed: dict[int, torch.fx.Node] = {}
         self.order = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.order)}
         self.group_of: dict[torch.fx.Node, int] = {}
@@ -109,6 +123,7 @@ class _Grouper:
         self.length: dict[int, int] = {}
         self.reqs: dict[int, dict[torch.fx.Node, object]] = defaultdict(dict)
         self.anc: dict[torch.fx.Node, int] = {}  # bitmask of groups among a node's ancestors
+        self.pass_of: dict[torch.fx.Node, int] = {}
         self.split_candidates: list[torch.fx.Node] = []
 
     # -- the join test ---------------------------------------------------------------------------------------
@@ -138,7 +153,10 @@ class _Grouper:
         inside = False
         for p, r in req.items():
             if p in members_axis:
-                if members_axis[p] != r:
+                if members_axis[p] is REDUCED and r is WHOLE:
+                    if self._pass(node, members_axis) >= MAX_PASSES:
+                        return None
+                elif members_axis[p] != r:
                     return None
                 inside = True
             else:
@@ -155,6 +173,13 @@ class _Grouper:
             if p not in req:
                 return None
         return req
+
+    def _pass(self, node: torch.fx.Node, members_axis: dict) -> int:
+        """The pass over the slices in which ``node`` can run: after every in-group reduction it reads."""
+        return max(
+            (self.pass_of.get(p, 0) + (members_axis[p] is REDUCED) for p in node.all_input_nodes if p in members_axis),
+            default=0,
+        )
 
     # -- seeding -----------------------------------------------------------------------------------------------
     def _score(self, seed: torch.fx.Node, axis: SliceAxis) -> float:
@@ -220,6 +245,8 @@ class _Grouper:
                 key=lambda g: -sum(tensor_bytes(val(p)) for p in node.all_input_nodes if self.group_of.get(p) == g),
             )
             for gid in producer_groups:
+                if (node.name, self.seed[gid].name) in self.banned:
+                    continue
                 members_axis = {n: self.axis_of[n] for n in node.all_input_nodes if self.group_of.get(n) == gid}
                 for opt in self._options(node, self.length[gid]):
                     try:
@@ -245,10 +272,12 @@ class _Grouper:
             req = input_axes(node, axis)
             gid = next_gid
             next_gid += 1
+            self.seed[gid] = node
             self.length[gid] = shape(node)[axis.dim] // axis.unit
             self._add(node, gid, axis, req)
 
     def _add(self, node, gid, axis, req) -> None:
+        self.pass_of[node] = self._pass(node, {p: self.axis_of[p] for p in node.all_input_nodes if self.group_of.get(p) == gid})
         self.group_of[node] = gid
         self.axis_of[node] = axis
         self.members[gid].append(node)
@@ -257,9 +286,49 @@ class _Grouper:
                 self.reqs[gid][p] = r
 
     # -- results -----------------------------------------------------------------------------------------------
+    def _trim_trailing_views(self, nodes: list[torch.fx.Node]) -> list[torch.fx.Node]:
+        """Drop views whose every user is outside the group: outside, they are free aliases of the group's
+        output; inside, each would become an output buffer of its own (a second full-size copy)."""
+        members = set(nodes)
+        for node in reversed(nodes):
+            if node.target in VIEW_OPS and _aliases_input(node) and not any(u in members for u in node.users):
+                members.discard(node)
+        return [n for n in nodes if n in members]
+
+    def tail_bans(self) -> set[tuple[str, str]]:
+        """Tails to move out of their groups because the group would hand fewer bytes to the next one.
+
+        Walking in topological order, a group grows as far as its axis allows, so it often ends a few cheap
+        ops (a norm, an activation, a view) past the point where one tensor would cross to the next group, and
+        hands over several full-size tensors instead. The tail is every node after the group's last anchor op
+        (convolution, matmul, attention) that only feeds the tail or leaves the group; if the tensors the tail
+        reads are smaller than the ones the group hands over, the tail is banned from the group and regrouped.
+        """
+        bans = set()
+        for gid, nodes in self.members.items():
+            members = set(nodes)
+            outputs = [n for n in nodes if any(u not in members for u in n.users) and self.axis_of[n] is not REDUCED]
+            tail: set[torch.fx.Node] = set()
+            for n in reversed(nodes):
+                if n.target in ANCHOR_OPS:
+                    continue
+                users_in = [u for u in n.users if u in members]
+                if (n in outputs or users_in) and all(u in tail for u in users_in):
+                    tail.add(n)
+            if not tail:
+                continue
+            handed = {p for n in tail for p in n.all_input_nodes if p in members and p not in tail}
+            handed |= {o for o in outputs if o not in tail}
+            if _distinct_bytes(handed) < _distinct_bytes(outputs):
+                bans |= {(n.name, self.seed[gid].name) for n in tail}
+        return bans
+
     def groups(self) -> list[OperatorGroup]:
         result = []
         for gid, nodes in sorted(self.members.items()):
+            nodes = self._trim_trailing_views(nodes)
+            if not nodes:
+                continue
             if not any(n.target is not torch.ops.aten.view.default for n in nodes):
                 continue
             members = set(nodes)
@@ -275,10 +344,56 @@ class _Grouper:
                     axes={n: self.axis_of[n] for n in nodes},
                     inputs=inputs,
                     outputs=outputs,
+                    passes={n: self.pass_of[n] for n in nodes},
                 )
             )
         _dedupe_names(result)
         return result
+
+
+aten = torch.ops.aten
+VIEW_OPS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+    aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.expand.default, aten.select.int, aten.slice.Tensor, aten.alias.default,
+    aten.flatten.using_ints, aten.unflatten.int, aten.detach.default,
+}
+
+
+# Ops whose work is what slicing is for; a group's tail is what follows the last of them.
+ANCHOR_OPS = {
+    aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+    aten.linear.default, aten.matmul.default, aten.bmm.default, aten.mm.default, aten.baddbmm.default,
+    aten.addmm.default, aten.scaled_dot_product_attention.default,
+}
+
+
+def _distinct_bytes(nodes) -> int:
+    """Bytes of the storages behind ``nodes`` (views of one tensor counted once)."""
+    seen, total = set(), 0
+    for n in nodes:
+        v = val(n)
+        if not isinstance(v, torch.Tensor):
+            continue
+        try:
+            key = v.untyped_storage()._cdata
+        except (RuntimeError, NotImplementedError):
+            key = id(n)
+        if key not in seen:
+            seen.add(key)
+            total += v.untyped_storage().nbytes() if hasattr(v, "untyped_storage") else tensor_bytes(v)
+    return total
+
+
+def _aliases_input(node: torch.fx.Node) -> bool:
+    """Whether the node's value shares its input's storage (a reshape of a non-contiguous tensor copies)."""
+    out, x = val(node), val(node.args[0])
+    if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
+        return False
+    try:
+        return out.untyped_storage()._cdata == x.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return node.target is not aten.reshape.default
 
 
 def _group_name(nodes: list[torch.fx.Node]) -> str:
@@ -333,6 +448,14 @@ def find_groups(gm: torch.fx.GraphModule, *, split_reductions: bool = True) -> l
 
         split_group_norms(gm, grouper.split_candidates)
         grouper = _Grouper(gm)
+        grouper.run()
+    banned: set[tuple[str, str]] = set()
+    for _ in range(TAIL_ROUNDS):
+        new = grouper.tail_bans() - banned
+        if not new:
+            break
+        banned |= new
+        grouper = _Grouper(gm, banned)
         grouper.run()
     return grouper.groups()
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import copy
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx
 
-from fxstream.runtime.sliced import SlicedCall, SlicedInput, SlicedOutput, slice_bounds
+from fxstream.runtime.sliced import SlicedCall, SlicedInput, SlicedOutput, SlicePass, slice_bounds
 from passes.chains import OperatorGroup, tensor_bytes
 from passes.dims import REDUCED, WHOLE, SliceAxis, sliced_args, val
 from passes.meta import node_info
@@ -61,16 +62,65 @@ def stable_topological_sort(graph: torch.fx.Graph) -> None:
         raise RuntimeError("graph has a cycle after outlining; a group was not convex")
 
 
-def _body(group: OperatorGroup, inputs: list[torch.fx.Node], n: int, with_vals: bool = True) -> torch.fx.GraphModule:
-    """The group's subgraph for a slice of ``n`` positions of its axis (with fake values of that slice on its
-    nodes when ``with_vals``: only memory estimates need them)."""
+@dataclass
+class _PassLayout:
+    nodes: list[torch.fx.Node]  # the group's nodes this pass computes (recomputing earlier passes' values)
+    targets: list[torch.fx.Node]  # what it returns, each one slot
+    reduced_inputs: list[torch.fx.Node]  # complete reductions of earlier passes it reads
+
+
+def group_layout(group: OperatorGroup) -> tuple[list[torch.fx.Node], list[_PassLayout]]:
+    """The slots a group's loop keeps (its outputs first, then reductions read by later passes) and, for each
+    pass over the slices, the nodes it runs. The last pass computes every sliced output."""
+    members = set(group.nodes)
+    read_later = {p for n in group.nodes for p in n.all_input_nodes
+                  if p in members and group.axes[p] is REDUCED and group.passes[n] > group.passes[p]}
+    slots = list(group.outputs) + [r for r in group.nodes if r in read_later and r not in group.outputs]
+    reduced_slots = [r for r in slots if group.axes[r] is REDUCED]
+    last = group.num_passes - 1
+    layouts = []
+    for k in range(group.num_passes):
+        targets = [r for r in reduced_slots if group.passes[r] == k]
+        if k == last:
+            targets += [o for o in group.outputs if group.axes[o] is not REDUCED]
+        needed: set[torch.fx.Node] = set()
+        reduced_inputs: set[torch.fx.Node] = set()
+        stack = list(targets)
+        while stack:
+            n = stack.pop()
+            if n in needed:
+                continue
+            needed.add(n)
+            for p in n.all_input_nodes:
+                if p not in members:
+                    continue
+                if group.axes[p] is REDUCED and group.passes[p] < k:
+                    reduced_inputs.add(p)
+                elif p not in needed:
+                    stack.append(p)
+        layouts.append(_PassLayout(
+            nodes=[n for n in group.nodes if n in needed],
+            targets=targets,
+            reduced_inputs=[r for r in reduced_slots if r in reduced_inputs],
+        ))
+    return slots, layouts
+
+
+def _body(group: OperatorGroup, inputs: list[torch.fx.Node], n: int, layout: _PassLayout,
+          with_vals: bool = True) -> torch.fx.GraphModule:
+    """One pass's subgraph for a slice of ``n`` positions of the group's axis (with fake values of that slice
+    on its nodes when ``with_vals``: only memory estimates need them)."""
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for p in inputs:
         ph = graph.placeholder(p.name)
         ph.meta = {"val": _slice_val(val(p), group.inputs[p], n)} if with_vals else {}
         env[p] = ph
-    for node in group.nodes:
+    for r in layout.reduced_inputs:
+        ph = graph.placeholder(r.name)
+        ph.meta = {"val": val(r)} if with_vals else {}
+        env[r] = ph
+    for node in layout.nodes:
         axis = group.axes[node]
         args, kwargs = (node.args, node.kwargs)
         if isinstance(axis, SliceAxis):
@@ -84,7 +134,7 @@ def _body(group: OperatorGroup, inputs: list[torch.fx.Node], n: int, with_vals: 
         if with_vals:
             new.meta["val"] = _slice_val(val(node), axis, n)
         env[node] = new
-    graph.output(tuple(env[o] for o in group.outputs))
+    graph.output(tuple(env[o] for o in layout.targets))
     graph.lint()
     return torch.fx.GraphModule(torch.nn.Module(), graph, class_name="SliceBody")
 
@@ -109,8 +159,9 @@ def body_workspace_bytes(group: OperatorGroup, chunks: int) -> int:
 
     step = slice_bounds(group.length, chunks)[0][1]
     inputs = list(group.inputs)
-    body = _body(group, inputs, group.length)
-    full = analyze_memory(body, lifetime="graph").activation_peak_bytes
+    _, layouts = group_layout(group)
+    full = max(analyze_memory(_body(group, inputs, group.length, lay), lifetime="graph").activation_peak_bytes
+               for lay in layouts)
     return math.ceil(full * step / group.length)
 
 
@@ -167,24 +218,36 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
             axes={mapping[n]: a for n, a in group.axes.items()},
             inputs={replaced.get(mapping[p], mapping[p]): a for p, a in group.inputs.items()},
             outputs=[mapping[o] for o in group.outputs],
+            passes={mapping[n]: p for n, p in group.passes.items()},
         )
         inputs = list(g.inputs)
         lengths = sorted({b - a for a, b in slice_bounds(g.length, k)})
-        bodies = {} if planning else {n: _body(g, inputs, n, with_vals=False) for n in lengths}
+        slots, layouts = group_layout(g)
+        slot_index = {s: i for i, s in enumerate(slots)}
+        passes = [
+            SlicePass(
+                bodies={} if planning else {n: _body(g, inputs, n, lay, with_vals=False) for n in lengths},
+                target_slots=[slot_index[t] for t in lay.targets],
+                reduced_slots=[slot_index[r] for r in lay.reduced_inputs],
+            )
+            for lay in layouts
+        ]
         in_specs = [
             SlicedInput(None) if a is WHOLE else SlicedInput(a.dim, a.unit) for a in (g.inputs[p] for p in inputs)
         ]
-        out_specs = []
-        for o in g.outputs:
+        slot_specs = []
+        for o in slots:
             a, v = g.axes[o], val(o)
             if a is REDUCED:
-                out_specs.append(SlicedOutput(tuple(v.shape), v.dtype, None, combine=COMBINE[o.target]))
+                slot_specs.append(SlicedOutput(tuple(v.shape), v.dtype, None, combine=COMBINE[o.target]))
             else:
-                out_specs.append(SlicedOutput(tuple(v.shape), v.dtype, a.dim, a.unit))
+                slot_specs.append(SlicedOutput(tuple(v.shape), v.dtype, a.dim, a.unit))
         target = "sliced_" + "".join(c if c.isalnum() else "_" for c in g.name)
         while target in new_gm._modules or hasattr(gm, target):
             target += "_"
-        new_gm.add_submodule(target, SlicedCall(g.name, bodies, g.length, k, in_specs, out_specs))
+        new_gm.add_submodule(
+            target, SlicedCall(g.name, passes, g.length, k, in_specs, slot_specs, num_outputs=len(g.outputs))
+        )
         last = nodes[-1]
         with graph.inserting_after(last):
             call = graph.call_module(target, tuple(inputs))

@@ -41,17 +41,33 @@ def slice_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, length)) for a in range(0, length, step)]
 
 
+@dataclass
+class SlicePass:
+    """One pass over the slices: ``bodies[n]`` computes the values for ``target_slots`` from a slice of ``n``
+    positions; it also reads the complete reductions in ``reduced_slots`` from earlier passes, whole."""
+
+    bodies: dict[int, nn.Module]
+    target_slots: list[int]
+    reduced_slots: list[int]
+
+
 class SlicedCall(nn.Module):
-    """Calls ``bodies[n]`` (the group's subgraph for a slice of ``n`` positions) once per slice."""
+    """Runs a group's passes, each a loop over the slices, and returns the group's outputs.
+
+    ``slots`` are the values the loop keeps: the group's outputs (the first ``num_outputs`` slots) and the
+    complete reductions a later pass reads. A sliced slot is preallocated at full size and filled slice by
+    slice; a reduction slot is combined across slices.
+    """
 
     def __init__(
         self,
         name: str,
-        bodies: dict[int, nn.Module],
+        passes: list[SlicePass],
         length: int,
         chunks: int,
         inputs: list[SlicedInput],
-        outputs: list[SlicedOutput],
+        slots: list[SlicedOutput],
+        num_outputs: int,
     ):
         super().__init__()
         self.group_name = name
@@ -59,32 +75,40 @@ class SlicedCall(nn.Module):
         self.chunks = chunks
         self.bounds = slice_bounds(length, chunks)
         self.input_specs = inputs
-        self.output_specs = outputs
-        self.bodies = nn.ModuleDict({str(n): body for n, body in bodies.items()})
+        self.slot_specs = slots
+        self.num_outputs = num_outputs
+        self.pass_specs = [(p.target_slots, p.reduced_slots) for p in passes]
+        self.bodies = nn.ModuleList(
+            nn.ModuleDict({str(n): body for n, body in p.bodies.items()}) for p in passes
+        )
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        results: list[torch.Tensor | None] = [
+        values: list[torch.Tensor | None] = [
             torch.empty(spec.shape, dtype=spec.dtype, device=device) if spec.dim is not None else None
-            for spec in self.output_specs
-        ]
-        for a, b in self.bounds:
-            n = b - a
-            feed = [
-                x if spec.dim is None else x.narrow(spec.dim, a * spec.unit, n * spec.unit)
-                for x, spec in zip(args, self.input_specs)
-            ]
-            out = self.bodies[str(n)](*feed)
-            del feed
-            for i, spec in enumerate(self.output_specs):
-                if spec.dim is not None:
-                    results[i].narrow(spec.dim, a * spec.unit, n * spec.unit).copy_(out[i])
-                elif results[i] is None:
-                    results[i] = out[i]
-                else:
-                    results[i] = spec.combine(results[i], out[i])
-            del out
-        return tuple(results)
+            for spec in self.slot_specs[: self.num_outputs]
+        ] + [None] * (len(self.slot_specs) - self.num_outputs)
+        for bodies, (targets, reduced) in zip(self.bodies, self.pass_specs):
+            extra = [values[i] for i in reduced]
+            for a, b in self.bounds:
+                n = b - a
+                feed = [
+                    x if spec.dim is None else x.narrow(spec.dim, a * spec.unit, n * spec.unit)
+                    for x, spec in zip(args, self.input_specs)
+                ]
+                out = bodies[str(n)](*feed, *extra)
+                del feed
+                for slot, result in zip(targets, out):
+                    spec = self.slot_specs[slot]
+                    if spec.dim is not None:
+                        values[slot].narrow(spec.dim, a * spec.unit, n * spec.unit).copy_(result)
+                    elif values[slot] is None:
+                        values[slot] = result
+                    else:
+                        values[slot] = spec.combine(values[slot], result)
+                del out
+        return tuple(values[: self.num_outputs])
 
     def extra_repr(self) -> str:
-        return f"group={self.group_name!r}, length={self.length}, chunks={self.chunks}"
+        return (f"group={self.group_name!r}, length={self.length}, chunks={self.chunks}, "
+                f"passes={len(self.pass_specs)}")
