@@ -9,7 +9,7 @@ Method (the partitioner pattern of ``torch.fx.passes.infra.partitioner``): walk 
 a node joins the group of one of its producers when its dim rule maps its output axis onto exactly the axis
 that producer carries, every other operand is available outside the group, and no cycle appears; otherwise it
 starts a new group, whose axis is chosen by looking a little ahead for the axis that covers the most bytes
-with the most slices. Ops without a rule are barriers and belong to no group.
+(ties go to the outermost dim). Ops without a rule are barriers and belong to no group.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ MAX_PASSES = 3
 # Rounds of moving group tails to the next group (each round regroups the graph; two settle the zoo models).
 TAIL_ROUNDS = 3
 
-_TEMPORAL_HINTS = ("temporal", "time_mixer", "motion", "temp_")
+_TEMPORAL_HINTS = ("temporal", "time_mixer", "motion_modules", "temp_")
 
 
 @dataclass
@@ -81,12 +81,6 @@ def module_path(node: torch.fx.Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     return _clean_path(path)
-
-
-def _module_classes(node: torch.fx.Node) -> list[str]:
-    """Classes of the modules the node runs in, outermost first, without the captured root module."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [str(v[1]).rsplit(".", 1)[-1] for v in list(stack.values())[1:]]
 
 
 def _clean_path(path: str) -> str:
@@ -183,7 +177,7 @@ class _Grouper:
 
     # -- seeding -----------------------------------------------------------------------------------------------
     def _score(self, seed: torch.fx.Node, axis: SliceAxis) -> float:
-        """Bytes a group seeded here would cover in the next few nodes, weighted by its slicing potential."""
+        """Bytes a group seeded here would cover in the next few nodes."""
         length = shape(seed)[axis.dim] // axis.unit
         members = {seed: axis}
         reqs: dict = {}
@@ -201,9 +195,18 @@ class _Grouper:
                             reqs[p] = r
                     covered += tensor_bytes(val(node))
                     break
-        return covered * (1.0 - 1.0 / length)
+        return float(covered)
 
     def _seed_axis(self, node: torch.fx.Node) -> SliceAxis | None:
+        best = self._best_seed(node)
+        return best[0] if best else None
+
+    def _best_seed(self, node: torch.fx.Node) -> tuple[SliceAxis, float] | None:
+        """The axis a group seeded at ``node`` should take, and its look-ahead score."""
+        if node.target in VIEW_OPS:
+            # a layout op has nothing to slice; the first compute op after it picks the axis (a reshape that
+            # merges (B, pixels) can only be cut along the wrong axis, frames, while its users can take pixels)
+            return None
         s = shape(node)
         scored = []
         for d in range(len(s)):
@@ -224,7 +227,7 @@ class _Grouper:
             return None
         for sc, _, axis in sorted(scored, key=lambda t: t[1]):
             if sc >= best * (1 - TIE_TOLERANCE):
-                return axis
+                return axis, sc
         return None
 
     # -- the walk ----------------------------------------------------------------------------------------------
@@ -413,8 +416,8 @@ def _group_name(nodes: list[torch.fx.Node]) -> str:
 def _group_kind(nodes: list[torch.fx.Node], axes: dict) -> str:
     weight = defaultdict(int)
     for n in nodes:
-        classes = " ".join(_module_classes(n)).lower() + " " + module_path(n).lower()
-        kind = "temporal" if any(h in classes for h in _TEMPORAL_HINTS) else "spatial"
+        # module names, not classes: the root class of every video UNet says "SpatioTemporal"
+        kind = "temporal" if any(h in module_path(n).lower() for h in _TEMPORAL_HINTS) else "spatial"
         weight[kind] += tensor_bytes(val(n))
     if not weight:
         return "other"

@@ -28,8 +28,14 @@ aten = torch.ops.aten
 def group_norm_partial(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     """(N, G, 3) float32 statistics of ``x`` (N, C, ...) per sample and channel group: count, mean, M2."""
     n = x.shape[0]
-    g = x.reshape(n, num_groups, -1).float()
-    var, mean = torch.var_mean(g, dim=-1, correction=0)
+    g = x.reshape(n, num_groups, -1)
+    if g.dtype == torch.float32:
+        var, mean = torch.var_mean(g, dim=-1, correction=0)
+    else:
+        # one channel group at a time, so a half input is never copied whole to float32
+        parts = [torch.var_mean(g[:, i].float(), dim=-1, correction=0) for i in range(num_groups)]
+        var = torch.stack([v for v, _ in parts], dim=1)
+        mean = torch.stack([m for _, m in parts], dim=1)
     count = torch.full_like(mean, g.shape[-1])
     return torch.stack([count, mean, var * count], dim=-1)
 
