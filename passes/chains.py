@@ -197,12 +197,9 @@ class _Grouper:
                     break
         return float(covered)
 
-    def _seed_axis(self, node: torch.fx.Node) -> SliceAxis | None:
-        best = self._best_seed(node)
-        return best[0] if best else None
-
-    def _best_seed(self, node: torch.fx.Node) -> tuple[SliceAxis, float] | None:
-        """The axis a group seeded at ``node`` should take, and its look-ahead score."""
+    def _best_seed(self, node: torch.fx.Node) -> tuple[SliceAxis, float, bool] | None:
+        """The axis a group seeded at ``node`` should take, its look-ahead score, and whether the node must
+        first be split (a GroupNorm whose best axis is one it reduces over)."""
         if node.target in VIEW_OPS:
             # a layout op has nothing to slice; the first compute op after it picks the axis (a reshape that
             # merges (B, pixels) can only be cut along the wrong axis, frames, while its users can take pixels)
@@ -216,18 +213,18 @@ class _Grouper:
             try:
                 req = input_axes(node, axis)
             except SplitReduction:
-                req = None
+                req = SPLIT
             if req is None:
                 continue
-            scored.append((self._score(node, axis), d, axis))
+            scored.append((self._score(node, axis), d, axis, req is SPLIT))
         if not scored:
             return None
-        best = max(sc for sc, _, _ in scored)
+        best = max(t[0] for t in scored)
         if best <= 0:
             return None
-        for sc, _, axis in sorted(scored, key=lambda t: t[1]):
+        for sc, _, axis, split in sorted(scored, key=lambda t: t[1]):
             if sc >= best * (1 - TIE_TOLERANCE):
-                return axis, sc
+                return axis, sc, split
         return None
 
     # -- the walk ----------------------------------------------------------------------------------------------
@@ -269,8 +266,12 @@ class _Grouper:
                         self.split_candidates.append(node)
             if joined:
                 continue
-            axis = self._seed_axis(node)
-            if axis is None:
+            best = self._best_seed(node)
+            if best is None:
+                continue
+            axis, _, needs_split = best
+            if needs_split:
+                self.split_candidates.append(node)
                 continue
             req = input_axes(node, axis)
             gid = next_gid
@@ -397,6 +398,9 @@ def _aliases_input(node: torch.fx.Node) -> bool:
         return out.untyped_storage()._cdata == x.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError):
         return node.target is not aten.reshape.default
+
+
+SPLIT = object()  # a seed axis that needs the node split first (see passes/reductions.py)
 
 
 def _group_name(nodes: list[torch.fx.Node]) -> str:

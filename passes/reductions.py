@@ -125,8 +125,8 @@ def split_group_norms(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> i
     Returns the number of nodes rewritten. Fake values are propagated onto the new nodes.
     """
     count = 0
-    for node in nodes:
-        if node.target is not aten.group_norm.default:
+    for node in dict.fromkeys(nodes):
+        if node.target is not aten.group_norm.default or node._erased:
             continue
         x, groups = node.args[0], node.args[1]
         weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
