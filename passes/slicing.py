@@ -12,7 +12,6 @@ spell out sizes (view, reshape, expand) are given the slice's size.
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from passes.reductions import COMBINE
 def copy_graph_module(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[torch.fx.Node, torch.fx.Node]]:
     """A GraphModule over a copy of ``gm``'s graph that shares its parameters and buffers."""
     graph = torch.fx.Graph()
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    graph._codegen = gm.graph._codegen  # pytree in/out handling; not mutated by the rewrite
     mapping: dict[torch.fx.Node, torch.fx.Node] = {}
     out = graph.graph_copy(gm.graph, mapping)
     graph.output(out)

@@ -1,0 +1,71 @@
+"""fxstream.capture: torch.export with static shapes, tensor timesteps and named failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fxstream.capture import capture, normalize_inputs
+from fxstream.errors import CaptureError
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, sample, timestep):
+        return self.lin(sample) * timestep
+
+
+def test_python_number_timestep_becomes_a_tensor_and_is_not_baked_in():
+    m = Scaled()
+    x = torch.randn(2, 4)
+    gm = capture(m, x, 10)
+    args, kwargs = normalize_inputs(m, (x,), {"timestep": 3})
+    assert isinstance(args[1], torch.Tensor) and args[1].dim() == 0
+    assert torch.allclose(gm(*args, **kwargs), m(x, 3))
+
+
+def test_capture_on_meta_tensors_allocates_nothing():
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(4096, 4096), nn.GELU(), nn.Linear(4096, 4096))
+    gm = capture(m, torch.empty(64, 4096, device="meta"))
+    vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "call_function"]
+    assert vals and all(v.device.type == "meta" for v in vals)
+
+
+def test_export_checks_are_stripped():
+    class Cast(nn.Module):
+        def forward(self, x):
+            return x.to(torch.float16) * 2
+
+    gm = capture(Cast(), torch.randn(3))
+    assert not any(n.target is torch.ops.aten._assert_tensor_metadata.default for n in gm.graph.nodes)
+
+
+def test_capture_failure_names_the_module_and_operation():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x
+            return -x
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 4), DataDependent())
+
+        def forward(self, x):
+            return self.body(x)
+
+    with pytest.raises(CaptureError) as info:
+        capture(Outer(), torch.randn(2, 4))
+    assert info.value.module_path == "body.1"
+    assert "body.1" in str(info.value) and "x.sum() > 0" in str(info.value)
+
+
+def test_arguments_that_do_not_match_the_signature_are_a_value_error():
+    with pytest.raises(ValueError, match="arguments do not match"):
+        capture(Scaled(), torch.randn(2, 4), 1, 2, 3)
