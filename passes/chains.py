@@ -36,6 +36,9 @@ TIE_TOLERANCE = 0.05
 # tensor. Pass p recomputes passes 0..p-1, so cost grows quadratically: three passes let a temporal ResBlock
 # (two such GroupNorms) run as one group with one extra convolution.
 MAX_PASSES = 3
+# Where one tensor crosses a group boundary, a node leaves its producer's group for a new one when another
+# axis covers this many times the bytes in the look-ahead window.
+SWITCH_FACTOR = 1.5
 # Rounds of moving group tails to the next group (each round regroups the graph; two settle the zoo models).
 TAIL_ROUNDS = 3
 
@@ -168,6 +171,24 @@ class _Grouper:
                 return None
         return req
 
+    def _switch_here(self, node: torch.fx.Node, axis: object, open_members: set[torch.fx.Node]) -> bool:
+        """Whether ``node`` should start a new group instead of joining its producer's along ``axis``.
+
+        Only where one tensor crosses from the group to the rest of the graph (every member still needed is
+        an alias of what ``node`` reads), so leaving costs no extra boundary tensor; and only when another axis
+        reaches far more of what follows (a block sliced along rows running into a spatial attention, whose
+        keys must stay whole along rows but not along frames).
+        """
+        if node.target in VIEW_OPS or not isinstance(axis, SliceAxis):
+            return False
+        crossing = {_storage_key(m) for m in open_members if self.axis_of[m] is not REDUCED}
+        if not crossing or not crossing <= {_storage_key(p) for p in node.all_input_nodes}:
+            return False
+        alone = self._best_seed(node)
+        if alone is None or alone[2] or alone[0].dim == axis.dim:
+            return False
+        return alone[1] > SWITCH_FACTOR * self._score(node, axis)
+
     def _pass(self, node: torch.fx.Node, members_axis: dict) -> int:
         """The pass over the slices in which ``node`` can run: after every in-group reduction it reads."""
         return max(
@@ -230,7 +251,13 @@ class _Grouper:
     # -- the walk ----------------------------------------------------------------------------------------------
     def run(self) -> None:
         next_gid = 0
+        pending = {n: len(n.users) for n in self.order}  # users not yet visited
+        open_members: dict[int, set[torch.fx.Node]] = defaultdict(set)  # members whose value is still needed
         for node in self.order:
+            for p in node.all_input_nodes:
+                pending[p] -= 1
+                if pending[p] == 0 and p in self.group_of:
+                    open_members[self.group_of[p]].discard(p)
             anc = 0
             for p in node.all_input_nodes:
                 anc |= self.anc.get(p, 0)
@@ -255,7 +282,11 @@ class _Grouper:
                         req = None
                     if req is None:
                         continue
+                    if self._switch_here(node, opt, open_members[gid]):
+                        break
                     self._add(node, gid, opt, req)
+                    if pending[node]:
+                        open_members[gid].add(node)
                     joined = True
                     break
                 if joined:
@@ -279,6 +310,8 @@ class _Grouper:
             self.seed[gid] = node
             self.length[gid] = shape(node)[axis.dim] // axis.unit
             self._add(node, gid, axis, req)
+            if pending[node]:
+                open_members[gid].add(node)
 
     def _add(self, node, gid, axis, req) -> None:
         self.pass_of[node] = self._pass(node, {p: self.axis_of[p] for p in node.all_input_nodes if self.group_of.get(p) == gid})
@@ -370,6 +403,14 @@ ANCHOR_OPS = {
     aten.linear.default, aten.matmul.default, aten.bmm.default, aten.mm.default, aten.baddbmm.default,
     aten.addmm.default, aten.scaled_dot_product_attention.default,
 }
+
+
+def _storage_key(node: torch.fx.Node) -> object:
+    v = val(node)
+    try:
+        return v.untyped_storage()._cdata
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return node
 
 
 def _distinct_bytes(nodes) -> int:
