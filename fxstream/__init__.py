@@ -13,16 +13,17 @@ __version__ = "0.1.0"
 
 # Public names and the module that defines each; imported on first use so `import fxstream` stays fast and
 # diffusers is only loaded by the parts that need it.
+# (module, attribute); attribute None: the module itself.
 _EXPORTS = {
-    "capture": "fxstream.capture",
-    "compile": "fxstream.api",
-    "estimate": "fxstream.analysis",
-    "measure": "fxstream.measure",
-    "Measurement": "fxstream.measure",
-    "StreamlinedModule": "fxstream.module",
-    "Plan": "passes.plan",
-    "errors": "fxstream.errors",
-    "models": "fxstream.models",
+    "capture": ("fxstream.capture", "capture"),
+    "compile": ("fxstream.api", "compile"),
+    "estimate": ("fxstream.analysis", "estimate"),
+    "measure": ("fxstream.measure", "measure"),
+    "Measurement": ("fxstream.measure", "Measurement"),
+    "StreamlinedModule": ("fxstream.module", "StreamlinedModule"),
+    "Plan": ("passes.plan", "Plan"),
+    "errors": ("fxstream.errors", None),
+    "models": ("fxstream.models", None),
 }
 
 __all__ = sorted(_EXPORTS)
@@ -31,8 +32,9 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'fxstream' has no attribute {name!r}")
-    module = importlib.import_module(_EXPORTS[name])
-    value = module if module.__name__ == f"fxstream.{name}" else getattr(module, name)
+    module_name, attribute = _EXPORTS[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
     globals()[name] = value
     return value
 
