@@ -1,0 +1,355 @@
+"""The ``fxstream`` command line.
+
+    fxstream plan                                # SVD-XT UNet, 25 frames 576x1024, fp16, CFG: baseline memory
+    fxstream plan --model svd-xt --budget-gb 8   # ... and the slicing plan that fits 8 GiB
+    fxstream plan --model sd-vae-decoder --frames 16 --height 512 --width 512 --json plan.json
+
+``plan`` builds a zoo model (full size on the meta device by default: no weights, no memory), captures one
+forward as the pipelines call it, and prints where its memory goes. With ``--budget-gb`` or ``--chunks`` it
+also plans the slicing and prints the planned side beside the baseline.
+
+Exit status: 0 on success; 2 for bad arguments (including a budget no plan can meet); 1 for other fxstream
+errors (e.g. a model that cannot be captured). Errors are one line on stderr: ``fxstream: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from fxstream.models import BuiltModel
+    from passes.memory import MemoryTimeline
+    from passes.plan import Plan
+
+PROG = "fxstream"
+DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
+TARGETS = ("cuda", "cpu")
+SIZES = ("full", "medium", "tiny")
+DEFAULT_MODEL = "svd-xt"
+# The zoo's names and pixel factor, repeated here so that --help and argument errors need not import torch
+# and diffusers (seconds); tests/test_cli.py checks them against fxstream.models.
+MODELS = ("svd", "svd-xt", "animatediff", "modelscope", "svd-vae-decoder", "sd-vae-decoder")
+VAE_SCALE_FACTOR = 8
+SPINNER_INTERVAL_S = 0.2
+
+
+class UsageError(Exception):
+    """A bad command-line argument: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _pixels(text: str) -> int:
+    value = _positive_int(text)
+    if value % VAE_SCALE_FACTOR:
+        raise argparse.ArgumentTypeError(
+            f"must be divisible by {VAE_SCALE_FACTOR} (the VAE's factor from pixels to latents), got {value}"
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fxstream import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        description="Training-free torch.fx compiler for video-diffusion inference: exact feature slicing "
+        "and operator grouping under a memory budget.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    plan = commands.add_parser(
+        "plan",
+        help="where a model's memory goes, and the slicing plan for a budget",
+        description="Capture one forward of a zoo model and print its memory: weights, the activation peak "
+        "and where it is, the largest tensors live there, and per-block peaks. With --budget-gb or --chunks, "
+        "also plan the slicing and print the planned side beside the baseline.",
+    )
+    plan.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL, metavar="NAME",
+                      help=f"zoo model: {', '.join(MODELS)} (default: %(default)s)")
+    plan.add_argument("--size", choices=SIZES, default="full",
+                      help="full: the real architecture on the meta device (no weights, no memory); "
+                      "medium / tiny: small random-weight versions on the CPU (default: %(default)s)")
+    plan.add_argument("--frames", type=_positive_int, metavar="N", help="video frames (default: model's)")
+    plan.add_argument("--height", type=_pixels, metavar="H", help="video height in pixels (default: model's)")
+    plan.add_argument("--width", type=_pixels, metavar="W", help="video width in pixels (default: model's)")
+    plan.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
+                      help="weights and activations (default: %(default)s)")
+    plan.add_argument("--no-cfg", dest="cfg", action="store_false",
+                      help="no classifier-free guidance (UNet batch 1 instead of 2)")
+    plan.add_argument("--target", choices=TARGETS, default="cuda",
+                      help="device whose attention kernels the memory model assumes (default: %(default)s)")
+    limit = plan.add_mutually_exclusive_group()
+    limit.add_argument("--budget-gb", type=_positive_float, metavar="GIB",
+                       help="plan slicing so that weights + activations fit in GIB GiB")
+    limit.add_argument("--chunks", type=_positive_int, metavar="K",
+                       help="slice every operator group K times, ignoring any budget (experiments)")
+    plan.add_argument("--top", type=_positive_int, default=10, metavar="N",
+                      help="live tensors to list at each peak (default: %(default)s)")
+    plan.add_argument("--json", metavar="PATH", help="also write the baseline timeline and the plan as JSON")
+    plan.set_defaults(run=_run_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fxstream`` command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version
+            return e.code if isinstance(e.code, int) else 0
+        return args.run(args, argv)
+    except UsageError as e:
+        return _fail(str(e), 2)
+    except BrokenPipeError:  # stdout closed early (``fxstream plan | head``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from fxstream.errors import BudgetError, FxStreamError
+
+        if isinstance(e, (ValueError, BudgetError)):  # bad arguments, caught by the library
+            return _fail(str(e), 2)
+        if isinstance(e, (FxStreamError, OSError)):
+            return _fail(str(e), 1)
+        raise  # a bug: keep the traceback
+
+
+def _fail(message: str, code: int) -> int:
+    one_line = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+    print(f"{PROG}: error: {one_line}", file=sys.stderr)
+    return code
+
+
+# --------------------------------------------------------------------------------------------------- progress
+
+
+@contextlib.contextmanager
+def progress(label: str, stream: Any = None) -> Iterator[None]:
+    """``label ... 12.3 s`` on stderr while the body runs, then ``label ... done in 19.4 s``.
+
+    On a terminal the seconds tick in place; elsewhere (logs, CI, pytest) the label is written when the step
+    starts and the outcome appended when it ends, one line per step.
+    """
+    stream = stream or sys.stderr
+    start = time.perf_counter()
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    stop = threading.Event()
+    ticker = None
+    if tty:
+        def tick() -> None:
+            while not stop.wait(SPINNER_INTERVAL_S):
+                stream.write(f"\r{label} ... {time.perf_counter() - start:.1f} s")
+                stream.flush()
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+    else:
+        stream.write(f"{label} ... ")
+        stream.flush()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        stop.set()
+        if ticker is not None:
+            ticker.join()
+        elapsed = time.perf_counter() - start
+        outcome = f"done in {elapsed:.1f} s" if ok else f"failed after {elapsed:.1f} s"
+        stream.write(f"\r{label} ... {outcome}\n" if tty else f"{outcome}\n")
+        stream.flush()
+
+
+# ------------------------------------------------------------------------------------------------------- plan
+
+
+def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from fxstream import models
+    from fxstream.analysis import estimate
+    from fxstream.capture import normalize_inputs
+    from fxstream.module import build_plan
+
+    if args.json:
+        _check_writable(args.json)  # before the work, not after it
+    label = f"{args.model} ({args.size}, {'meta' if args.size == 'full' else 'cpu'})"
+    with progress(f"building {label}"):
+        built = models.build(args.model, args.size, frames=args.frames, height=args.height, width=args.width,
+                             cfg=args.cfg, dtype=getattr(torch, DTYPES[args.dtype]))
+    flat, keyword_only = normalize_inputs(built.module, built.args, built.kwargs)
+    if keyword_only:  # build_plan takes positional arguments only; never silently drop one
+        raise ValueError(f"{args.model}: keyword-only arguments {sorted(keyword_only)} cannot be planned")
+
+    if args.budget_gb is not None or args.chunks is not None:
+        budget_bytes = None if args.budget_gb is None else int(args.budget_gb * 2**30)
+        limit = f"budget {args.budget_gb:g} GiB" if args.chunks is None else f"{args.chunks} chunks"
+        with progress(f"capturing and planning {label} for {limit}"), _quiet_torch():
+            entry = build_plan(built.module, flat, budget_bytes=budget_bytes, chunks=args.chunks,
+                               target=args.target)
+        baseline, planned, plan = entry.baseline, entry.planned, entry.plan
+    else:
+        with progress(f"capturing {label}"), _quiet_torch():
+            # The eager lifetime model, as build_plan's baseline: values held by Python frames stay alive.
+            baseline = estimate(built.module, *flat, lifetime="eager", target=args.target)
+        planned = plan = None
+
+    baseline = _concrete_input_bytes(baseline, flat)
+    planned = _concrete_input_bytes(planned, flat) if planned is not None else None
+    print(_plan_text(args, argv, built, baseline, planned, plan))
+    if args.json:
+        _write_json(args.json, args, built, baseline, planned, plan)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _concrete_input_bytes(timeline: MemoryTimeline, inputs: tuple) -> MemoryTimeline:
+    """The timeline with ``input_bytes`` as an int.
+
+    ``analyze_memory`` returns a symbolic ``input_bytes`` when an input is a view (AnimateDiff's prompt
+    embeddings come from ``repeat_interleave``): export fakes the view's base with a symbolic storage size.
+    The bytes the caller holds are those of the inputs' storages, counted here from the inputs themselves.
+    """
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    if isinstance(timeline.input_bytes, int):
+        return timeline
+    storages = {StorageWeakRef(t.untyped_storage()): t.untyped_storage().nbytes()
+                for t in inputs if isinstance(t, torch.Tensor)}
+    return dataclasses.replace(timeline, input_bytes=sum(storages.values()))
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Hide a torch-internal deprecation warning that copying captured graphs emits (not for the user)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+        yield
+
+
+def _check_writable(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"argument --json: cannot write {path!r}")
+
+
+def _plan_text(args: argparse.Namespace, argv: list[str], built: BuiltModel, baseline: MemoryTimeline,
+               planned: MemoryTimeline | None, plan: Plan | None) -> str:
+    from fxstream.report import (
+        block_table, groups_line, groups_table, live_table, summary_table, total_bytes, where,
+    )
+    from passes.memory import format_bytes
+
+    cfg = "CFG on" if built.cfg else "CFG off" if built.spec.uses_cfg else "no CFG (VAE decoder)"
+    dtype = str(built.dtype).removeprefix("torch.")
+    out = [
+        f"{built.name}: diffusers {built.spec.module_class}, {built.num_parameters:,} parameters, "
+        f"size {built.size}",
+        f"{built.frames} frames {built.height}x{built.width}, {dtype}, {cfg}, target {args.target}",
+        f"captured {len(baseline.nodes)} nodes; graph inputs {format_bytes(baseline.input_bytes)} "
+        "(held by the caller, not in the totals)",
+        "",
+        summary_table(baseline, plan),
+        "",
+        f"baseline peak at {where(baseline)}",
+    ]
+    if plan is not None:
+        limit = (f"{args.chunks} slices per operator group (forced)" if args.chunks is not None
+                 else f"budget {format_bytes(plan.budget_bytes)}")
+        out += [f"planned peak at {where(planned)}; {limit}", groups_line(plan)]
+        if not plan.sliced_groups:
+            out.append("no slicing needed: planned differs from baseline only because a compiled graph frees "
+                       "each value after its last use")
+    out += ["", f"largest tensors live at the baseline peak ({baseline.peak_node})",
+            live_table(baseline, args.top)]
+    if planned is not None:
+        out += ["", f"largest tensors live at the planned peak ({planned.peak_node})",
+                live_table(planned, args.top)]
+    out += ["", "activation peak per block", block_table(baseline, planned)]
+    if plan is not None and plan.sliced_groups:
+        out += ["", "sliced operator groups (largest intermediates first)", groups_table(plan)]
+
+    out.append("")
+    if plan is None:
+        out.append(f"total: {format_bytes(total_bytes(baseline))} (weights + activation peak, eager)")
+        suggestion = shlex.join([PROG, *(argv or ["plan"]), "--budget-gb", "GIB"])
+        out.append(f"to plan slicing under a memory budget: {suggestion}")
+    else:
+        ratio = plan.predicted_peak_bytes / plan.baseline_peak_bytes if plan.baseline_peak_bytes else 1.0
+        budget = format_bytes(plan.budget_bytes) if plan.budget_bytes else "none"
+        out.append(f"total: {format_bytes(plan.baseline_peak_bytes)} baseline -> "
+                   f"{format_bytes(plan.predicted_peak_bytes)} planned ({ratio:.2f}x; budget {budget})")
+    return "\n".join(out)
+
+
+def _write_json(path: str, args: argparse.Namespace, built: BuiltModel, baseline: MemoryTimeline,
+                planned: MemoryTimeline | None, plan: Plan | None) -> None:
+    from fxstream import __version__
+
+    data = {
+        "fxstream": __version__,
+        "model": {
+            "name": built.name,
+            "size": built.size,
+            "frames": built.frames,
+            "height": built.height,
+            "width": built.width,
+            "dtype": str(built.dtype).removeprefix("torch."),
+            "cfg": built.cfg,
+            "target": args.target,
+            "parameters": built.num_parameters,
+        },
+        "budget_bytes": None if args.budget_gb is None else int(args.budget_gb * 2**30),
+        "chunks": args.chunks,
+        "baseline": baseline.to_dict(),
+        "plan": plan.to_dict() if plan is not None else None,
+        "planned": planned.to_dict() if planned is not None else None,
+    }
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
