@@ -1,0 +1,101 @@
+"""fxstream.measure: the activation peak of one call, counted from live tensor storage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxstream.measure import Measurement, measure
+
+MiB = 2**20
+FLOATS_PER_MIB = MiB // 4
+
+
+def test_peak_of_sequential_allocations_counts_the_largest_live_set():
+    def fn(x):
+        a = torch.empty(FLOATS_PER_MIB)  # 1 MiB
+        del a
+        b = torch.empty(2 * FLOATS_PER_MIB)  # 2 MiB, after the 1 MiB one is freed
+        del b
+        return x + 1  # the output, 4 KiB
+
+    m = measure(fn, torch.zeros(1024))
+    assert isinstance(m, Measurement)
+    assert m.activation_peak_bytes == 2 * MiB
+    assert m.device == "cpu"
+    assert m.seconds >= 0
+    assert torch.equal(m.output, torch.ones(1024))
+
+
+def test_frees_are_seen_between_ops():
+    def fn():
+        a = torch.empty(FLOATS_PER_MIB)
+        a = torch.empty(FLOATS_PER_MIB)  # rebinding frees the first once the second exists
+        a = torch.empty(FLOATS_PER_MIB)
+        return a
+
+    assert measure(fn).activation_peak_bytes == 2 * MiB
+
+
+def test_output_is_included():
+    def fn():
+        a = torch.empty(FLOATS_PER_MIB)
+        b = torch.empty(FLOATS_PER_MIB)
+        return a, b
+
+    assert measure(fn).activation_peak_bytes == 2 * MiB
+
+
+def test_preexisting_tensors_and_their_views_are_excluded():
+    weight = torch.randn(512, 512)  # 1 MiB that exists before the call
+
+    def fn(x):
+        w = weight.t()  # a view of a pre-existing storage: no new memory
+        y = x.view(-1)  # a view of the input
+        return (w[:1] * 0).sum() + y.sum()
+
+    m = measure(fn, torch.randn(512, 512))
+    assert m.activation_peak_bytes < 16 * 1024
+
+
+def test_views_of_new_storages_are_counted_once():
+    def fn():
+        a = torch.empty(FLOATS_PER_MIB)
+        return a.view(2, -1), a[: FLOATS_PER_MIB // 2], a.t()
+
+    assert measure(fn).activation_peak_bytes == MiB
+
+
+def test_peak_includes_inputs_and_output_of_the_running_op():
+    def fn(x):
+        a = x * 2  # 1 MiB
+        b = a + 1  # a and b are both live while the add runs
+        return b
+
+    assert measure(fn, torch.zeros(FLOATS_PER_MIB)).activation_peak_bytes == 2 * MiB
+
+
+def test_module_runs_without_autograd():
+    lin = torch.nn.Linear(256, 256)
+    m = measure(lin, torch.randn(1024, 256))
+    assert not m.output.requires_grad
+    assert m.activation_peak_bytes == 1024 * 256 * 4
+
+
+def test_rejects_an_unsupported_device():
+    with pytest.raises(ValueError, match="meta"):
+        measure(lambda x: x + 1, torch.empty(4, device="meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_counts_allocations_during_the_call():
+    x = torch.zeros(FLOATS_PER_MIB, device="cuda")
+
+    def fn(x):
+        a = x * 2
+        b = a + 1
+        return b
+
+    m = measure(fn, x)
+    assert m.device.startswith("cuda")
+    assert 2 * MiB <= m.activation_peak_bytes <= 2 * MiB + 64 * 1024
