@@ -5,6 +5,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the duration of a test module.
+
+    Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads that
+    spin-wait for a busy core make a 0.05 s forward take seconds.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
