@@ -5,19 +5,22 @@ in bytes (weights + activations), or None for "as little memory as slicing can r
 Output: a :class:`BudgetResult` with the chunk count per group, the sliced GraphModule and its predicted
 memory timeline (the "graph" lifetime model: a compiled GraphModule frees each value after its last use).
 
-Method: start unsliced; repeatedly find every step of the predicted timeline above the target and give the
-group running there the next slice count, until the peak fits or the steps above the target are not in any
-group that can be sliced further (that floor is reported by :class:`fxstream.errors.BudgetError`). Slice
-counts only grow where the peak needs them, so groups away from the peak keep running whole (fastest).
+Method: the floor is every group at its largest slice count (or nothing sliced, if outlining costs more than
+it saves); a budget below it raises :class:`fxstream.errors.BudgetError` naming the node that bounds it. From
+the floor, each group relaxes to the fewest slices that keep its own step of the timeline under the goal (what
+is live around its call does not depend on its count; its workspace shrinks as 1/count), and groups whose
+unsliced nodes never exceed the goal stay whole (fastest). A few repair rounds then bump any group still over.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.fx
 
 from fxstream.errors import BudgetError
+from fxstream.runtime.sliced import slice_bounds
 from passes.chains import OperatorGroup
 from passes.memory import MemoryTimeline, analyze_memory, format_bytes
 from passes.meta import node_info
@@ -27,6 +30,8 @@ from passes.slicing import apply_plan, body_workspace_bytes
 # bytes saved per step are far below the full-size boundary tensors that stay live in every zoo model.
 MAX_SLICES = 64
 _LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Rounds of bumping groups still over the goal after the per-group choice.
+REPAIR_ROUNDS = 6
 
 
 @dataclass
@@ -61,59 +66,99 @@ def plan_chunks(
     """Slice counts per group meeting ``budget_bytes`` with the fewest slices; see the module docstring."""
     by_name = {g.name: g for g in groups}
     owner = {n.name: g.name for g in groups for n in g.nodes}
-    chunks = {g.name: 1 for g in groups}
-    cache: dict[tuple[str, int], int] = {}
+    body_peak: dict[str, int] = {}
+
+    def workspace(name: str, k: int) -> int:
+        if name not in body_peak:
+            body_peak[name] = body_workspace_bytes(by_name[name], 1)
+        length = by_name[name].length
+        return math.ceil(body_peak[name] * slice_bounds(length, k)[0][1] / length)
 
     def build(ch: dict[str, int]) -> tuple[torch.fx.GraphModule, MemoryTimeline]:
-        for name, k in ch.items():
-            if k > 1 and (name, k) not in cache:
-                cache[(name, k)] = body_workspace_bytes(by_name[name], k)
-        sliced = apply_plan(gm, groups, ch, cache, planning=True)
-        return sliced, analyze_memory(sliced, lifetime="graph", target=target)
+        ws = {(name, k): workspace(name, k) for name, k in ch.items() if k > 1}
+        view = apply_plan(gm, groups, ch, ws, planning=True)
+        return view, analyze_memory(view, lifetime="graph", target=target)
 
-    sliced, timeline = build(chunks)
-    weights = timeline.weight_bytes if weight_bytes is None else weight_bytes
-    best = (dict(chunks), sliced, timeline)
-    while True:
-        total = weights + timeline.activation_peak_bytes
-        if budget_bytes is not None and total <= budget_bytes:
-            return _finish(gm, groups, chunks, cache, target, weights)
-        threshold = timeline.activation_peak_bytes if budget_bytes is None else budget_bytes - weights
-        nodes = {n.name: n for n in sliced.graph.nodes}
-        bumped = False
-        for name, live in zip(timeline.nodes, timeline.live_bytes):
-            if live < threshold:
-                continue
-            node = nodes.get(name)
-            group = node_info(node).group if node is not None and node.op == "call_module" else owner.get(name)
-            if group is None:
-                continue
-            nxt = _next_count(chunks[group], by_name[group].length, max_slices)
-            if nxt is not None:
-                chunks[group] = nxt
-                bumped = True
-        if not bumped:
-            break
-        sliced, timeline = build(chunks)
-        if timeline.activation_peak_bytes < best[2].activation_peak_bytes:
-            best = (dict(chunks), sliced, timeline)
-    chunks, _, timeline = best
-    floor = weights + timeline.activation_peak_bytes
-    if budget_bytes is not None and floor > budget_bytes:
+    def cap(g: OperatorGroup) -> int:
+        return min(g.length, max_slices)
+
+    unsliced = {g.name: 1 for g in groups}
+    _, t_unsliced = build(unsliced)
+    weights = t_unsliced.weight_bytes if weight_bytes is None else weight_bytes
+    if budget_bytes is not None and weights + t_unsliced.activation_peak_bytes <= budget_bytes:
+        return _finish(gm, groups, unsliced, workspace, target, weights)
+
+    # The floor: every group at its largest slice count (or nothing sliced, where outlining costs more).
+    most = {g.name: cap(g) for g in groups}
+    view, t_most = build(most)
+    floor_chunks, t_floor = (most, t_most)
+    if t_unsliced.activation_peak_bytes <= t_most.activation_peak_bytes:
+        floor_chunks, t_floor = (unsliced, t_unsliced)
+    goal = t_floor.activation_peak_bytes if budget_bytes is None else budget_bytes - weights
+    if t_floor.activation_peak_bytes > goal:
+        floor = weights + t_floor.activation_peak_bytes
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the smallest peak slicing can reach, "
             f"{format_bytes(floor)} (weights {format_bytes(weights)} + activations "
-            f"{format_bytes(timeline.activation_peak_bytes)}), bounded at node '{timeline.peak_node}' in "
-            f"'{timeline.peak_module_path or '<top level>'}'",
+            f"{format_bytes(t_floor.activation_peak_bytes)}), bounded at node '{t_floor.peak_node}' in "
+            f"'{t_floor.peak_module_path or '<top level>'}'",
             min_peak_bytes=floor,
-            bounding_node=timeline.peak_node,
+            bounding_node=t_floor.peak_node,
         )
-    return _finish(gm, groups, chunks, cache, target, weights)
+    if floor_chunks is unsliced:
+        return _finish(gm, groups, unsliced, workspace, target, weights)
+
+    # Relax from the floor: each group takes the fewest slices that keep its own step under the goal. Its
+    # step holds what is live around the call (independent of its count) plus its workspace (~ 1/count).
+    live_most = dict(zip(t_most.nodes, t_most.live_bytes))
+    call_step = {node_info(n).group: live_most[n.name] for n in view.graph.nodes if n.op == "call_module"
+                 and node_info(n).group is not None}
+    live_unsliced = dict(zip(t_unsliced.nodes, t_unsliced.live_bytes))
+    unsliced_step: dict[str, int] = {}
+    for g in groups:
+        unsliced_step[g.name] = max((live_unsliced.get(n.name, 0) for n in g.nodes), default=0)
+    chunks: dict[str, int] = {}
+    for g in groups:
+        if unsliced_step[g.name] <= goal or g.name not in call_step:
+            chunks[g.name] = 1
+            continue
+        # unsliced (k=1), the group's intermediates are all live at once: at most its whole-body peak on top of
+        # what is live around it (less, as its inputs die early)
+        around = call_step[g.name] - workspace(g.name, cap(g))
+        chunks[g.name] = next((k for k in _ladder(cap(g)) if around + workspace(g.name, k) <= goal), cap(g))
+
+    # Repair what the per-group model missed (neighbours change each other's lifetimes a little).
+    for _ in range(REPAIR_ROUNDS):
+        view, timeline = build(chunks)
+        if timeline.activation_peak_bytes <= goal:
+            return _finish(gm, groups, chunks, workspace, target, weights)
+        nodes = {n.name: n for n in view.graph.nodes}
+        over: set[str] = set()
+        for name, live in zip(timeline.nodes, timeline.live_bytes):
+            if live > goal:
+                node = nodes.get(name)
+                group = node_info(node).group if node is not None and node.op == "call_module" else owner.get(name)
+                if group is not None:
+                    over.add(group)
+        bumped = False
+        for name in over:
+            nxt = _next_count(chunks[name], by_name[name].length, max_slices)
+            if nxt is not None:
+                chunks[name] = nxt
+                bumped = True
+        if not bumped:
+            break
+    return _finish(gm, groups, floor_chunks, workspace, target, weights)
 
 
-def _finish(gm, groups, chunks, cache, target, weights) -> BudgetResult:
+def _ladder(cap: int) -> list[int]:
+    return [c for c in _LADDER if c < cap] + [cap]
+
+
+def _finish(gm, groups, chunks, workspace, target, weights) -> BudgetResult:
     """Build the runnable sliced GraphModule for the chosen counts."""
-    sliced = apply_plan(gm, groups, chunks, cache)
+    ws = {(name, k): workspace(name, k) for name, k in chunks.items() if k > 1}
+    sliced = apply_plan(gm, groups, chunks, ws)
     return BudgetResult(chunks, sliced, analyze_memory(sliced, lifetime="graph", target=target), weights)
 
 

@@ -360,7 +360,77 @@ class _Grouper:
                 bans |= {(n.name, self.seed[gid].name) for n in tail}
         return bans
 
+    def absorb_cheap_groups(self) -> None:
+        """Merge a group without anchor ops into the one group that consumes all it produces, re-slicing it
+        along that group's axis where the dim rules allow.
+
+        Such a group is a few pointwise ops on values from outside (``alpha * x_spatial`` in SVD's
+        AlphaBlender) that the walk met before it met its consumer, and seeded along another axis; on its own
+        it hands a full-size tensor to its consumer.
+        """
+        for gid in sorted(self.members):
+            nodes = self.members[gid]
+            if not nodes or any(n.target in ANCHOR_OPS for n in nodes):
+                continue
+            members = set(nodes)
+            consumers = {self.group_of.get(u) for n in nodes for u in n.users if u not in members}
+            if len(consumers) != 1 or None in consumers:
+                continue
+            (target,) = consumers
+            if self.length.get(target) is None:
+                continue
+            derived = self._rederive(nodes, members, self.reqs[target])
+            if derived is None:
+                continue
+            axes, outside = derived
+            if any(self.reqs[target].get(p, r) != r for p, r in outside.items()):
+                continue
+            for n in nodes:
+                self.group_of[n] = target
+                self.axis_of[n] = axes[n]
+                self.pass_of[n] = 0
+            merged = self.members[target] + nodes
+            self.members[target] = [n for n in self.order if n in set(merged)]
+            self.members[gid] = []
+            self.reqs[target].update(outside)
+            for n in nodes:
+                self.reqs[target].pop(n, None)
+
+    def _rederive(self, nodes, members, consumer_reqs) -> tuple[dict, dict] | None:
+        """Axes for ``nodes`` such that every value the consumer group reads is sliced as it reads it, and
+        what they then need from outside."""
+        axes: dict = {}
+        outside: dict = {}
+        for n in reversed(nodes):
+            wanted = consumer_reqs.get(n) if any(u not in members for u in n.users) else None
+            for u in n.users:
+                if u in members:
+                    a = axes.get(("in", u, n))
+                    if a is not None and wanted not in (None, a):
+                        return None
+                    wanted = wanted or a
+            if not isinstance(wanted, SliceAxis):
+                return None
+            try:
+                req = input_axes(n, wanted)
+            except SplitReduction:
+                return None
+            if req is None or any(p not in req for p in _tensor_inputs(n)):
+                return None
+            axes[n] = wanted
+            for p, r in req.items():
+                if p in members:
+                    if r is WHOLE:
+                        return None
+                    axes[("in", n, p)] = r
+                elif outside.get(p, r) != r:
+                    return None
+                else:
+                    outside[p] = r
+        return {n: axes[n] for n in nodes}, outside
+
     def groups(self) -> list[OperatorGroup]:
+        self.absorb_cheap_groups()
         result = []
         for gid, nodes in sorted(self.members.items()):
             nodes = self._trim_trailing_views(nodes)
