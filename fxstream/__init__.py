@@ -28,6 +28,11 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+# Functions that share their module's name are bound eagerly: importing the submodule (which the rest of the
+# package does) would otherwise replace the lazily bound function by the module on the package.
+from fxstream.capture import capture  # noqa: E402
+from fxstream.measure import Measurement, measure  # noqa: E402
+
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
