@@ -32,6 +32,8 @@ MAX_SLICES = 64
 _LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Rounds of bumping groups still over the goal after the per-group choice.
 REPAIR_ROUNDS = 6
+# How far above the floor the minimum-memory plan may stay to slice fewer groups.
+MIN_SLACK = 0.02
 
 
 @dataclass
@@ -94,8 +96,10 @@ def plan_chunks(
     floor_chunks, t_floor = (most, t_most)
     if t_unsliced.activation_peak_bytes <= t_most.activation_peak_bytes:
         floor_chunks, t_floor = (unsliced, t_unsliced)
-    goal = t_floor.activation_peak_bytes if budget_bytes is None else budget_bytes - weights
-    if t_floor.activation_peak_bytes > goal:
+    # "as little as slicing can reach" allows MIN_SLACK above the floor: the last percent would slice dozens of
+    # small groups, each a Python loop per call, for no memory anyone can use
+    goal = int(t_floor.activation_peak_bytes * (1 + MIN_SLACK)) if budget_bytes is None else budget_bytes - weights
+    if budget_bytes is not None and t_floor.activation_peak_bytes > goal:
         floor = weights + t_floor.activation_peak_bytes
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the smallest peak slicing can reach, "
