@@ -65,18 +65,35 @@ def group_norm_apply(
     bias: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    """Normalise ``x`` (N, C, ...) with complete statistics from :func:`group_norm_partial`."""
+    """Normalise ``x`` (N, C, ...) with complete statistics from :func:`group_norm_partial`.
+
+    Allocates nothing of x's size but the output (the memory model counts only the output): float32 works in
+    place on the output; half inputs are normalised in float32 one channel group at a time.
+    """
     n, c = x.shape[0], x.shape[1]
+    per_group = c // num_groups
     count, mean, m2 = stats.unbind(-1)
     rstd = torch.rsqrt(m2 / count + eps)
-    g = x.reshape(n, num_groups, c // num_groups, -1).float()
-    y = (g - mean[:, :, None, None]) * rstd[:, :, None, None]
-    y = y.reshape(n, c, -1)
+    mean_c = mean.repeat_interleave(per_group, dim=1)[:, :, None]  # (N, C, 1) float32
+    scale_c = rstd.repeat_interleave(per_group, dim=1)[:, :, None]
     if weight is not None:
-        y = y * weight.float()[None, :, None]
-    if bias is not None:
-        y = y + bias.float()[None, :, None]
-    return y.to(x.dtype).reshape(x.shape)
+        scale_c = scale_c * weight.float()[None, :, None]
+    shift_c = bias.float()[None, :, None] if bias is not None else None
+    xs = x.reshape(n, c, -1)
+    if x.dtype == torch.float32:
+        out = xs - mean_c
+        out.mul_(scale_c)
+        if shift_c is not None:
+            out.add_(shift_c)
+        return out.reshape(x.shape)
+    out = torch.empty_like(xs)
+    for g in range(num_groups):
+        ch = slice(g * per_group, (g + 1) * per_group)
+        y = (xs[:, ch].float() - mean_c[:, ch]).mul_(scale_c[:, ch])
+        if shift_c is not None:
+            y.add_(shift_c[:, ch])
+        out[:, ch] = y
+    return out.reshape(x.shape)
 
 
 @group_norm_apply.register_fake

@@ -60,3 +60,19 @@ def test_split_group_norms_rewrites_the_graph_exactly():
     assert PARTIAL_OP in targets and APPLY_OP in targets
     assert torch.ops.aten.group_norm.default not in targets
     assert (gm(x) - norm(x)).abs().max() <= 1e-5
+
+
+def test_apply_allocates_only_its_output():
+    from fxstream.measure import measure
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 32, 4, 64, 64).to(dtype)
+        stats = group_norm_partial(x, 8)
+        w, b = torch.randn(32), torch.randn(32)
+        m = measure(group_norm_apply, x, stats, 8, w, b, 1e-5)
+        out_bytes = x.numel() * x.element_size()
+        assert m.activation_peak_bytes <= out_bytes * 1.3, dtype
+        ref = F.group_norm(x.float(), 8, w, b, 1e-5)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert (m.output.float() - ref).abs().max() <= tol * ref.abs().max()
