@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from torch import nn
 
 from fxstream.module import StreamlinedModule
@@ -37,8 +39,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
     """
     if not isinstance(module, nn.Module):
         raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
-    if budget_gb is not None and not budget_gb > 0:
-        raise ValueError(f"budget_gb must be positive, got {budget_gb}")
+    if budget_gb is not None and (
+        isinstance(budget_gb, bool) or not isinstance(budget_gb, numbers.Real) or not budget_gb > 0
+    ):
+        raise ValueError(f"budget_gb must be a positive number of GiB, got {budget_gb!r}")
     if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
         raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
     if target is not None and target not in _TARGETS:

@@ -33,6 +33,9 @@ def normalize_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
     except TypeError as e:
         raise ValueError(f"arguments do not match {type(module).__name__}.forward: {e}") from e
+    # every parameter explicit and positional where it can be: the graph is called exactly as it was captured,
+    # and a keyword after a skipped default cannot fall off the end of ``bound.args``
+    bound.apply_defaults()
     device = _first_tensor_device(args, kwargs)
     for name in TIMESTEP_NAMES:
         value = bound.arguments.get(name)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fxstream.capture import capture, normalize_inputs
+from fxstream.runtime.sliced import slice_bounds
 from passes.budget import BudgetResult, forced_chunks, plan_chunks
 from passes.chains import OperatorGroup, find_groups
 from passes.memory import MemoryTimeline, analyze_memory, format_bytes
@@ -67,10 +68,12 @@ def build_plan(
     budget_bytes: int | None,
     chunks: int | None = None,
     target: str | None = None,
+    kwargs: dict | None = None,
 ) -> CompiledEntry:
-    """Capture ``module`` on normalised ``args`` and slice it for the budget (or ``chunks`` everywhere)."""
+    """Capture ``module`` on normalised ``args`` (and keyword-only ``kwargs``) and slice it for the budget (or
+    ``chunks`` everywhere)."""
     start = time.perf_counter()
-    gm = capture(module, *args)
+    gm = capture(module, *args, **(kwargs or {}))
     target = target or _target_of(args)
     baseline = analyze_memory(gm, lifetime="eager", target=target)
     groups = find_groups(gm)
@@ -87,7 +90,7 @@ def build_plan(
                 kind=g.kind,
                 axis=_axis_text(g),
                 length=g.length,
-                slices=min(result.chunks.get(g.name, 1), g.length),
+                slices=len(slice_bounds(g.length, result.chunks.get(g.name, 1))),
                 nodes=len(g.nodes),
                 intermediate_bytes=g.intermediate_bytes(),
             )
@@ -131,17 +134,17 @@ class StreamlinedModule(nn.Module):
 
     # -- calling -----------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        flat, _ = normalize_inputs(self.original, args, kwargs)
-        key = signature_of(flat)
+        flat, extra = normalize_inputs(self.original, args, kwargs)
+        key = signature_of(flat) + signature_of(tuple(extra.items()))
         entry = self._fx_cache.get(key)
         if entry is None:
             entry = build_plan(
                 self.original, flat, budget_bytes=self._fx_budget_bytes, chunks=self._fx_chunks,
-                target=self._fx_target,
+                target=self._fx_target, kwargs=extra,
             )
             self._fx_cache[key] = entry
         self._fx_last = entry
-        return entry.graph_module(*flat)
+        return entry.graph_module(*flat, **extra)
 
     # -- what was decided --------------------------------------------------------------------------------------
     @property

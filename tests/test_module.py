@@ -107,21 +107,13 @@ def test_keyword_and_positional_calls_are_exact_and_share_one_graph(name):
     assert compiled.compiled is entry
 
 
-# StreamlinedModule.forward calls the graph with normalize_inputs' bound.args only and drops bound.kwargs: an
-# argument passed by keyword after an optional one left out (AnimateDiff's return_dict, ControlNet residuals)
-# never reaches the graph, and the signature key does not see it either.
-DROPPED_KEYWORDS = pytest.mark.xfail(
-    strict=True, reason="StreamlinedModule.forward drops keyword arguments after an omitted optional one"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, style",
     [
         ("svd", "keyword"),
         ("svd", "positional"),
-        pytest.param("animatediff", "keyword", marks=DROPPED_KEYWORDS),
+        ("animatediff", "keyword"),
         ("animatediff", "positional"),
     ],
 )
@@ -138,7 +130,6 @@ def test_return_dict_false_returns_a_tuple(name, style):
 
 
 @pytest.mark.slow
-@DROPPED_KEYWORDS
 def test_keyword_arguments_after_skipped_defaults_reach_the_graph():
     """ControlNet's mid-block residual, passed by keyword with the optional arguments before it left out, must
     change the output exactly as it changes the original's."""
