@@ -429,10 +429,38 @@ class _Grouper:
                     outside[p] = r
         return {n: axes[n] for n in nodes}, outside
 
+    def _hoist_view_outputs(self, nodes: list[torch.fx.Node]) -> None:
+        """A view that the group both uses and hands out is handed out as a view made outside the group, of its
+        base. Otherwise the loop would fill a buffer for the view and another for its base: two full-size
+        tensors where eager has one storage."""
+        members = set(nodes)
+        for node in nodes:
+            outside = [u for u in node.users if u not in members]
+            base = node.args[0] if node.args else None
+            if (not outside or node.target not in VIEW_OPS or not _aliases_input(node)
+                    or base not in members or not any(u in members for u in node.users)):
+                continue
+            chain = [node]  # the views between the handed-out value and its base, redone outside
+            while base in members and base.target in VIEW_OPS and _aliases_input(base):
+                chain.append(base)
+                base = base.args[0]
+            copy, anchor = base, node
+            for view in reversed(chain):
+                with self.gm.graph.inserting_after(anchor):
+                    copy = self.gm.graph.call_function(view.target, (copy, *view.args[1:]), view.kwargs)
+                copy.meta = dict(view.meta)
+                anchor = copy
+            for u in outside:
+                u.replace_input_with(node, copy)
+                reqs = self.reqs.get(self.group_of.get(u))
+                if reqs is not None and node in reqs and not self.members.get(self.group_of[u]) == nodes:
+                    reqs[copy] = reqs[node]
+
     def groups(self) -> list[OperatorGroup]:
         self.absorb_cheap_groups()
         result = []
         for gid, nodes in sorted(self.members.items()):
+            self._hoist_view_outputs(nodes)
             nodes = self._trim_trailing_views(nodes)
             if not nodes:
                 continue
@@ -440,7 +468,8 @@ class _Grouper:
                 continue
             members = set(nodes)
             outputs = [n for n in nodes if any(u not in members for u in n.users)]
-            inputs = {p: r for p, r in self.reqs[gid].items() if p not in members}
+            inputs = {p: r for p, r in self.reqs[gid].items()
+                      if p not in members and any(u in members for u in p.users)}
             # every outside tensor a member reads must be a declared input
             result.append(
                 OperatorGroup(

@@ -96,16 +96,17 @@ class SlicedCall(nn.Module):
                     x if spec.dim is None else x.narrow(spec.dim, a * spec.unit, n * spec.unit)
                     for x, spec in zip(args, self.input_specs)
                 ]
-                out = bodies[str(n)](*feed, *extra)
+                out = list(bodies[str(n)](*feed, *extra))
                 del feed
-                for slot, result in zip(targets, out):
+                for i, slot in enumerate(targets):
                     spec = self.slot_specs[slot]
                     if spec.dim is not None:
-                        values[slot].narrow(spec.dim, a * spec.unit, n * spec.unit).copy_(result)
+                        values[slot].narrow(spec.dim, a * spec.unit, n * spec.unit).copy_(out[i])
                     elif values[slot] is None:
-                        values[slot] = result
+                        values[slot] = out[i]
                     else:
-                        values[slot] = spec.combine(values[slot], result)
+                        values[slot] = spec.combine(values[slot], out[i])
+                    out[i] = None  # free this slice's result now, not when the next slice overwrites a name
                 del out
         return tuple(values[: self.num_outputs])
 
