@@ -33,7 +33,9 @@ _LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Rounds of bumping groups still over the goal after the per-group choice.
 REPAIR_ROUNDS = 6
 # How far above the floor the minimum-memory plan may stay to slice fewer groups.
-MIN_SLACK = 0.02
+MIN_SLACK = 0.005
+# A group whose whole intermediates are below this fraction of the goal is not worth a loop: it stays whole.
+SMALL_GROUP_FRACTION = 0.01
 
 
 @dataclass
@@ -123,7 +125,8 @@ def plan_chunks(
         unsliced_step[g.name] = max((live_unsliced.get(n.name, 0) for n in g.nodes), default=0)
     chunks: dict[str, int] = {}
     for g in groups:
-        if unsliced_step[g.name] <= goal or g.name not in call_step:
+        if (unsliced_step[g.name] <= goal or g.name not in call_step
+                or workspace(g.name, 1) <= SMALL_GROUP_FRACTION * goal):
             chunks[g.name] = 1
             continue
         # unsliced (k=1), the group's intermediates are all live at once: at most its whole-body peak on top of
