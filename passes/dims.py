@@ -45,38 +45,25 @@ class SliceAxis:
     scale: int = 1
 
 
-class _Whole:
-    """The input is needed whole by every slice (weights, broadcast operands, attention keys)."""
+class _Marker:
+    """A named singleton standing in for an axis."""
 
-    _instance = None
-
-    def __new__(cls):
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    def __init__(self, name: str, doc: str):
+        self._name = name
+        self.__doc__ = doc
 
     def __repr__(self) -> str:
-        return "WHOLE"
+        return self._name
+
+    def __reduce__(self):
+        return self._name
 
 
-class _Reduced:
-    """The output is a reduction over the sliced axis: per-slice partial results combined after the loop."""
+WHOLE = _Marker("WHOLE", "The input is needed whole by every slice (weights, broadcast operands, attention keys).")
+REDUCED = _Marker("REDUCED", "The output is a reduction over the sliced axis: per-slice partial results combined "
+                  "after the loop.")
 
-    _instance = None
-
-    def __new__(cls):
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "REDUCED"
-
-
-WHOLE = _Whole()
-REDUCED = _Reduced()
-
-InputAxes = dict[torch.fx.Node, "SliceAxis | _Whole"]
+InputAxes = dict[torch.fx.Node, "SliceAxis | _Marker"]
 Rule = Callable[[torch.fx.Node, SliceAxis], "InputAxes | None"]
 
 
@@ -127,7 +114,7 @@ def _merge(a: InputAxes, b: InputAxes) -> InputAxes | None:
     return out
 
 
-def _broadcast_operand(x: torch.fx.Node, out_shape: tuple[int, ...], axis: SliceAxis) -> SliceAxis | _Whole:
+def _broadcast_operand(x: torch.fx.Node, out_shape: tuple[int, ...], axis: SliceAxis) -> SliceAxis | _Marker:
     """How a broadcasting operand of a pointwise op is sliced when the output is sliced along ``axis``."""
     s = shape(x)
     i = axis.dim - (len(out_shape) - len(s))
