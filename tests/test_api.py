@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import fxstream
+from passes.budget import MIN_SLACK
 from fxstream import models
 from fxstream.errors import BudgetError
 from fxstream.module import StreamlinedModule
@@ -230,8 +231,10 @@ def test_infeasible_budget_raises_budget_error_with_the_floor():
     assert err.min_peak_bytes > budget_gb * GIB
     assert err.bounding_node
     assert f"'{err.bounding_node}'" in str(err)
-    # The floor it reports is the peak a minimum-budget compile predicts.
-    assert err.min_peak_bytes == _minimum(name).plan.predicted_peak_bytes
+    # The floor it reports is the peak a minimum-budget compile predicts, which may stay MIN_SLACK above it
+    # rather than slice every small group.
+    minimum = _minimum(name).plan.predicted_peak_bytes
+    assert err.min_peak_bytes <= minimum <= err.min_peak_bytes * (1 + MIN_SLACK)
     assert compiled.plan is None  # no half-built entry was cached
 
 
