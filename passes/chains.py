@@ -10,6 +10,12 @@ a node joins the group of one of its producers when its dim rule maps its output
 that producer carries, every other operand is available outside the group, and no cycle appears; otherwise it
 starts a new group, whose axis is chosen by looking a little ahead for the axis that covers the most bytes
 (ties go to the outermost dim). Ops without a rule are barriers and belong to no group.
+
+Then, so that groups hand each other as few full-size tensors as possible: GroupNorms that stop a group along
+a dim they reduce over are split (``passes/reductions.py``) and the graph regrouped; a group whose statistics
+pass feeds its own later nodes runs in several passes over the slices (``passes``); group tails that hand over
+more bytes than they read are moved to the next group; small groups of cheap ops are absorbed into the group
+that consumes them; and views handed out of a group are redone outside it, on their base.
 """
 
 from __future__ import annotations
@@ -514,19 +520,8 @@ def _storage_key(node: torch.fx.Node) -> object:
 
 def _distinct_bytes(nodes) -> int:
     """Bytes of the storages behind ``nodes`` (views of one tensor counted once)."""
-    seen, total = set(), 0
-    for n in nodes:
-        v = val(n)
-        if not isinstance(v, torch.Tensor):
-            continue
-        try:
-            key = v.untyped_storage()._cdata
-        except (RuntimeError, NotImplementedError):
-            key = id(n)
-        if key not in seen:
-            seen.add(key)
-            total += v.untyped_storage().nbytes() if hasattr(v, "untyped_storage") else tensor_bytes(v)
-    return total
+    storages = {_storage_key(n): val(n) for n in nodes if isinstance(val(n), torch.Tensor)}
+    return sum(tensor_bytes(v) for v in storages.values())
 
 
 def _aliases_input(node: torch.fx.Node) -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 from fxstream.runtime.sliced import SlicedCall, SlicedInput, SlicedOutput, SlicePass, slice_bounds
-from passes.chains import OperatorGroup, tensor_bytes
+from passes.chains import OperatorGroup
 from passes.dims import REDUCED, WHOLE, SliceAxis, sliced_args, val
 from passes.meta import node_info
 from passes.reductions import COMBINE
@@ -274,4 +274,4 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
     return new_gm
 
 
-__all__ = ["apply_plan", "body_workspace_bytes", "copy_graph_module", "tensor_bytes"]
+__all__ = ["apply_plan", "body_workspace_bytes", "copy_graph_module", "group_layout", "PlanningView"]
