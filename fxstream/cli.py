@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -43,6 +44,9 @@ DEFAULT_MODEL = "svd-xt"
 MODELS = ("svd", "svd-xt", "animatediff", "modelscope", "svd-vae-decoder", "sd-vae-decoder")
 VAE_SCALE_FACTOR = 8
 SPINNER_INTERVAL_S = 0.2
+# Formats --plot writes (matplotlib's, by file extension) and the resolution of raster ones.
+PLOT_FORMATS = ("png", "svg", "pdf")
+PLOT_DPI = 130
 
 
 class UsageError(Exception):
@@ -123,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--top", type=_positive_int, default=10, metavar="N",
                       help="live tensors to list at each peak (default: %(default)s)")
     plan.add_argument("--json", metavar="PATH", help="also write the baseline timeline and the plan as JSON")
+    plan.add_argument("--plot", metavar="PATH",
+                      help="also draw the memory timeline (baseline vs plan, the budget line, per-block "
+                      f"peaks) to PATH ({', '.join(PLOT_FORMATS)}; needs matplotlib)")
     plan.set_defaults(run=_run_plan)
     return parser
 
@@ -213,6 +220,8 @@ def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.json:
         _check_writable(args.json)  # before the work, not after it
+    if args.plot:
+        _check_plot(args.plot)
     label = f"{args.model} ({args.size}, {'meta' if args.size == 'full' else 'cpu'})"
     with progress(f"building {label}"):
         built = models.build(args.model, args.size, frames=args.frames, height=args.height, width=args.width,
@@ -227,12 +236,12 @@ def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
         with progress(f"capturing and planning {label} for {limit}"), _quiet_torch():
             entry = build_plan(built.module, flat, budget_bytes=budget_bytes, chunks=args.chunks,
                                target=args.target)
-        baseline, planned, plan = entry.baseline, entry.planned, entry.plan
+        baseline, planned, plan, graph_module = entry.baseline, entry.planned, entry.plan, entry.graph_module
     else:
         with progress(f"capturing {label}"), _quiet_torch():
             # The eager lifetime model, as build_plan's baseline: values held by Python frames stay alive.
             baseline = estimate(built.module, *flat, lifetime="eager", target=args.target)
-        planned = plan = None
+        planned = plan = graph_module = None
 
     baseline = _concrete_input_bytes(baseline, flat)
     planned = _concrete_input_bytes(planned, flat) if planned is not None else None
@@ -240,6 +249,9 @@ def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
     if args.json:
         _write_json(args.json, args, built, baseline, planned, plan)
         print(f"\nwrote {args.json}")
+    if args.plot:
+        _write_plot(args.plot, args, built, baseline, planned, plan, graph_module)
+        print(f"\nwrote {args.plot}")
     return 0
 
 
@@ -268,10 +280,20 @@ def _quiet_torch() -> Iterator[None]:
         yield
 
 
-def _check_writable(path: str) -> None:
+def _check_writable(path: str, option: str = "--json") -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UsageError(f"argument --json: cannot write {path!r}")
+        raise UsageError(f"argument {option}: cannot write {path!r}")
+
+
+def _check_plot(path: str) -> None:
+    _check_writable(path, "--plot")
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in PLOT_FORMATS:
+        endings = ", ".join("." + f for f in PLOT_FORMATS)
+        raise UsageError(f"argument --plot: {path!r} must end in one of {endings}")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("argument --plot: needs matplotlib (pip install 'fxstream[viz]')")
 
 
 def _plan_text(args: argparse.Namespace, argv: list[str], built: BuiltModel, baseline: MemoryTimeline,
@@ -349,6 +371,20 @@ def _write_json(path: str, args: argparse.Namespace, built: BuiltModel, baseline
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
+
+
+def _write_plot(path: str, args: argparse.Namespace, built: BuiltModel, baseline: MemoryTimeline,
+                planned: MemoryTimeline | None, plan: Plan | None, graph_module: Any) -> None:
+    from fxstream.viz import memory_timeline_figure
+
+    cfg = "CFG on" if built.cfg else "CFG off" if built.spec.uses_cfg else "no CFG"
+    title = (f"{built.name} ({built.size}): {built.frames} frames {built.height}x{built.width}, "
+             f"{str(built.dtype).removeprefix('torch.')}, {cfg}, target {args.target}")
+    if args.chunks is not None:
+        title += f"; {args.chunks} slices per group (forced)"
+    fig = memory_timeline_figure(baseline, planned, budget_bytes=plan.budget_bytes if plan else None,
+                                 graph_module=graph_module, title=title)
+    fig.savefig(path, dpi=PLOT_DPI)
 
 
 if __name__ == "__main__":  # pragma: no cover
