@@ -1,0 +1,77 @@
+"""The benchmark scripts run end to end on tiny models (they are not otherwise exercised between releases)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _load(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (benchmarks/ is a folder of scripts, not a package)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_rows(text: str, first_cell: str) -> list[list[str]]:
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            rows.append(cells)
+    return rows
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_gpu_benchmark_tiny_on_cpu(tmp_path, capsys):
+    out = tmp_path / "gpu.md"
+    argv = ["--tiny", "--device", "cpu", "--repeats", "1", "--models", "svd", "--out", str(out)]
+    rc = _load("gpu").main(argv)
+    assert rc == 0
+    text = out.read_text()
+    assert text.startswith("# fxstream GPU benchmark (tiny smoke run)")
+    assert "- command: `" in text and "- machine: " in text and "- date: " in text
+    variants = [r[1] for r in _table_rows(text, "svd")]
+    assert "eager" in variants
+    assert "fxstream min" in variants and any(v.startswith("fxstream 8") for v in variants)
+    assert "error" not in variants
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_plan_table_quick(tmp_path, capsys):
+    out = tmp_path / "plan_table.md"
+    rc = _load("plan_table").main(["--quick", "--out", str(out)])
+    assert rc == 0
+    text = out.read_text()
+    assert "## Per model" in text and "## Whole pipeline" in text
+    assert "- command: `" in text and "- machine: " in text
+    (svd,) = _table_rows(text, "svd")
+    (vae,) = _table_rows(text, "svd-vae-decoder")
+    header = _table_rows(text, "model")[0]
+    svd, vae = dict(zip(header, svd)), dict(zip(header, vae))
+    # Tiny models: every budget in GiB fits unsliced; the minimum slices something and beats eager.
+    assert all(svd[f"fxstream {b} GiB"].startswith("fits unsliced") for b in (16, 11, 8))
+    assert "groups)" in svd["fxstream min"] and "groups)" in vae["fxstream min"]
+    assert svd["eager + FF chunking"] != "-" and vae["eager + FF chunking"] == "-"
+    assert float(svd["min vs eager"].rstrip("x")) < 1 and float(vae["min vs eager"].rstrip("x")) < 1
+    (pipeline,) = _table_rows(text, "SVD (tiny models, full-size encoder weights)")
+    assert "CLIP image encoder 1.18" in pipeline[1]
+    assert "## Failures" not in text
+    printed = capsys.readouterr().out
+    assert "| svd " in printed and f"wrote {out}" in printed
+
+
+def test_plan_table_rejects_unknown_model():
+    with pytest.raises(SystemExit):
+        _load("plan_table").main(["--quick", "--models", "nope"])
