@@ -164,4 +164,27 @@ def split_group_norms(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> i
     return count
 
 
-__all__ = ["REDUCED", "COMBINE", "PARTIAL_OP", "APPLY_OP", "split_group_norms", "reduced_input_ok"]
+def fuse_group_norms(graph: torch.fx.Graph) -> int:
+    """Turn each statistics + apply pair that ends up computing on the same tensor (a GroupNorm that was split
+    for a group that runs whole, or whose slices keep the statistics' axis) back into one ``aten.group_norm``:
+    the same values, one fused kernel. Returns the number of pairs fused."""
+    count = 0
+    for apply in list(graph.nodes):
+        if apply.target is not APPLY_OP:
+            continue
+        x, partial, groups, weight, bias, eps = apply.args
+        if not (isinstance(partial, torch.fx.Node) and partial.target is PARTIAL_OP and partial.args[0] is x
+                and len(partial.users) == 1):
+            continue
+        with graph.inserting_before(apply):
+            fused = graph.call_function(aten.group_norm.default, (x, groups, weight, bias, eps))
+        fused.meta = dict(apply.meta)
+        apply.replace_all_uses_with(fused)
+        graph.erase_node(apply)
+        graph.erase_node(partial)
+        count += 1
+    return count
+
+
+__all__ = ["REDUCED", "COMBINE", "PARTIAL_OP", "APPLY_OP", "split_group_norms", "fuse_group_norms",
+           "reduced_input_ok"]

@@ -23,7 +23,7 @@ from fxstream.runtime.sliced import SlicedCall, SlicedInput, SlicedOutput, Slice
 from passes.chains import OperatorGroup
 from passes.dims import REDUCED, WHOLE, SliceAxis, sliced_args, val
 from passes.meta import node_info
-from passes.reductions import COMBINE
+from passes.reductions import COMBINE, fuse_group_norms
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[torch.fx.Node, torch.fx.Node]]:
@@ -134,6 +134,8 @@ def _body(group: OperatorGroup, inputs: list[torch.fx.Node], n: int, layout: _Pa
             new.meta["val"] = _slice_val(val(node), axis, n)
         env[node] = new
     graph.output(tuple(env[o] for o in layout.targets))
+    if not with_vals:  # a body to run (not to analyse): statistics computed on this slice alone fuse back
+        fuse_group_norms(graph)
     graph.lint()
     return torch.fx.GraphModule(torch.nn.Module(), graph, class_name="SliceBody")
 
@@ -269,6 +271,7 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
             graph.erase_node(node)
     stable_topological_sort(graph)
     if not planning:
+        fuse_group_norms(graph)  # GroupNorms split for groups that now run whole
         graph.lint()
         new_gm.recompile()
     return new_gm

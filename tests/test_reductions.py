@@ -76,3 +76,18 @@ def test_apply_allocates_only_its_output():
         ref = F.group_norm(x.float(), 8, w, b, 1e-5)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert (m.output.float() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_pairs_on_the_same_tensor_fuse_back_into_group_norm():
+    from passes.reductions import fuse_group_norms
+
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(2, 4)
+    x = torch.randn(2, 4, 3, 5, 5)
+    gm = capture(norm, x)
+    split_group_norms(gm, [n for n in gm.graph.nodes if n.target is torch.ops.aten.group_norm.default])
+    assert fuse_group_norms(gm.graph) == 1
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes]
+    assert torch.ops.aten.group_norm.default in targets and PARTIAL_OP not in targets and APPLY_OP not in targets
+    assert torch.equal(gm(x), norm(x))
