@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "capture": ("fxstream.capture", "capture"),
     "compile": ("fxstream.api", "compile"),
+    "optimize": ("fxstream.pipelines", "optimize"),
     "estimate": ("fxstream.analysis", "estimate"),
     "measure": ("fxstream.measure", "measure"),
     "Measurement": ("fxstream.measure", "Measurement"),

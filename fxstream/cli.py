@@ -3,6 +3,7 @@
     fxstream plan                                # SVD-XT UNet, 25 frames 576x1024, fp16, CFG: baseline memory
     fxstream plan --model svd-xt --budget-gb 8   # ... and the slicing plan that fits 8 GiB
     fxstream plan --model sd-vae-decoder --frames 16 --height 512 --width 512 --json plan.json
+    fxstream generate --model ./svd --image in.png --budget-gb 12 --out out.mp4   # see fxstream/generate.py
 
 ``plan`` builds a zoo model (full size on the meta device by default: no weights, no memory), captures one
 forward as the pipelines call it, and prints where its memory goes. With ``--budget-gb`` or ``--chunks`` it
@@ -131,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also draw the memory timeline (baseline vs plan, the budget line, per-block "
                       f"peaks) to PATH ({', '.join(PLOT_FORMATS)}; needs matplotlib)")
     plan.set_defaults(run=_run_plan)
+
+    from fxstream.generate import add_generate_parser
+
+    add_generate_parser(commands)
     return parser
 
 

@@ -1,0 +1,356 @@
+"""``fxstream generate``: run a whole diffusers video pipeline under fxstream and write the video.
+
+    fxstream generate --model ./svd-xt --image cat.png --frames 25 --budget-gb 12 --out cat.mp4
+    fxstream generate --model ./animatediff --prompt "a fox in the snow" --steps 25 --out fox.gif
+
+The pipeline is loaded with ``DiffusionPipeline.from_pretrained`` (a local folder works offline; a Hub id is
+fetched by diffusers), its UNet and VAE decoder compiled with :func:`fxstream.optimize` for the budget, and
+called once. Printed afterwards: the measured peak memory (weights + activations; on CPU counted by
+:func:`fxstream.measure`, on CUDA read from ``torch.cuda.max_memory_allocated``) and the time, compiling
+included. ``--eager`` runs the pipeline as diffusers does, for comparison.
+
+Videos: ``.mp4`` through ffmpeg (``pip install imageio-ffmpeg``); without ffmpeg a ``.gif`` is written beside
+it instead, and said so. ``.gif`` needs only Pillow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import inspect
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from fxstream.cli import DTYPES, UsageError, _positive_float, _positive_int, progress
+
+# Pipelines generate runs, with the input each needs and the frame rate its videos are written at (SVD: the
+# pipeline's own ``fps`` conditioning default; the others: diffusers' examples).
+_IMAGE_PIPELINES = {"StableVideoDiffusionPipeline": 7}
+_TEXT_PIPELINES = {"AnimateDiffPipeline": 8, "TextToVideoSDPipeline": 8}
+_OUTPUTS = (".mp4", ".gif")
+_GENERATE_DTYPES = ("fp16", "fp32")
+# "org/name" as the Hugging Face Hub spells repository ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    """Register the ``generate`` subcommand on the ``fxstream`` parser's subcommands."""
+    gen = commands.add_parser(
+        "generate",
+        help="run a diffusers video pipeline under fxstream and write the video",
+        description="Load a StableVideoDiffusion (--image), AnimateDiff or TextToVideoSD (--prompt) "
+        "pipeline, compile its UNet and VAE decoder for the memory budget, generate one video and write it; "
+        "print the measured peak memory and the time.",
+    )
+    gen.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID",
+                     help="a pipeline folder (save_pretrained / a Hub snapshot) or a Hugging Face Hub id")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", metavar="IN.png", help="conditioning image (Stable Video Diffusion)")
+    source.add_argument("--prompt", metavar="TEXT", help="text prompt (AnimateDiff, TextToVideoSD)")
+    gen.add_argument("--frames", type=_positive_int, metavar="N", help="frames (default: the pipeline's)")
+    gen.add_argument("--height", type=_positive_int, metavar="H", help="pixels (default: the pipeline's)")
+    gen.add_argument("--width", type=_positive_int, metavar="W", help="pixels (default: the pipeline's)")
+    gen.add_argument("--steps", type=_positive_int, metavar="S",
+                     help="denoising steps (default: the pipeline's)")
+    gen.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default: %(default)s)")
+    gen.add_argument("--decode-chunk-size", type=_positive_int, metavar="N",
+                     help="frames the VAE decodes at once (SVD, AnimateDiff; default: the pipeline's)")
+    mode = gen.add_mutually_exclusive_group()
+    mode.add_argument("--budget-gb", type=_positive_float, metavar="GIB",
+                      help="whole-pipeline memory budget: all weights + the running component's activations "
+                      "(default: as little memory as slicing can reach)")
+    mode.add_argument("--eager", action="store_true", help="run the pipeline unmodified, for comparison")
+    gen.add_argument("--dtype", choices=_GENERATE_DTYPES,
+                     help="weights and activations (default: fp16 on cuda, fp32 on cpu)")
+    gen.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available, else cpu")
+    gen.add_argument("--out", required=True, metavar="OUT.mp4|OUT.gif", help="the video to write")
+    gen.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
+    # Cheap checks first: nothing is loaded until the arguments are known to be usable.
+    out = _check_output(args.out)
+    image = _read_image(args.image) if args.image is not None else None
+    local = _check_model(args.model)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("argument --device: cuda is not available on this machine")
+    dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    dtype = getattr(torch, DTYPES[dtype_name])
+
+    with progress(f"loading {args.model} ({dtype_name}, {device})"), _quiet_libraries():
+        pipe = _load(args.model, local, dtype).to(device)
+    kind = type(pipe).__name__
+    call = _call_arguments(pipe, args, image, device)
+
+    optimization = None
+    if not args.eager:
+        import fxstream
+
+        optimization = fxstream.optimize(pipe, args.budget_gb)
+    budget = "eager (no fxstream)" if args.eager else (
+        f"budget {args.budget_gb:g} GiB" if args.budget_gb is not None else "minimum memory")
+    print(f"{kind}: {call['num_frames']} frames {call['height']}x{call['width']}, "
+          f"{call['num_inference_steps']} steps, {dtype_name} on {device}, {budget}", file=sys.stderr)
+    if optimization is not None:
+        print("compiling the UNet and the VAE decoder on their first calls", file=sys.stderr)
+
+    output, activations, weights, seconds = _run_measured(pipe, call, device)
+    frames = _to_uint8(output)
+    del output
+
+    with progress(f"writing {out}"):
+        written = _write_video(out, frames, _fps(kind))
+
+    from passes.memory import format_bytes
+
+    compile_seconds = optimization.compile_seconds if optimization is not None else 0.0
+    if optimization is not None:
+        print(optimization.report())
+    how = ("torch.cuda.max_memory_allocated" if device == "cuda"
+           else "fxstream.measure: live tensor storage, weights resident")
+    print(f"peak memory: {format_bytes(weights + activations)} (weights {format_bytes(weights)} + "
+          f"activations {format_bytes(activations)}; {how})")
+    compiling = f" (compiling {compile_seconds:.1f} s, generating {seconds - compile_seconds:.1f} s)" \
+        if optimization is not None else ""
+    print(f"time: {seconds:.1f} s{compiling}")
+    note = "" if written == out else f" (no ffmpeg for {out}: pip install imageio-ffmpeg)"
+    print(f"wrote {written}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}{note}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- arguments
+
+
+def _check_output(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _OUTPUTS:
+        raise UsageError(f"argument --out: expected a .mp4 or .gif file, got {path!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"argument --out: cannot write {path!r}")
+    return path
+
+
+def _read_image(path: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UsageError(f"argument --image: cannot read image {path!r}: {reason}") from None
+
+
+def _check_model(model: str) -> bool:
+    """True for a local pipeline folder; False for a Hub id; a UsageError for anything else."""
+    if os.path.isdir(model):
+        index = os.path.join(model, "model_index.json")
+        if not os.path.isfile(index):
+            raise UsageError(
+                f"argument --model: {model!r} is not a diffusers pipeline folder (no model_index.json)")
+        try:
+            with open(index) as f:
+                kind = json.load(f).get("_class_name")
+        except (OSError, ValueError) as e:
+            raise UsageError(f"argument --model: cannot read {index!r}: {e}") from None
+        _check_kind(kind)
+        return True
+    if os.path.exists(model):
+        raise UsageError(f"argument --model: {model!r} is a file, not a diffusers pipeline folder")
+    if model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
+        raise UsageError(f"argument --model: no such pipeline folder {model!r}")
+    return False
+
+
+def _check_kind(kind: str | None) -> None:
+    supported = (*_IMAGE_PIPELINES, *_TEXT_PIPELINES)
+    if kind not in supported:
+        raise UsageError(f"argument --model: {kind or 'this model'} is not supported; supported pipelines: "
+                         f"{', '.join(supported)}")
+
+
+def _load(model: str, local: bool, dtype: Any) -> Any:
+    from diffusers import DiffusionPipeline
+
+    try:
+        with warnings.catch_warnings():
+            # diffusers >= 0.40 renames the argument to ``dtype`` and warns; older versions take only this one
+            warnings.filterwarnings("ignore", ".*torch_dtype.*", FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "from the folder" if local else "(no such local folder; from the Hugging Face Hub)"
+        raise UsageError(f"argument --model: cannot load {model!r} {where}: {first}") from None
+    _check_kind(type(pipe).__name__)
+    pipe.set_progress_bar_config(file=sys.stderr)
+    return pipe
+
+
+def _call_arguments(pipe: Any, args: argparse.Namespace, image: Any, device: str) -> dict:
+    """Keyword arguments of ``pipe(...)``; sizes the model cannot take are a UsageError."""
+    import torch
+
+    kind = type(pipe).__name__
+    if kind in _IMAGE_PIPELINES and image is None:
+        raise UsageError(f"{kind} makes a video from an image: pass --image, not --prompt")
+    if kind in _TEXT_PIPELINES and image is not None:
+        raise UsageError(f"{kind} makes a video from text: pass --prompt, not --image")
+
+    defaults = {name: p.default for name, p in inspect.signature(pipe.__call__).parameters.items()}
+    unet = pipe.unet.config
+    sample = getattr(unet, "sample_size", None) or 64
+    height = args.height or defaults.get("height") or sample * pipe.vae_scale_factor
+    width = args.width or defaults.get("width") or sample * pipe.vae_scale_factor
+    frames = args.frames or defaults.get("num_frames") or getattr(unet, "num_frames", None) or 16
+    steps = args.steps or defaults["num_inference_steps"]
+
+    # Pixels -> latents (the VAE's factor), then halved by each of the UNet's downsamplers.
+    factor = pipe.vae_scale_factor * 2 ** (len(unet.down_block_types) - 1)
+    for name, value in (("height", height), ("width", width)):
+        if value % factor:
+            raise UsageError(f"argument --{name}: {kind} needs a multiple of {factor} pixels (VAE factor "
+                             f"{pipe.vae_scale_factor} x {len(unet.down_block_types) - 1} UNet "
+                             f"downsamplers), got {value}")
+    max_frames = getattr(unet, "motion_max_seq_length", None)
+    if max_frames is not None and frames > max_frames:
+        raise UsageError(
+            f"argument --frames: this motion adapter takes at most {max_frames} frames, got {frames}")
+    if args.decode_chunk_size is not None and "decode_chunk_size" not in defaults:
+        raise UsageError(f"argument --decode-chunk-size: {kind} decodes all frames at once")
+
+    call = dict(num_frames=frames, height=height, width=width, num_inference_steps=steps, output_type="np",
+                generator=torch.Generator(device=device).manual_seed(args.seed))
+    if image is not None:
+        call["image"] = image
+    else:
+        call["prompt"] = args.prompt
+    if args.decode_chunk_size is not None:
+        call["decode_chunk_size"] = args.decode_chunk_size
+    return call
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+
+def _run_measured(pipe: Any, call: dict, device: str) -> tuple[Any, int, int, float]:
+    """Run ``pipe(**call)``; returns (its frames, activation peak bytes, weight bytes, seconds)."""
+    import torch
+
+    from fxstream.pipelines import _pipeline_modules, _storages
+
+    weights = sum(_storages(*_pipeline_modules(pipe)).values())
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        with torch.no_grad():
+            output = pipe(**call).frames
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        # Everything allocated on the device at the peak, less what was there before (the weights).
+        activations = torch.cuda.max_memory_allocated() - before
+        weights = before
+        return output, activations, weights, seconds
+
+    from fxstream.measure import measure
+
+    with _compile_outside_measurement():
+        m = measure(lambda: pipe(**call).frames)
+    return m.output, m.activation_peak_bytes, weights, m.seconds
+
+
+@contextlib.contextmanager
+def _compile_outside_measurement() -> Iterator[None]:
+    """Run fxstream's capture and planning with the measuring dispatch mode switched off.
+
+    A compiled component compiles on its first call, inside the measured pipeline call. ``torch.export``'s
+    fake tensors would otherwise be counted as live storage (a tiny VAE decoder's first call measures 20x its
+    activations), and the graph must be the same whether or not it is measured.
+    """
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from fxstream import module as streamlined
+
+    build_plan = streamlined.build_plan
+
+    @functools.wraps(build_plan)
+    def unmeasured(*args: Any, **kwargs: Any) -> Any:
+        with _disable_current_modes():
+            return build_plan(*args, **kwargs)
+
+    streamlined.build_plan = unmeasured
+    try:
+        yield
+    finally:
+        streamlined.build_plan = build_plan
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Hide diffusers' and transformers' loading bars and notes (e.g. the torchvision fallback warning)."""
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    levels = dlogging.get_verbosity(), tlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    tlogging.set_verbosity_error()
+    dlogging.disable_progress_bar()
+    tlogging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlogging.enable_progress_bar()
+        tlogging.enable_progress_bar()
+        dlogging.set_verbosity(levels[0])
+        tlogging.set_verbosity(levels[1])
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def _to_uint8(frames: Any) -> Any:
+    """The first video of the pipeline's ``np`` output, (frames, H, W, 3) floats in [0, 1], as uint8."""
+    import numpy as np
+
+    video = np.asarray(frames)[0]
+    return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _fps(kind: str) -> int:
+    return {**_IMAGE_PIPELINES, **_TEXT_PIPELINES}[kind]
+
+
+def _write_video(path: str, frames: Any, fps: int) -> str:
+    """Write ``frames`` to ``path``; an ``.mp4`` without ffmpeg becomes a ``.gif`` beside it. Returns the path
+    written."""
+    import imageio.v3 as iio
+
+    if path.lower().endswith(".mp4"):
+        try:
+            import imageio_ffmpeg  # noqa: F401 - the FFMPEG plugin's binary
+        except ImportError:
+            path = os.path.splitext(path)[0] + ".gif"
+        else:
+            import imageio.v2
+
+            # libx264 with yuv420p, which players expect; sizes are multiples of 8, so no resizing.
+            with imageio.v2.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1,
+                                       quality=8) as writer:
+                for frame in frames:
+                    writer.append_data(frame)
+            return path
+    iio.imwrite(path, frames, extension=".gif", duration=1000 / fps, loop=0)
+    return path

@@ -1,0 +1,461 @@
+"""``fxstream.optimize``: compile the memory-heavy components of a whole diffusers video pipeline.
+
+    pipe = DiffusionPipeline.from_pretrained("stabilityai/stable-video-diffusion-img2vid-xt", ...)
+    fxstream.optimize(pipe, budget_gb=8)
+    frames = pipe(image).frames[0]           # called exactly as before
+
+Supported pipelines and the components compiled in each (the phases whose activations set the pipeline's
+peak): ``StableVideoDiffusionPipeline``, ``AnimateDiffPipeline`` and ``TextToVideoSDPipeline``, each with its
+``unet`` and its VAE decoder ``vae.decoder``. The VAE encoder and the CLIP encoders stay eager: they run once
+per generation on one image or one prompt, and their activations are far below the UNet's and the decoder's
+(``benchmarks/results/pipeline_cpu.md`` measures each phase).
+
+One budget covers the whole pipeline. While a component runs, every other component's weights stay resident,
+so each compiled component gets the budget minus the weights of all the other components (counted once per
+storage; the VAE's encoder counts against its decoder). Tensors the pipeline itself holds between calls
+(latents, prompt or image embeddings, frames already decoded when ``decode_chunk_size`` splits the decode) are
+not counted: they are small beside the activations, except decoded frames at large sizes.
+
+A compiled component compiles on its first call for each input signature and reuses that graph afterwards, so
+``decode_chunk_size`` (SVD, AnimateDiff) and ``vae.enable_slicing()`` / ``enable_tiling()`` (AutoencoderKL)
+keep working: each distinct chunk or tile shape compiles once.
+
+Also here: :func:`build`, small random-weight pipelines of each supported kind built from configs (the zoo's
+UNet and VAE configs, tiny CLIP encoders, a byte-level tokenizer), for tests and CPU benchmarks; nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from fxstream.api import _TARGETS
+from fxstream.errors import BudgetError, UnsupportedModelError
+from fxstream.module import StreamlinedModule
+from passes.memory import format_bytes
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+GIB = 2**30
+
+# Pipeline class name -> dotted paths (from the pipeline) of the components compiled in it.
+SUPPORTED_PIPELINES: dict[str, tuple[str, ...]] = {
+    "StableVideoDiffusionPipeline": ("unet", "vae.decoder"),
+    "AnimateDiffPipeline": ("unet", "vae.decoder"),
+    "TextToVideoSDPipeline": ("unet", "vae.decoder"),
+}
+
+
+class PipelineComponentModule(StreamlinedModule):
+    """A :class:`~fxstream.module.StreamlinedModule` compiled as one component of a pipeline.
+
+    It behaves exactly like one; only a budget that cannot be met is reported for the whole pipeline (the
+    pipeline budget, the other components' weights, and the least the pipeline needs while this one runs)
+    instead of for the component's share alone.
+    """
+
+    def __init__(self, module: nn.Module, *, budget_bytes: int | None, target: str | None, path: str,
+                 pipeline: str, budget: int | None, other_weight_bytes: int):
+        super().__init__(module, budget_bytes=budget_bytes, chunks=None, target=target)
+        self._fx_path = path
+        self._fx_pipeline = pipeline
+        self._fx_pipeline_budget = budget
+        self._fx_other_weight_bytes = other_weight_bytes
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().forward(*args, **kwargs)
+        except BudgetError as e:
+            least = self._fx_other_weight_bytes + e.min_peak_bytes
+            raise BudgetError(
+                f"{self._fx_pipeline} does not fit in {format_bytes(self._fx_pipeline_budget)}: while "
+                f"{self._fx_path} runs it needs at least {format_bytes(least)}, of which the other "
+                f"components' weights are {format_bytes(self._fx_other_weight_bytes)} ({self._fx_path}: {e})",
+                min_peak_bytes=least,
+                bounding_node=e.bounding_node,
+            ) from e
+
+
+@dataclass
+class CompiledComponent:
+    """One compiled component of a pipeline.
+
+    path: where it sits, from the pipeline (``"unet"``, ``"vae.decoder"``).
+    module: the compiled module now at ``path``.
+    original: the module it replaced (shares its parameters).
+    weight_bytes: the component's own parameters and buffers.
+    other_weight_bytes: the weights of every other resident component of the pipeline.
+    budget_bytes: what the component was compiled for: the pipeline budget minus ``other_weight_bytes``
+        (None: as little memory as slicing can reach).
+    """
+
+    path: str
+    module: PipelineComponentModule
+    original: nn.Module
+    weight_bytes: int
+    other_weight_bytes: int
+    budget_bytes: int | None
+
+    @property
+    def compiled_signatures(self) -> int:
+        """How many input signatures have been compiled so far (chunked decodes compile one per shape)."""
+        return len(self.module._fx_cache)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent capturing and planning, over every signature compiled so far."""
+        return sum(entry.compile_seconds for entry in self.module._fx_cache.values())
+
+    def pipeline_peaks(self) -> list[tuple[str, int, int]]:
+        """(signature, baseline, planned) whole-pipeline peaks in bytes while this component runs: the other
+        components' weights plus the component's own predicted peak, for each compiled signature."""
+        return [
+            (entry.plan.signature, self.other_weight_bytes + entry.plan.baseline_peak_bytes,
+             self.other_weight_bytes + entry.plan.predicted_peak_bytes)
+            for entry in self.module._fx_cache.values()
+        ]
+
+
+@dataclass
+class PipelineOptimization:
+    """What :func:`optimize` did to a pipeline; :meth:`restore` undoes it."""
+
+    pipeline: Any
+    budget_bytes: int | None
+    resident_weight_bytes: int
+    components: list[CompiledComponent] = field(default_factory=list)
+
+    def component(self, path: str) -> CompiledComponent:
+        for c in self.components:
+            if c.path == path:
+                return c
+        compiled = ", ".join(c.path for c in self.components)
+        raise KeyError(f"no compiled component {path!r}; compiled: {compiled}")
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(c.compile_seconds for c in self.components)
+
+    def report(self) -> str:
+        """One row per compiled signature: predicted whole-pipeline peaks (resident weights + the running
+        component's activations), baseline vs planned, and the groups sliced ("not called yet" before the
+        component's first call)."""
+        from tabulate import tabulate
+
+        rows = []
+        for c in self.components:
+            entries = list(c.module._fx_cache.values())
+            if not entries:
+                rows.append([c.path, "(not called yet)", "", "", ""])
+            for entry, (signature, baseline, planned) in zip(entries, c.pipeline_peaks()):
+                rows.append([c.path, signature, format_bytes(baseline), format_bytes(planned),
+                             len(entry.plan.sliced_groups)])
+        budget = "minimum" if self.budget_bytes is None else format_bytes(self.budget_bytes)
+        head = (f"pipeline budget {budget}; resident weights {format_bytes(self.resident_weight_bytes)} "
+                "(every component)")
+        table = tabulate(rows, headers=["component", "input signature", "baseline peak", "planned peak",
+                                        "sliced groups"], tablefmt="github")
+        return f"{head}\n{table}"
+
+    def restore(self) -> None:
+        """Put the original modules back: the pipeline is as it was before :func:`optimize`."""
+        self._swap(to_original=True)
+        self.components.clear()
+        self.pipeline.__dict__.pop("save_pretrained", None)
+        self.pipeline.__dict__.pop("_fxstream_optimization", None)
+
+    def _swap(self, *, to_original: bool) -> None:
+        for c in reversed(self.components):
+            _set_path(self.pipeline, c.path, c.original if to_original else c.module)
+
+    def _save_originals(self, save: Callable[..., Any]) -> Callable[..., Any]:
+        """``pipe.save_pretrained`` that saves the original components.
+
+        diffusers saves a component only when its class is one it knows (a compiled UNet would be dropped and
+        recorded as missing), and a compiled VAE decoder's weights are named ``decoder.original.*``.
+        """
+
+        @functools.wraps(save)
+        def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+            self._swap(to_original=True)
+            try:
+                return save(*args, **kwargs)
+            finally:
+                self._swap(to_original=False)
+
+        return save_pretrained
+
+
+def optimize(
+    pipe: DiffusionPipeline,
+    budget_gb: float | None = None,
+    *,
+    rehash: None = None,
+    target: str | None = None,
+) -> PipelineOptimization:
+    """Compile ``pipe``'s UNet and VAE decoder in place so that the whole pipeline runs within ``budget_gb``.
+
+    Args:
+        pipe: a ``StableVideoDiffusionPipeline``, ``AnimateDiffPipeline`` or ``TextToVideoSDPipeline``.
+        budget_gb: GiB for the whole pipeline: every component's weights plus the activations of the component
+            that runs. Each compiled component gets this minus the weights of all the other components. None:
+            as little memory as slicing can reach.
+        rehash: Step Rehash (reusing features across denoising steps) is not implemented yet: only None is
+            accepted.
+        target: ``"cuda"`` or ``"cpu"``: whose attention kernels the memory model assumes (default: the
+            device the components run on).
+
+    Returns:
+        A :class:`PipelineOptimization` listing the compiled components; the pipeline itself is modified in
+        place and is called exactly as before. Each component compiles on its first call per input shape.
+        Calling ``optimize`` again recompiles from the original modules.
+
+    Raises:
+        fxstream.errors.UnsupportedModelError: for a pipeline of another kind (the message lists the supported
+            ones).
+        NotImplementedError: for any ``rehash`` other than None.
+        ValueError: for a non-positive budget or an unknown target.
+        fxstream.errors.BudgetError: now, when the budget does not cover the resident weights (the pipeline is
+            left as it was); on a component's first call, when no plan fits its share.
+    """
+    if rehash is not None:
+        raise NotImplementedError(
+            f"rehash={rehash!r}: Step Rehash is not implemented yet; pass rehash=None (slicing only, exact)")
+    if budget_gb is not None and (
+        isinstance(budget_gb, bool) or not isinstance(budget_gb, numbers.Real) or not budget_gb > 0
+    ):
+        raise ValueError(f"budget_gb must be a positive number of GiB, got {budget_gb!r}")
+    if target is not None and target not in _TARGETS:
+        raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
+    paths = _component_paths(pipe)
+    budget_bytes = None if budget_gb is None else int(budget_gb * GIB)
+
+    # Every share is checked before anything is replaced: a budget error leaves the pipeline as it was.
+    resident = _storages(*_pipeline_modules(pipe))
+    resident_bytes = sum(resident.values())
+    shares = []
+    for path in paths:
+        original = _get_path(pipe, path)
+        if isinstance(original, StreamlinedModule):  # compiled by an earlier optimize: use the original
+            original = original.original
+        own = _storages(original)
+        own_bytes = sum(own.values())
+        other_bytes = sum(size for key, size in resident.items() if key not in own)
+        share = None if budget_bytes is None else budget_bytes - other_bytes
+        if share is not None and share <= own_bytes:
+            raise BudgetError(
+                f"budget {format_bytes(budget_bytes)} does not cover the weights of {type(pipe).__name__}: "
+                f"{format_bytes(resident_bytes)} resident in all, {format_bytes(own_bytes)} of them in "
+                f"{path}, leaving nothing for its activations; raise budget_gb",
+                min_peak_bytes=resident_bytes,
+                bounding_node=path,
+            )
+        shares.append((path, original, own_bytes, other_bytes, share))
+
+    previous = getattr(pipe, "_fxstream_optimization", None)
+    if isinstance(previous, PipelineOptimization):
+        previous.restore()
+    result = PipelineOptimization(pipe, budget_bytes, resident_bytes)
+    for path, original, own_bytes, other_bytes, share in shares:
+        compiled = PipelineComponentModule(original, budget_bytes=share, target=target, path=path,
+                                           pipeline=type(pipe).__name__, budget=budget_bytes,
+                                           other_weight_bytes=other_bytes)
+        _set_path(pipe, path, compiled)
+        result.components.append(CompiledComponent(path, compiled, original, own_bytes, other_bytes, share))
+    # Instance attributes, not pipeline components: a second optimize finds this one and undoes it first.
+    object.__setattr__(pipe, "_fxstream_optimization", result)
+    save = type(pipe).save_pretrained.__get__(pipe)
+    object.__setattr__(pipe, "save_pretrained", result._save_originals(save))
+    return result
+
+
+def _component_paths(pipe: Any) -> tuple[str, ...]:
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in SUPPORTED_PIPELINES and cls.__module__.startswith("diffusers."):
+            return SUPPORTED_PIPELINES[cls.__name__]
+    raise UnsupportedModelError(
+        f"fxstream.optimize does not support {type(pipe).__name__}; supported pipelines: "
+        f"{', '.join(SUPPORTED_PIPELINES)}. Other models: compile a module with fxstream.compile(module, "
+        "budget_gb=...)"
+    )
+
+
+def _pipeline_modules(pipe: Any) -> list[nn.Module]:
+    return [m for m in pipe.components.values() if isinstance(m, nn.Module)]
+
+
+def _storages(*modules: nn.Module) -> dict[tuple, int]:
+    """Bytes of each distinct storage among the modules' parameters and buffers (shared ones count once)."""
+    out: dict[tuple, int] = {}
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            storage = t.untyped_storage()
+            out[(t.device.type, t.device.index, storage.data_ptr())] = storage.nbytes()
+    return out
+
+
+def _get_path(pipe: Any, path: str) -> nn.Module:
+    obj = pipe
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise UnsupportedModelError(f"{type(pipe).__name__} has no component {path!r} to compile")
+    return obj
+
+
+def _set_path(pipe: Any, path: str, module: nn.Module) -> None:
+    *parents, name = path.split(".")
+    owner = pipe
+    for part in parents:
+        owner = getattr(owner, part)
+    if owner is pipe:
+        # DiffusionPipeline.__setattr__ would record the wrapper's class in pipe.config (as the component's
+        # library and class), which save_pretrained and from_pretrained then follow; the component is still
+        # the diffusers model, wrapped, so the config is left as it was.
+        object.__setattr__(pipe, name, module)
+    else:
+        setattr(owner, name, module)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Random-weight pipelines from configs (tests, CPU benchmarks).
+
+PIPELINE_NAMES = ("svd", "animatediff", "modelscope")
+_SIZES = ("tiny", "medium")
+# Text encoders: CLIP's sequence length (the pipelines pad prompts to tokenizer.model_max_length).
+_TEXT_SEQ_LEN = 77
+# SVD's scheduler (stabilityai/stable-video-diffusion-img2vid scheduler/scheduler_config.json).
+_SVD_SCHEDULER = dict(
+    beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, interpolation_type="linear",
+    num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
+    steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
+)
+# AnimateDiff's and ModelScope's DDIM settings (the model cards' scheduler configs).
+_ANIMATEDIFF_SCHEDULER = dict(beta_schedule="linear", clip_sample=False, timestep_spacing="linspace",
+                              steps_offset=1)
+_MODELSCOPE_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                             clip_sample=False, set_alpha_to_one=False)
+
+
+def build(name: str, size: str = "tiny", *, seed: int = 0) -> DiffusionPipeline:
+    """A ``name`` pipeline (``"svd"``, ``"animatediff"``, ``"modelscope"``), random fp32 weights, on the CPU.
+
+    The UNet and VAE decoder take the zoo's configs at ``size`` (``"tiny"`` or ``"medium"``, see
+    :mod:`fxstream.models`); the VAE encoder mirrors the decoder, the CLIP encoders have one layer, and
+    the tokenizer is byte-level with no merges (every byte one token). Nothing is downloaded.
+    """
+    from fxstream import models
+
+    if name not in PIPELINE_NAMES:
+        raise ValueError(f"name: unknown pipeline {name!r}; expected one of {', '.join(PIPELINE_NAMES)}")
+    if size not in _SIZES:
+        raise ValueError(f"size: expected one of {', '.join(_SIZES)}, got {size!r}")
+    with models._quiet_diffusers(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        builders = {"svd": _build_svd, "animatediff": _build_animatediff, "modelscope": _build_modelscope}
+        pipe = builders[name](size)
+    for module in _pipeline_modules(pipe):
+        models._rerandomize_zero_layers(module)
+        module.eval()
+        module.requires_grad_(False)
+    return pipe
+
+
+def _build_svd(size: str) -> DiffusionPipeline:
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline
+    from diffusers import UNetSpatioTemporalConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from fxstream import models
+
+    unet = UNetSpatioTemporalConditionModel(**models.ZOO["svd"].configs[size])
+    decoder = models.ZOO["svd-vae-decoder"].configs[size]
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=decoder["block_out_channels"], layers_per_block=decoder["layers_per_block"],
+        down_block_types=("DownEncoderBlock2D",) * len(decoder["block_out_channels"]), latent_channels=4,
+    )
+    width = unet.config.cross_attention_dim
+    # The pipeline resizes the image to 224x224 for CLIP; patches of 32 pixels: 49 tokens.
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=2,
+        image_size=224, patch_size=32, projection_dim=width,
+    ))
+    return StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=EulerDiscreteScheduler(**_SVD_SCHEDULER),
+        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
+    )
+
+
+def _build_animatediff(size: str) -> DiffusionPipeline:
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+
+    from fxstream import models
+
+    config = models.ZOO["animatediff"].configs[size]
+    unet = UNet2DConditionModel(**config["unet"])
+    return AnimateDiffPipeline(
+        vae=_sd_vae(size), text_encoder=_text_encoder(unet.config.cross_attention_dim),
+        tokenizer=_tokenizer(), unet=unet, motion_adapter=MotionAdapter(**config["motion_adapter"]),
+        scheduler=DDIMScheduler(**_ANIMATEDIFF_SCHEDULER),
+    )
+
+
+def _build_modelscope(size: str) -> DiffusionPipeline:
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+
+    from fxstream import models
+
+    unet = UNet3DConditionModel(**models.ZOO["modelscope"].configs[size])
+    return TextToVideoSDPipeline(
+        vae=_sd_vae(size), text_encoder=_text_encoder(unet.config.cross_attention_dim),
+        tokenizer=_tokenizer(), unet=unet, scheduler=DDIMScheduler(**_MODELSCOPE_SCHEDULER),
+    )
+
+
+def _sd_vae(size: str) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    from fxstream import models
+
+    decoder = models.ZOO["sd-vae-decoder"].configs[size]
+    levels = len(decoder["block_out_channels"])
+    return AutoencoderKL(
+        block_out_channels=decoder["block_out_channels"], layers_per_block=decoder["layers_per_block"],
+        norm_num_groups=decoder["norm_num_groups"], down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=decoder["up_block_types"], latent_channels=4,
+    )
+
+
+# Token ids of the byte-level vocabulary below.
+_BOS, _EOS = 0, 1
+
+
+def _tokenizer() -> Any:
+    """A CLIP tokenizer over bytes: the 256 byte symbols, as word pieces and as word ends, and no merges."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": _BOS, "<|endoftext|>": _EOS}
+    for suffix in ("", "</w>"):
+        for s in symbols:
+            vocab[s + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_TEXT_SEQ_LEN)
+
+
+def _text_encoder(width: int) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=2 + 2 * 256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=_TEXT_SEQ_LEN, projection_dim=width,
+        bos_token_id=_BOS, eos_token_id=_EOS, pad_token_id=_EOS,
+    ))
