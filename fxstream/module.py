@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from fxstream.capture import capture, normalize_inputs
 from fxstream.runtime.sliced import slice_bounds
@@ -138,10 +139,13 @@ class StreamlinedModule(nn.Module):
         key = signature_of(flat) + signature_of(tuple(extra.items()))
         entry = self._fx_cache.get(key)
         if entry is None:
-            entry = build_plan(
-                self.original, flat, budget_bytes=self._fx_budget_bytes, chunks=self._fx_chunks,
-                target=self._fx_target, kwargs=extra,
-            )
+            # compiling is not part of the call: a dispatch mode watching the call (fxstream.measure) must not
+            # see the tracer's tensors
+            with _disable_current_modes():
+                entry = build_plan(
+                    self.original, flat, budget_bytes=self._fx_budget_bytes, chunks=self._fx_chunks,
+                    target=self._fx_target, kwargs=extra,
+                )
             self._fx_cache[key] = entry
         self._fx_last = entry
         return entry.graph_module(*flat, **extra)

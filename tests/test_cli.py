@@ -127,7 +127,7 @@ def test_forced_chunks_on_full_size(capsys):
     "argv, fragment",
     [
         ([], "the following arguments are required: COMMAND"),
-        (["generate"], "invalid choice: 'generate'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["plan", "--model", "sdxl"], "argument --model: invalid choice: 'sdxl'"),
         (["plan", "--frames", "0"], "argument --frames: must be positive, got 0"),
         (["plan", "--frames", "two"], "argument --frames: expected a positive integer"),
