@@ -435,34 +435,26 @@ def _split_like(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     return {x: SliceAxis(axis.dim, axis.unit)}
 
 
-def _cat(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
-    tensors = node.args[0]
-    nd = len(shape(node))
-    d = _norm_dim(_arg(node, 1, "dim", 0), nd)
-    if d == axis.dim:
-        return None
-    req: InputAxes = {}
-    for t in tensors:
-        if len(shape(t)) != nd:
-            return None  # legacy empty-tensor cat
-        req = _merge(req, {t: SliceAxis(axis.dim, axis.unit)})
-        if req is None:
-            return None
-    return req
+def _joined(stacked: bool) -> Rule:
+    """cat / stack of a list of tensors: parallel along every dim but the one they are joined on."""
 
-
-def _stack(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
-    tensors = node.args[0]
-    nd = len(shape(node))
-    d = _norm_dim(_arg(node, 1, "dim", 0), nd)
-    if d == axis.dim:
-        return None
-    req: InputAxes = {}
-    for t in tensors:
-        req = _merge(req, {t: SliceAxis(axis.dim - (axis.dim > d), axis.unit)})
-        if req is None:
+    def rule(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+        tensors = node.args[0]
+        nd = len(shape(node))
+        d = _norm_dim(_arg(node, 1, "dim", 0), nd)
+        if d == axis.dim:
             return None
-    return req
+        in_dim = axis.dim - (stacked and axis.dim > d)
+        req: InputAxes = {}
+        for t in tensors:
+            if len(shape(t)) != nd - stacked:
+                return None  # legacy empty-tensor cat
+            req = _merge(req, {t: SliceAxis(in_dim, axis.unit)})
+            if req is None:
+                return None
+        return req
+
+    return rule
 
 
 def _getitem(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
@@ -560,8 +552,8 @@ RULES.update({
     aten.split.Tensor: _split_like,
     aten.split_with_sizes.default: _split_like,
     aten.unbind.int: _split_like,
-    aten.cat.default: _cat,
-    aten.stack.default: _stack,
+    aten.cat.default: _joined(stacked=False),
+    aten.stack.default: _joined(stacked=True),
     operator.getitem: _getitem,
     aten.upsample_nearest2d.vec: _upsample,
     aten.upsample_nearest2d.default: _upsample,

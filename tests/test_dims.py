@@ -120,3 +120,14 @@ def test_shape_arguments_get_the_slice_size():
         else node(gm, aten.view.default)
     args, _ = sliced_args(n, SliceAxis(0, 3), 1)
     assert list(args[1]) == [1, 3, 4, 5]
+
+
+def test_cat_and_stack_are_parallel_except_along_the_joined_dim():
+    gm = graph_of(lambda a, b: (torch.cat([a, b], 1), torch.stack([a, b], 1)), torch.randn(4, 3, 5),
+                  torch.randn(4, 3, 5))
+    a, b = placeholders(gm)
+    cat, stack = node(gm, aten.cat.default), node(gm, aten.stack.default)
+    assert input_axes(cat, SliceAxis(2)) == {a: SliceAxis(2), b: SliceAxis(2)}
+    assert input_axes(cat, SliceAxis(1)) is None
+    assert input_axes(stack, SliceAxis(2)) == {a: SliceAxis(1), b: SliceAxis(1)}
+    assert input_axes(stack, SliceAxis(1)) is None
