@@ -330,12 +330,10 @@ MODELSCOPE_UNET_MEDIUM = _frozen(
 SVD_VAE_DECODER_CONFIG = _frozen(
     dict(in_channels=4, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2)
 )
-SVD_VAE_DECODER_TINY = _frozen(
-    dict(in_channels=4, out_channels=3, block_out_channels=(32, 32, 32, 32), layers_per_block=1)
-)
-SVD_VAE_DECODER_MEDIUM = _frozen(
-    dict(in_channels=4, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1)
-)
+SVD_VAE_DECODER_TINY = _frozen({**SVD_VAE_DECODER_CONFIG, "block_out_channels": (32, 32, 32, 32),
+                                "layers_per_block": 1})
+SVD_VAE_DECODER_MEDIUM = _frozen({**SVD_VAE_DECODER_CONFIG, "block_out_channels": (32, 32, 64, 64),
+                                  "layers_per_block": 1})
 # SD-1.5: AutoencoderKL's Decoder with runwayml/stable-diffusion-v1-5 vae/config.json (the VAE AnimateDiff
 # uses). 49,490,179 parameters (the whole VAE is 83.7 M).
 SD_VAE_DECODER_CONFIG = _frozen(
@@ -349,28 +347,10 @@ SD_VAE_DECODER_CONFIG = _frozen(
         act_fn="silu",
     )
 )
-SD_VAE_DECODER_TINY = _frozen(
-    dict(
-        in_channels=4,
-        out_channels=3,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        act_fn="silu",
-    )
-)
-SD_VAE_DECODER_MEDIUM = _frozen(
-    dict(
-        in_channels=4,
-        out_channels=3,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        act_fn="silu",
-    )
-)
+SD_VAE_DECODER_TINY = _frozen({**SD_VAE_DECODER_CONFIG, "block_out_channels": (16, 16, 32, 32),
+                               "layers_per_block": 1, "norm_num_groups": 8})
+SD_VAE_DECODER_MEDIUM = _frozen({**SD_VAE_DECODER_CONFIG, "block_out_channels": (32, 32, 64, 64),
+                                 "layers_per_block": 1, "norm_num_groups": 8})
 
 # Text encoders' sequence length (CLIP tokenizer max length), for AnimateDiff / ModelScope prompt embeddings.
 TEXT_SEQ_LEN = 77
