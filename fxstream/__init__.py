@@ -22,6 +22,11 @@ _EXPORTS = {
     "measure": ("fxstream.measure", "measure"),
     "Measurement": ("fxstream.measure", "Measurement"),
     "StreamlinedModule": ("fxstream.module", "StreamlinedModule"),
+    "calibrate": ("fxstream.calibrate", "calibrate"),
+    "Calibration": ("fxstream.calibrate", "Calibration"),
+    "RehashConfig": ("fxstream.runtime.rehash", "RehashConfig"),
+    "Schedule": ("fxstream.runtime.rehash", "Schedule"),
+    "reference": ("fxstream.reference", None),
     "Plan": ("passes.plan", "Plan"),
     "errors": ("fxstream.errors", None),
     "models": ("fxstream.models", None),
@@ -33,6 +38,7 @@ __all__ = sorted(_EXPORTS)
 # package does) would otherwise replace the lazily bound function by the module on the package.
 from fxstream.capture import capture  # noqa: E402
 from fxstream.measure import Measurement, measure  # noqa: E402
+from fxstream.calibrate import calibrate  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -46,7 +52,9 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fxstream import errors, models
+    from fxstream import errors, models, reference
+    from fxstream.calibrate import Calibration, calibrate
+    from fxstream.runtime.rehash import RehashConfig, Schedule
     from fxstream.analysis import estimate
     from fxstream.api import compile
     from fxstream.capture import capture

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numbers
 
+from typing import Any
+
 from torch import nn
 
 from fxstream.module import StreamlinedModule
+from fxstream.runtime.rehash import as_config
 
 _TARGETS = ("cpu", "cuda")
 
@@ -17,6 +20,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     *,
     chunks: int | None = None,
     target: str | None = None,
+    rehash: Any = None,
 ) -> StreamlinedModule:
     """Compile ``module`` so that it runs within ``budget_gb`` GiB (weights + activations), exactly.
 
@@ -27,6 +31,12 @@ def compile(  # noqa: A001 - mirrors torch.compile
         chunks: force this many slices in every operator group, ignoring the budget (experiments, tests).
         target: ``"cuda"`` or ``"cpu"``: the device whose attention kernels the memory model assumes.
             None: the device of the inputs.
+        rehash: Step Rehash (off by default; it changes outputs on rehash steps, by design). ``"auto"``: cache
+            the output of the decoder's temporal layer that skips the most FLOPs and run every other step in
+            full; a :class:`~fxstream.RehashConfig` (e.g. from :func:`fxstream.calibrate`), a
+            :class:`~fxstream.Schedule`, a dict, or the path of a saved RehashConfig / Plan JSON. Full steps are
+            exact; ``.rehash`` is the controller (steps are inferred from the timesteps, or set with
+            ``.rehash.set_step(i)``).
 
     Returns:
         A :class:`~fxstream.module.StreamlinedModule`, called exactly like ``module``. It compiles on its first
@@ -49,5 +59,6 @@ def compile(  # noqa: A001 - mirrors torch.compile
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     if isinstance(module, StreamlinedModule):
         module = module.original
+    config = as_config(rehash)
     budget_bytes = None if budget_gb is None else int(budget_gb * 2**30)
-    return StreamlinedModule(module, budget_bytes=budget_bytes, chunks=chunks, target=target)
+    return StreamlinedModule(module, budget_bytes=budget_bytes, chunks=chunks, target=target, rehash=config)

@@ -18,11 +18,13 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from fxstream.capture import capture, normalize_inputs
+from fxstream.runtime.rehash import RehashConfig, RehashController
 from fxstream.runtime.sliced import slice_bounds
 from passes.budget import BudgetResult, forced_chunks, plan_chunks
 from passes.chains import OperatorGroup, find_groups
 from passes.memory import MemoryTimeline, analyze_memory, format_bytes
 from passes.plan import GroupPlan, Plan
+from passes.rehash import FeatureCache
 
 
 @dataclass
@@ -34,6 +36,7 @@ class CompiledEntry:
     baseline: MemoryTimeline
     planned: MemoryTimeline
     compile_seconds: float
+    partial: PartialEntry | None = None  # the rehash step's graph, when Step Rehash is on
 
 
 def signature_of(args: tuple) -> tuple:
@@ -62,6 +65,15 @@ def _axis_text(group: OperatorGroup) -> str:
     return f"dim {axis.dim}" + (f" x{axis.unit}" if axis.unit != 1 else "")
 
 
+@dataclass
+class PartialEntry:
+    """The rehash step's graph for one input signature (see :mod:`passes.rehash`)."""
+
+    graph_module: torch.fx.GraphModule
+    planned: MemoryTimeline
+    chunks: dict[str, int]
+
+
 def build_plan(
     module: nn.Module,
     args: tuple,
@@ -70,13 +82,40 @@ def build_plan(
     chunks: int | None = None,
     target: str | None = None,
     kwargs: dict | None = None,
+    rehash: RehashConfig | None = None,
+    cache: FeatureCache | None = None,
 ) -> CompiledEntry:
     """Capture ``module`` on normalised ``args`` (and keyword-only ``kwargs``) and slice it for the budget (or
-    ``chunks`` everywhere)."""
+    ``chunks`` everywhere). With ``rehash``, the full graph stores the cache point's value in ``cache`` and a
+    partial graph for rehash steps is built and sliced under the same budget."""
     start = time.perf_counter()
     gm = capture(module, *args, **(kwargs or {}))
     target = target or _target_of(args)
     baseline = analyze_memory(gm, lifetime="eager", target=target)
+    rehash_info = None
+    partial_entry = None
+    if rehash is not None:
+        from passes import rehash as rehash_pass
+
+        point = rehash_pass.resolve(gm, rehash.cache_point)
+        flops_full = rehash_pass.graph_flops(gm)
+        flops_partial = rehash_pass.graph_flops(gm, rehash_pass.kept_nodes(gm, rehash_pass.module_output(
+            gm, point.path)))
+        cache = cache if cache is not None else rehash_pass.FeatureCache()
+        partial_gm = rehash_pass.partial_graph(gm, point.node, cache)
+        gm = rehash_pass.full_graph(gm, point.node, cache)
+        p_groups = find_groups(partial_gm)
+        p_result = (forced_chunks(partial_gm, p_groups, chunks, target=target) if chunks is not None
+                    else plan_chunks(partial_gm, p_groups, budget_bytes, target=target))
+        partial_entry = PartialEntry(p_result.graph_module, p_result.timeline, dict(p_result.chunks))
+        rehash_info = dict(
+            cache_point=point.path, module_class=point.module_class, node=point.node,
+            skipped_fraction=point.skipped_fraction, cached_bytes=point.nbytes,
+            flops_full=flops_full, flops_partial=flops_partial,
+            partial_predicted_activation_peak_bytes=p_result.timeline.activation_peak_bytes,
+            partial_sliced_groups=sum(1 for k in p_result.chunks.values() if k > 1),
+            config=rehash.to_dict(),
+        )
     groups = find_groups(gm)
     split = sum(1 for n in gm.graph.nodes if n.target is torch.ops.fxstream.group_norm_partial.default)
     if chunks is not None:
@@ -84,6 +123,9 @@ def build_plan(
     else:
         result = plan_chunks(gm, groups, budget_bytes, target=target)
     planned = result.timeline
+    activation_peak = planned.activation_peak_bytes
+    if partial_entry is not None:
+        activation_peak = max(activation_peak, partial_entry.planned.activation_peak_bytes)
     plan = Plan(
         groups=[
             GroupPlan(
@@ -98,8 +140,8 @@ def build_plan(
             for g in groups
             if result.chunks.get(g.name, 1) > 1
         ],
-        predicted_peak_bytes=result.weight_bytes + planned.activation_peak_bytes,
-        predicted_activation_peak_bytes=planned.activation_peak_bytes,
+        predicted_peak_bytes=result.weight_bytes + activation_peak,
+        predicted_activation_peak_bytes=activation_peak,
         baseline_peak_bytes=baseline.weight_bytes + baseline.activation_peak_bytes,
         baseline_activation_peak_bytes=baseline.activation_peak_bytes,
         weight_bytes=result.weight_bytes,
@@ -110,8 +152,25 @@ def build_plan(
         signature=describe_signature(args),
         candidate_groups=len(groups),
         split_reductions=split,
+        rehash=rehash_info,
     )
-    return CompiledEntry(result.graph_module, plan, baseline, planned, time.perf_counter() - start)
+    return CompiledEntry(result.graph_module, plan, baseline, planned, time.perf_counter() - start, partial_entry)
+
+
+def _timestep_index(module: nn.Module) -> int | None:
+    """Position of the timestep argument in the normalised call (see ``normalize_inputs``)."""
+    import inspect
+
+    from fxstream.capture import TIMESTEP_NAMES
+
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    for name in TIMESTEP_NAMES:
+        if name in params:
+            return params.index(name)
+    return None
 
 
 def _target_of(args: tuple) -> str:
@@ -124,7 +183,8 @@ def _target_of(args: tuple) -> str:
 class StreamlinedModule(nn.Module):
     """A module compiled by fxstream: same call, same outputs, less memory. See :func:`fxstream.compile`."""
 
-    def __init__(self, module: nn.Module, *, budget_bytes: int | None, chunks: int | None, target: str | None):
+    def __init__(self, module: nn.Module, *, budget_bytes: int | None, chunks: int | None, target: str | None,
+                 rehash: RehashConfig | None = None):
         super().__init__()
         self.original = module
         self._fx_budget_bytes = budget_bytes
@@ -132,6 +192,8 @@ class StreamlinedModule(nn.Module):
         self._fx_target = target
         self._fx_cache: dict[tuple, CompiledEntry] = {}
         self._fx_last: CompiledEntry | None = None
+        self._fx_rehash = RehashController(rehash) if rehash is not None else None
+        self._fx_timestep_index = _timestep_index(module)
 
     # -- calling -----------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -141,14 +203,28 @@ class StreamlinedModule(nn.Module):
         if entry is None:
             # compiling is not part of the call: a dispatch mode watching the call (fxstream.measure) must not
             # see the tracer's tensors
+            rehash = self._fx_rehash
             with _disable_current_modes():
                 entry = build_plan(
                     self.original, flat, budget_bytes=self._fx_budget_bytes, chunks=self._fx_chunks,
                     target=self._fx_target, kwargs=extra,
+                    rehash=rehash.config if rehash is not None else None,
+                    cache=rehash.cache if rehash is not None else None,
                 )
             self._fx_cache[key] = entry
         self._fx_last = entry
-        return entry.graph_module(*flat, **extra)
+        if self._fx_rehash is None or entry.partial is None:
+            return entry.graph_module(*flat, **extra)
+        timestep = flat[self._fx_timestep_index] if self._fx_timestep_index is not None else None
+        full = self._fx_rehash.next_call(timestep, key)
+        graph_module = entry.graph_module if full else entry.partial.graph_module
+        return graph_module(*flat, **extra)
+
+    # -- Step Rehash -------------------------------------------------------------------------------------------
+    @property
+    def rehash(self) -> RehashController | None:
+        """The Step Rehash controller (None when rehash is off): ``reset()``, ``set_step(i)``, ``history``."""
+        return self._fx_rehash
 
     # -- what was decided --------------------------------------------------------------------------------------
     @property
@@ -182,4 +258,7 @@ class StreamlinedModule(nn.Module):
 
     def extra_repr(self) -> str:
         budget = "minimum" if self._fx_budget_bytes is None else format_bytes(self._fx_budget_bytes)
-        return f"budget={budget}, compiled_signatures={len(self._fx_cache)}"
+        text = f"budget={budget}, compiled_signatures={len(self._fx_cache)}"
+        if self._fx_rehash is not None:
+            text += f", rehash={self._fx_rehash.config.cache_point}: {self._fx_rehash.config.schedule.describe()}"
+        return text

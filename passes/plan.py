@@ -38,6 +38,10 @@ class Plan:
     candidate_groups: int = 0
     split_reductions: int = 0
     notes: list[str] = field(default_factory=list)
+    # Step Rehash, when on: the cache point (module path, class, node), the fraction of FLOPs a rehash step
+    # skips, the cached feature's bytes, FLOPs of the full and partial graphs, the partial graph's predicted
+    # activation peak, and the RehashConfig (cache point and schedule) as a dict.
+    rehash: dict | None = None
 
     @property
     def sliced_groups(self) -> list[GroupPlan]:

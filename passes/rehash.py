@@ -1,0 +1,354 @@
+"""Step Rehash, graph side: cache points, the partial graph that starts from a cached feature, FLOP counts.
+
+On a rehash step the network reuses a feature ``c`` cached at the last full step and computes only what
+follows it. For a cache point ``c`` (a node of the captured graph):
+
+* the *full* graph is the captured graph plus one ``store`` call at its end that hands ``c`` to the cache
+  (so ``c`` stays alive to the end of the step, as it does at run time: the memory analysis sees it);
+* the *partial* graph is the captured graph with ``c`` replaced by a ``load`` of the cached value, then every
+  node that no longer feeds the output removed: everything that only fed ``c`` (encoder, mid block, most of
+  the decoder) is gone; what feeds both ``c`` and later nodes (the time embedding, skip connections the rest
+  of the decoder reads) stays. It ends with the same ``store`` of the loaded value, so that the value counts
+  as live for the whole step.
+
+Both graphs keep the captured graph's signature (the same placeholders, in the same order, and the same
+output structure), so they are called exactly like the module. ``store`` and ``load`` are ``call_module`` nodes
+to :class:`RehashStore` / :class:`RehashLoad`, which share one :class:`FeatureCache`.
+
+Cache points are named by module path: a candidate is the output of a temporal layer in the decoder half
+(``up_blocks.*``), found through ``nn_module_stack``; :func:`candidates` lists them with the fraction of the
+graph's FLOPs a rehash step skips. :func:`deepcache_point` is the input of the last up block, where
+DeepCache-style caching cuts (the shallow branch is recomputed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch._guards import detect_fake_mode
+from torch.utils.flop_counter import FlopCounterMode
+
+from passes.memory import module_path, tensor_values
+
+# Classes whose outputs are temporal layers' outputs (diffusers 0.3x-0.4x names).
+TEMPORAL_LAYERS = (
+    "SpatioTemporalResBlock",  # SVD: spatial resnet, temporal resnet, learned blend
+    "TransformerSpatioTemporalModel",  # SVD: spatial and temporal transformer, learned blend
+    "AnimateDiffTransformer3D",  # AnimateDiff motion module
+    "TransformerTemporalModel",  # AnimateDiff motion module (older diffusers), UNet3D temp_attentions
+    "TemporalConvLayer",  # UNet3D temp_convs
+)
+DECODER_PREFIX = "up_blocks."
+
+STORE_NAME = "fx_rehash_store"
+LOAD_NAME = "fx_rehash_load"
+
+
+class FeatureCache:
+    """The cached feature: one tensor (the guidance batch together), and the key of the graph that made it."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+        self.key: Any = None
+
+    def clear(self) -> None:
+        self.value = None
+        self.key = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.value is None else self.value.numel() * self.value.element_size()
+
+
+class RehashStore(nn.Module):
+    """``store(c)``: keeps ``c`` in the cache (a reference, no copy)."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def forward(self, x: torch.Tensor) -> None:
+        self.cache.value = x
+
+
+class RehashLoad(nn.Module):
+    """``load()``: the cached feature. Fails loudly if there is none (a rehash step needs a full step first)."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def forward(self) -> torch.Tensor:
+        if self.cache.value is None:
+            raise RuntimeError("Step Rehash: no cached feature; the first step of a generation must be a full step")
+        return self.cache.value
+
+
+# ------------------------------------------------------------------------------------------------ cache points
+
+
+@dataclass(frozen=True)
+class CachePoint:
+    """A candidate: the output node of the module at ``path``."""
+
+    path: str
+    module_class: str
+    node: str  # the node's name in the captured graph
+    skipped_fraction: float  # of the full graph's FLOPs, on a rehash step
+    nbytes: int  # the cached feature's size
+
+
+def _stack_paths(node: torch.fx.Node) -> list[tuple[str, str]]:
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, cls in stack.values():
+        name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+        out.append((path, name.rsplit(".", 1)[-1]))
+    return out
+
+
+def _in_scope(node: torch.fx.Node, path: str) -> bool:
+    return any(p == path for p, _ in _stack_paths(node))
+
+
+def module_output(gm: torch.fx.GraphModule, path: str) -> torch.fx.Node:
+    """The node whose value is the output of the submodule at ``path``: the one tensor computed inside the
+    module's scope that is used outside it.
+
+    Raises:
+        ValueError: when the module does not appear in the graph or does not have exactly one tensor output.
+    """
+    inside = [n for n in gm.graph.nodes if n.op == "call_function" and _in_scope(n, path)]
+    if not inside:
+        raise ValueError(f"no operation of module {path!r} in the graph")
+    members = set(inside)
+    outs = [
+        n for n in inside
+        if isinstance(n.meta.get("val"), torch.Tensor) and any(u not in members for u in n.users)
+    ]
+    if len(outs) != 1:
+        raise ValueError(f"module {path!r} has {len(outs)} tensor outputs used outside it; a cache point needs 1")
+    return outs[0]
+
+
+def _temporal_modules(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
+    """(path, class) of the temporal layers in the decoder half, in graph order."""
+    seen: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        for path, cls in _stack_paths(n):
+            if path.startswith(DECODER_PREFIX) and cls in TEMPORAL_LAYERS and path not in seen:
+                seen[path] = cls
+    return list(seen.items())
+
+
+def candidates(gm: torch.fx.GraphModule) -> list[CachePoint]:
+    """The candidate cache points of a captured UNet, in graph order, with the FLOPs a rehash step skips."""
+    full = graph_flops(gm)
+    out = []
+    for path, cls in _temporal_modules(gm):
+        try:
+            node = module_output(gm, path)
+        except ValueError:
+            continue
+        out.append(_cache_point(gm, path, cls, node, full))
+    return out
+
+
+def _cache_point(gm, path, cls, node, full_flops) -> CachePoint:
+    partial = graph_flops(gm, nodes=kept_nodes(gm, node))
+    val = node.meta["val"]
+    return CachePoint(path, cls, node.name, 1.0 - partial / full_flops if full_flops else 0.0,
+                      val.numel() * val.element_size())
+
+
+def up_block_paths(gm: torch.fx.GraphModule) -> list[str]:
+    paths = {p for n in gm.graph.nodes for p, _ in _stack_paths(n)}
+    blocks = sorted({p for p in paths if p.startswith(DECODER_PREFIX) and p.count(".") == 1},
+                    key=lambda p: int(p.split(".")[1]))
+    return blocks
+
+
+def deepcache_point(gm: torch.fx.GraphModule) -> CachePoint:
+    """DeepCache-style cut: the input of the last up block (the output of the one before it)."""
+    blocks = up_block_paths(gm)
+    if len(blocks) < 2:
+        raise ValueError("DeepCache-style caching needs at least two up blocks")
+    path = blocks[-2]
+    node = module_output(gm, path)
+    cls = next(c for n in gm.graph.nodes for p, c in _stack_paths(n) if p == path)
+    return _cache_point(gm, path, cls, node, graph_flops(gm))
+
+
+def resolve(gm: torch.fx.GraphModule, cache_point: str) -> CachePoint:
+    """A cache point by module path, or ``"deepcache"`` for :func:`deepcache_point`, or ``"auto"`` for the
+    candidate that skips the most FLOPs."""
+    if cache_point == "deepcache":
+        return deepcache_point(gm)
+    if cache_point == "auto":
+        found = candidates(gm)
+        if not found:
+            raise ValueError("no temporal layer in the decoder half to cache; name a cache point by module path")
+        return max(found, key=lambda c: (c.skipped_fraction, -c.nbytes))
+    for c in candidates(gm):
+        if c.path == cache_point:
+            return c
+    node = module_output(gm, cache_point)  # any module with one output works, temporal or not
+    cls = next(c for n in gm.graph.nodes for p, c in _stack_paths(n) if p == cache_point)
+    return _cache_point(gm, cache_point, cls, node, graph_flops(gm))
+
+
+# ------------------------------------------------------------------------------------------------ partial graph
+
+
+def kept_nodes(gm: torch.fx.GraphModule, cache: torch.fx.Node) -> set[torch.fx.Node]:
+    """The nodes a rehash step still runs: ancestors of the output, not crossing ``cache`` (which is loaded,
+    not computed, so it is not among them)."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    kept: set[torch.fx.Node] = set()
+    stack = [output]
+    while stack:
+        n = stack.pop()
+        if n in kept or n is cache:
+            continue
+        kept.add(n)
+        stack.extend(n.all_input_nodes)
+    return kept
+
+
+def _fresh_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph that shares its parameters and submodules."""
+    with warnings.catch_warnings():  # torch's pytree codegen copies with a deprecated isinstance check
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def _output_node(graph: torch.fx.Graph) -> torch.fx.Node:
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
+
+
+def _node_named(graph: torch.fx.Graph, name: str) -> torch.fx.Node:
+    for n in graph.nodes:
+        if n.name == name:
+            return n
+    raise ValueError(f"no node {name!r} in the graph")
+
+
+def full_graph(gm: torch.fx.GraphModule, cache_node: str, cache: FeatureCache) -> torch.fx.GraphModule:
+    """``gm`` (copied) with ``store(c)`` at its end."""
+    new = _fresh_copy(gm)
+    graph = new.graph
+    new.add_submodule(STORE_NAME, RehashStore(cache))
+    c = _node_named(graph, cache_node)
+    with graph.inserting_before(_output_node(graph)):
+        store = graph.call_module(STORE_NAME, (c,))
+    store.meta["val"] = None
+    store.meta["nn_module_stack"] = dict(c.meta.get("nn_module_stack") or {})
+    graph.lint()
+    new.recompile()
+    return new
+
+
+def partial_graph(gm: torch.fx.GraphModule, cache_node: str, cache: FeatureCache) -> torch.fx.GraphModule:
+    """``gm`` (copied) with ``c`` loaded from the cache and what only fed it removed; ends with ``store``."""
+    new = _fresh_copy(gm)
+    graph = new.graph
+    new.add_submodule(LOAD_NAME, RehashLoad(cache))
+    new.add_submodule(STORE_NAME, RehashStore(cache))
+    c = _node_named(graph, cache_node)
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        load = graph.call_module(LOAD_NAME, ())
+    load.meta["val"] = c.meta["val"]
+    load.meta["nn_module_stack"] = dict(c.meta.get("nn_module_stack") or {})
+    c.replace_all_uses_with(load)
+    with graph.inserting_before(_output_node(graph)):
+        store = graph.call_module(STORE_NAME, (load,))
+    store.meta["val"] = None
+    _remove_dead(graph)
+    graph.lint()
+    new.delete_all_unused_submodules()
+    new.recompile()
+    return new
+
+
+def _remove_dead(graph: torch.fx.Graph) -> None:
+    """Erase every call/attribute node whose value nobody uses (placeholders, the output and ``store`` stay)."""
+    for n in reversed(list(graph.nodes)):
+        if n.op in ("placeholder", "output") or n.users:
+            continue
+        if n.op == "call_module" and n.target == STORE_NAME:
+            continue
+        graph.erase_node(n)
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+
+
+def node_flops(node: torch.fx.Node) -> int:
+    """FLOPs of one node: the node is run on its fake values under ``torch.utils.flop_counter``'s
+    FlopCounterMode, so composite ops (``conv2d``, ``linear``, SDPA) are counted by torch's own formulas after
+    they decompose. Ops torch does not count (elementwise, normalisation) are 0, as in torch's counter."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return 0
+
+    def val(a: Any) -> Any:
+        return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+
+    args = torch.fx.node.map_aggregate(node.args, val)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, val)
+    fake_mode = detect_fake_mode(tensor_values(list(args) + list(kwargs.values())))
+    try:
+        with contextlib.ExitStack() as stack:
+            if fake_mode is not None:
+                stack.enter_context(fake_mode)
+            counter = stack.enter_context(FlopCounterMode(display=False))
+            node.target(*args, **kwargs)
+        return int(counter.get_total_flops())
+    except Exception:  # an op that cannot run on its fake values: not counted
+        return 0
+
+
+def flops_by_node(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
+    """:func:`node_flops` of every node with a count (computed once per graph, kept in ``gm.meta``)."""
+    cached = gm.meta.get("fxstream_flops") if hasattr(gm, "meta") else None
+    if cached is not None and cached[0] == len(gm.graph.nodes):
+        return cached[1]
+    counts = {}
+    for n in gm.graph.nodes:
+        f = node_flops(n)
+        if f:
+            counts[n] = f
+    if hasattr(gm, "meta"):
+        gm.meta["fxstream_flops"] = (len(gm.graph.nodes), counts)
+    return counts
+
+
+def graph_flops(gm: torch.fx.GraphModule, nodes: set[torch.fx.Node] | None = None) -> int:
+    """Total FLOPs of ``gm``'s nodes (of ``nodes`` only, when given)."""
+    counts = flops_by_node(gm)
+    return sum(f for n, f in counts.items() if nodes is None or n in nodes)
+
+
+def describe(gm: torch.fx.GraphModule) -> list[dict[str, Any]]:
+    """Candidates as rows for a table."""
+    return [
+        dict(path=c.path, module=c.module_class, skipped=round(c.skipped_fraction, 4), cached_bytes=c.nbytes)
+        for c in candidates(gm)
+    ]
+
+
+__all__ = [
+    "CachePoint", "FeatureCache", "RehashLoad", "RehashStore", "candidates", "deepcache_point", "describe",
+    "full_graph", "graph_flops", "kept_nodes", "module_output", "node_flops", "partial_graph", "resolve",
+    "up_block_paths",
+]
