@@ -67,6 +67,10 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
                       help="whole-pipeline memory budget: all weights + the running component's activations "
                       "(default: as little memory as slicing can reach)")
     mode.add_argument("--eager", action="store_true", help="run the pipeline unmodified, for comparison")
+    gen.add_argument("--rehash", default="off", metavar="auto|off|CONFIG.json",
+                     help="Step Rehash for the UNet: 'auto' caches the decoder's last temporal layer and runs "
+                     "every other step in full; a RehashConfig JSON from fxstream.calibrate uses its cache "
+                     "point and schedule; 'off' (default) runs every step in full, exactly")
     gen.add_argument("--dtype", choices=_GENERATE_DTYPES,
                      help="weights and activations (default: fp16 on cuda, fp32 on cpu)")
     gen.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available, else cpu")
@@ -79,6 +83,7 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
     out = _check_output(args.out)
     image = _read_image(args.image) if args.image is not None else None
     local = _check_model(args.model)
+    rehash = _check_rehash(args.rehash, args.eager)
 
     import torch
 
@@ -97,7 +102,7 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.eager:
         import fxstream
 
-        optimization = fxstream.optimize(pipe, args.budget_gb)
+        optimization = fxstream.optimize(pipe, args.budget_gb, rehash=rehash)
     budget = "eager (no fxstream)" if args.eager else (
         f"budget {args.budget_gb:g} GiB" if args.budget_gb is not None else "minimum memory")
     print(f"{kind}: {call['num_frames']} frames {call['height']}x{call['width']}, "
@@ -124,12 +129,38 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
     compiling = f" (compiling {compile_seconds:.1f} s, generating {seconds - compile_seconds:.1f} s)" \
         if optimization is not None else ""
     print(f"time: {seconds:.1f} s{compiling}")
+    controller = optimization.rehash if optimization is not None else None
+    if controller is not None:
+        full = controller.full_steps_run
+        total = len(controller.history)
+        print(f"rehash: {len(full)} of {total} steps full (steps {', '.join(map(str, full))}); cache point "
+              f"{pipe.unet.plan.rehash['cache_point']}, {pipe.unet.plan.rehash['skipped_fraction']:.0%} of the "
+              "UNet's FLOPs skipped on the other steps")
     note = "" if written == out else f" (no ffmpeg for {out}: pip install imageio-ffmpeg)"
     print(f"wrote {written}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}{note}")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------- arguments
+
+
+def _check_rehash(value: str, eager: bool) -> Any:
+    if value == "off":
+        return None
+    if eager:
+        raise UsageError("argument --rehash: not with --eager (the eager pipeline runs every step in full)")
+    if value == "auto":
+        return "auto"
+    if not value.endswith(".json"):
+        raise UsageError(f"argument --rehash: expected auto, off or a .json file, got {value!r}")
+    if not os.path.isfile(value):
+        raise UsageError(f"argument --rehash: no such file {value!r}")
+    from fxstream.runtime.rehash import RehashConfig
+
+    try:
+        return RehashConfig.load(value)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"argument --rehash: {value} is not a RehashConfig or Plan JSON ({e})") from e
 
 
 def _check_output(path: str) -> str:

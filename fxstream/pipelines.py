@@ -63,8 +63,8 @@ class PipelineComponentModule(StreamlinedModule):
     """
 
     def __init__(self, module: nn.Module, *, budget_bytes: int | None, target: str | None, path: str,
-                 pipeline: str, budget: int | None, other_weight_bytes: int):
-        super().__init__(module, budget_bytes=budget_bytes, chunks=None, target=target)
+                 pipeline: str, budget: int | None, other_weight_bytes: int, rehash: Any = None):
+        super().__init__(module, budget_bytes=budget_bytes, chunks=None, target=target, rehash=rehash)
         self._fx_path = path
         self._fx_pipeline = pipeline
         self._fx_pipeline_budget = budget
@@ -165,8 +165,39 @@ class PipelineOptimization:
                                         "sliced groups"], tablefmt="github")
         return f"{head}\n{table}"
 
+    @property
+    def rehash(self) -> Any:
+        """The UNet's Step Rehash controller (None when rehash is off)."""
+        for c in self.components:
+            if c.path == "unet":
+                return c.module.rehash
+        return None
+
+    def _hook_scheduler(self) -> None:
+        """Start a generation on the controller whenever the pipeline sets its scheduler's timesteps (every
+        diffusers pipeline call does, once, before its denoising loop)."""
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        controller = self.rehash
+        if scheduler is None or controller is None:
+            return
+        set_timesteps = type(scheduler).set_timesteps.__get__(scheduler)
+
+        @functools.wraps(set_timesteps)
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            out = set_timesteps(*args, **kwargs)
+            timesteps = getattr(scheduler, "timesteps", None)
+            controller.begin_generation(len(timesteps) if timesteps is not None else None)
+            return out
+
+        scheduler.__dict__["set_timesteps"] = hooked
+        self._scheduler = scheduler
+
     def restore(self) -> None:
         """Put the original modules back: the pipeline is as it was before :func:`optimize`."""
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is not None:
+            scheduler.__dict__.pop("set_timesteps", None)
+            self._scheduler = None
         self._swap(to_original=True)
         self.components.clear()
         self.pipeline.__dict__.pop("save_pretrained", None)
@@ -198,7 +229,7 @@ def optimize(
     pipe: DiffusionPipeline,
     budget_gb: float | None = None,
     *,
-    rehash: None = None,
+    rehash: Any = None,
     target: str | None = None,
 ) -> PipelineOptimization:
     """Compile ``pipe``'s UNet and VAE decoder in place so that the whole pipeline runs within ``budget_gb``.
@@ -208,8 +239,11 @@ def optimize(
         budget_gb: GiB for the whole pipeline: every component's weights plus the activations of the component
             that runs. Each compiled component gets this minus the weights of all the other components. None:
             as little memory as slicing can reach.
-        rehash: Step Rehash (reusing features across denoising steps) is not implemented yet: only None is
-            accepted.
+        rehash: Step Rehash for the UNet (off by default: it changes the output, by design): ``"auto"``, a
+            :class:`~fxstream.RehashConfig` (from :func:`fxstream.calibrate`) or anything
+            :func:`fxstream.compile` takes. Each pipeline call starts a new generation: when the pipeline sets
+            its scheduler's timesteps, the controller is reset and told the step count, and each UNet call is
+            the next step (the last step always runs in full). ``result.rehash`` is the controller.
         target: ``"cuda"`` or ``"cpu"``: whose attention kernels the memory model assumes (default: the
             device the components run on).
 
@@ -221,14 +255,13 @@ def optimize(
     Raises:
         fxstream.errors.UnsupportedModelError: for a pipeline of another kind (the message lists the supported
             ones).
-        NotImplementedError: for any ``rehash`` other than None.
         ValueError: for a non-positive budget or an unknown target.
         fxstream.errors.BudgetError: now, when the budget does not cover the resident weights (the pipeline is
             left as it was); on a component's first call, when no plan fits its share.
     """
-    if rehash is not None:
-        raise NotImplementedError(
-            f"rehash={rehash!r}: Step Rehash is not implemented yet; pass rehash=None (slicing only, exact)")
+    from fxstream.runtime.rehash import as_config
+
+    rehash_config = as_config(rehash)
     if budget_gb is not None and (
         isinstance(budget_gb, bool) or not isinstance(budget_gb, numbers.Real) or not budget_gb > 0
     ):
@@ -267,9 +300,12 @@ def optimize(
     for path, original, own_bytes, other_bytes, share in shares:
         compiled = PipelineComponentModule(original, budget_bytes=share, target=target, path=path,
                                            pipeline=type(pipe).__name__, budget=budget_bytes,
-                                           other_weight_bytes=other_bytes)
+                                           other_weight_bytes=other_bytes,
+                                           rehash=rehash_config if path == "unet" else None)
         _set_path(pipe, path, compiled)
         result.components.append(CompiledComponent(path, compiled, original, own_bytes, other_bytes, share))
+    if rehash_config is not None:
+        result._hook_scheduler()
     # Instance attributes, not pipeline components: a second optimize finds this one and undoes it first.
     object.__setattr__(pipe, "_fxstream_optimization", result)
     save = type(pipe).save_pretrained.__get__(pipe)

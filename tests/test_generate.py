@@ -97,6 +97,19 @@ def test_text_pipeline_gif(saved, tmp_path, capsys):
     assert re.search(r"^time: [\d.]+ s$", out, re.MULTILINE)
 
 
+def test_rehash_auto_reports_full_steps(saved, tmp_path, capsys):
+    gif = str(tmp_path / "rehash.gif")
+    code, out, err = run(capsys, ["--model", saved["animatediff"], "--prompt", "a fox", *SMALL, "--steps", "5",
+                                  "--rehash", "auto", "--out", gif])
+    assert code == 0, err
+    # every other step, and the last: 0, 2, 4
+    m = re.search(r"^rehash: 3 of 5 steps full \(steps 0, 2, 4\); cache point (\S+), (\d+)% of the UNet's FLOPs "
+                  r"skipped", out, re.MULTILINE)
+    assert m, out
+    assert m.group(1).startswith("up_blocks.") and int(m.group(2)) > 50
+    assert _read_video(gif).shape == (4, 64, 64, 3)
+
+
 def test_mp4_without_ffmpeg_writes_gif(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "imageio_ffmpeg", None)  # import fails: no ffmpeg
     frames = np.random.default_rng(0).integers(0, 255, (3, 16, 24, 3), dtype=np.uint8)
@@ -120,6 +133,9 @@ def test_mp4_without_ffmpeg_writes_gif(tmp_path, monkeypatch):
         (["--model", "{svd}", "--image", "{image}", "--out", "{tmp}/v.avi"], "expected a .mp4 or .gif"),
         (["--model", "{svd}", "--image", "{image}", "--out", "{tmp}/no/v.gif"], "cannot write"),
         (["--model", "{svd}", "--image", "{image}", "--dtype", "bf16"], "invalid choice"),
+        (["--model", "{svd}", "--image", "{image}", "--rehash", "sometimes"], "--rehash: expected auto, off"),
+        (["--model", "{svd}", "--image", "{image}", "--rehash", "{tmp}/r.json"], "--rehash: no such file"),
+        (["--model", "{svd}", "--image", "{image}", "--eager", "--rehash", "auto"], "not with --eager"),
     ],
 )
 def test_errors(saved, image, tmp_path, capsys, argv, message):

@@ -199,10 +199,33 @@ def test_unmet_budget_names_the_pipeline(saved):
     assert e.value.min_peak_bytes > decoder.other_weight_bytes + decoder.weight_bytes
 
 
+@pytest.mark.parametrize("name", ["svd", "animatediff"])
+def test_optimize_with_rehash_restarts_every_call(saved, name):
+    pipe = _load(saved[name])
+    steps = 5
+    frames, (height, width), extra = CALLS[name]
+    call = dict(num_frames=frames, height=height, width=width, num_inference_steps=steps, output_type="np",
+                **extra)
+    source = _image(height, width) if name == "svd" else "a fox in the snow"
+
+    def run(seed: int) -> np.ndarray:
+        return np.asarray(pipe(source, generator=torch.Generator().manual_seed(seed), **call).frames)
+
+    result = fxstream.optimize(pipe, rehash=fxstream.Schedule.interval(3))
+    first = run(0)
+    # steps counted from the scheduler's timesteps: 0 and 3 by the schedule, 4 because it is the last
+    assert result.rehash.history == [(0, True), (1, False), (2, False), (3, True), (4, True)]
+    run(1)
+    assert np.array_equal(run(0), first)  # each call starts over: nothing leaks from the call before
+    assert result.rehash.full_steps_run == [0, 3, 4]
+    result.restore()
+    assert "set_timesteps" not in pipe.scheduler.__dict__ and not isinstance(pipe.unet, StreamlinedModule)
+
+
 def test_arguments(saved):
     pipe = _load(saved["modelscope"])
-    with pytest.raises(NotImplementedError, match="Step Rehash is not implemented"):
-        fxstream.optimize(pipe, rehash="auto")
+    with pytest.raises(ValueError, match="rehash must be"):
+        fxstream.optimize(pipe, rehash=3)
     for bad in (0, -1, "8", True, float("nan")):
         with pytest.raises(ValueError, match="budget_gb"):
             fxstream.optimize(pipe, budget_gb=bad)

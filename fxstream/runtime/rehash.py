@@ -217,6 +217,8 @@ class RehashController:
         self.step: int = -1
         self._explicit: int | None = None
         self._last_timestep: float | None = None
+        self._counting = False  # steps supplied by begin_generation: one call per step
+        self.num_steps: int | None = None
         self.history: list[tuple[int, bool]] = []  # (step, full) of the current generation
 
     # -- steps -------------------------------------------------------------------------------------------------
@@ -226,7 +228,17 @@ class RehashController:
         self.step = -1
         self._explicit = None
         self._last_timestep = None
+        self._counting = False
+        self.num_steps = None
         self.history = []
+
+    def begin_generation(self, num_steps: int | None = None) -> None:
+        """Start a new generation whose calls are its steps, one call per step, in order (what
+        ``fxstream.optimize`` does when the pipeline sets its scheduler's timesteps). With ``num_steps``, the
+        last step is always full."""
+        self.reset()
+        self._counting = True
+        self.num_steps = num_steps
 
     def set_step(self, step: int) -> None:
         """Say which step the next call is (0 starts a new generation)."""
@@ -238,16 +250,22 @@ class RehashController:
         """Advance to the next call's step and say whether it is a full step. ``key`` names the compiled graph
         (a different input signature cannot reuse the cached feature)."""
         t = _timestep_value(timestep)
+        counting, num_steps = self._counting, self.num_steps
         if self._explicit is not None:
             step, self._explicit = self._explicit, None
+        elif counting:
+            step = self.step + 1
         elif self._last_timestep is None or t is None or t >= self._last_timestep:
             step = 0
         else:
             step = self.step + 1
-        if step == 0:
+        if step == 0 and self.history:
             self.reset()
+            self._counting, self.num_steps = counting, num_steps
         self.step, self._last_timestep = step, t
-        full = self.config.schedule.is_full(step) or self.cache.value is None or self.cache.key != key
+        last = self.num_steps is not None and step >= self.num_steps - 1
+        full = (self.config.schedule.is_full(step) or last or self.cache.value is None
+                or self.cache.key != key)
         if full:
             self.cache.clear()
             self.cache.key = key
