@@ -82,28 +82,44 @@ def animatediff_loss(unet, conditioner, clips, classes, g, ddpm):
 
 
 def save_samples(name: str, weights: Path, out_dir: Path, steps: int = 25, seeds: int = 4) -> Path:
-    """A frame strip (rows: samples, columns: frames; the svd rows start with the conditioning frame) and a
-    GIF of the same samples side by side."""
+    """A frame strip (rows: samples of seeds 0..seeds-1, columns: frames) and a GIF of the same samples side by
+    side. For svd, the first column is the conditioning frame (the first frame of a clip the model continues),
+    set apart by a wider gap; the GIF shows it beside each sample."""
     import imageio.v2 as imageio
     import numpy as np
 
     model = ref.load(name, weights)
-    rows = []
+    rows, conds = [], []
     for seed in range(seeds):
         video = model.sample(steps=steps, seed=seed)[0]  # (F, 4, H, W)
         rows.append(ref.to_rgb(video))  # (F, H, W, 3)
-    frames = torch.stack(rows)  # (S, F, H, W, 3)
+        conds.append(ref.to_rgb(model.condition(seed)[0][0, 0]))  # (H, W, 3)
     scale = 8
-    big = frames.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3).numpy()
-    pad = np.full(big.shape[:2] + (big.shape[2], 2, 3), 255, dtype=np.uint8)
-    strip = np.concatenate([np.concatenate([f, p], axis=2) for f, p in zip(big.transpose(1, 0, 2, 3, 4),
-                                                                          pad.transpose(1, 0, 2, 3, 4))],
-                           axis=2)  # (S, H, F*(W+2), 3)
-    strip = np.concatenate(list(strip), axis=0)
+
+    def big(t: torch.Tensor) -> np.ndarray:
+        return t.repeat_interleave(scale, dim=-3).repeat_interleave(scale, dim=-2).numpy()
+
+    frames, cond = big(torch.stack(rows)), big(torch.stack(conds))  # (S, F, h, w, 3), (S, h, w, 3)
+
+    def gap(width: int) -> np.ndarray:
+        return np.full((frames.shape[2], width, 3), 255, dtype=np.uint8)
+
+    lines = []
+    for s in range(seeds):
+        parts = [cond[s], gap(8)] if name == "svd" else []
+        for f in range(frames.shape[1]):
+            parts += [frames[s, f], gap(2)]
+        lines.append(np.concatenate(parts, axis=1))
+    strip = np.concatenate([np.concatenate([line, np.full((2,) + line.shape[1:], 255, np.uint8)], axis=0)
+                            for line in lines], axis=0)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{name}.png"
     imageio.imwrite(png, strip)
-    gif_frames = [np.concatenate(list(big[:, f]), axis=1) for f in range(big.shape[1])]
+    gif_frames = []
+    for f in range(frames.shape[1]):
+        tiles = [np.concatenate([cond[s], gap(4), frames[s, f]], axis=1) if name == "svd" else frames[s, f]
+                 for s in range(seeds)]
+        gif_frames.append(np.concatenate([np.concatenate([t, gap(4)[:, :4]], axis=1) for t in tiles], axis=1))
     imageio.mimsave(out_dir / f"{name}.gif", gif_frames, duration=0.25, loop=0)
     return png
 
@@ -120,10 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: fxstream/weights/<model>.safetensors")
     p.add_argument("--samples-dir", type=Path, default=ROOT / "docs" / "reference")
     p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    p.add_argument("--samples-only", action="store_true",
+                   help="do not train: write the sample strip and GIF of the existing weights")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or ref.weights_path(args.model)
+    if args.samples_only:
+        png = save_samples(args.model, out, args.samples_dir)
+        print(f"samples: {png} and {png.with_suffix('.gif')}", flush=True)
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python scripts/train_reference.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 

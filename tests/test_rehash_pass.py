@@ -256,3 +256,18 @@ def test_controller_infers_steps_from_timesteps_and_resets_on_a_new_generation()
     ctl.set_step(5)
     assert ctl.next_call(torch.tensor(1000.0), key="k") is False and ctl.step == 5
     assert ctl.next_call(torch.tensor(10.0), key="other") is True
+
+
+def test_controller_schedule_can_change_between_generations():
+    ctl = RehashController(RehashConfig("up_blocks.1", Schedule.interval(2)))
+    ctl.set_schedule(Schedule.steps([0, 1, 4]))
+    assert ctl.config.cache_point == "up_blocks.1" and ctl.config.schedule.full_steps == (0, 1, 4)
+    ctl.begin_generation(num_steps=4)
+    fulls = []
+    for _ in range(4):
+        full = ctl.next_call(None, key="k")
+        ctl.cache.value = torch.zeros(1) if full else ctl.cache.value
+        fulls.append(full)
+    assert fulls == [True, True, False, True]  # step 3 is the last: full
+    with pytest.raises(ValueError):
+        ctl.set_schedule("every 2")

@@ -232,6 +232,13 @@ class RehashController:
         self.num_steps = None
         self.history = []
 
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Use another schedule from the next generation on (the cache point, and so the compiled graphs, stay)."""
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a Schedule, got {schedule!r}")
+        self.config = RehashConfig(self.config.cache_point, schedule, None)
+        self.reset()
+
     def begin_generation(self, num_steps: int | None = None) -> None:
         """Start a new generation whose calls are its steps, one call per step, in order (what
         ``fxstream.optimize`` does when the pipeline sets its scheduler's timesteps). With ``num_steps``, the
