@@ -5,7 +5,8 @@
 For each reference model (``fxstream.reference``): calibrate once (seed 0, ``fxstream.calibrate``), then for
 every seed generate 25 steps four ways, all with the same noise and conditioning:
 
-* full: the eager UNet at every step (the reference video);
+* full: the eager UNet at every step (the reference video), and the compiled UNet without rehash (what the
+  compiled graph saves by itself, included in the rehash rows' speedups);
 * rehash: fxstream-compiled (budget large enough that nothing is sliced) with the calibrated cache point and
   Algorithm 1 schedule (13 full steps);
 * deepcache-style: the same machinery cut at the input of the last up block, every other step full (13);
@@ -68,11 +69,13 @@ def run_model(name: str, seeds: int) -> tuple[list[dict], dict]:
     cal = fxstream.calibrate(model.unet, lambda u: model.sample(steps=STEPS, seed=0, unet=u), full_steps=FULL)
     methods = {
         "full (eager)": None,
+        "full (compiled, no rehash)": "off",
         "rehash (calibrated)": cal.config,
         "deepcache-style": RehashConfig("deepcache", Schedule.interval(2)),
         "rehash, interval 2": RehashConfig(cal.recommended.path, Schedule.interval(2)),
     }
-    unets = {k: model.unet if c is None else fxstream.compile(model.unet, NO_SLICING_GB, rehash=c)
+    unets = {k: model.unet if c is None else fxstream.compile(model.unet, NO_SLICING_GB,
+                                                              rehash=None if c == "off" else c)
              for k, c in methods.items()}
     # compile and warm up outside the timed runs; FLOPs from one counted run per method
     flops, full_counts = {}, {}
@@ -80,7 +83,7 @@ def run_model(name: str, seeds: int) -> tuple[list[dict], dict]:
         counted = Timed(u, count_flops=True)
         model.sample(steps=STEPS, seed=0, unet=counted)
         flops[k] = counted.flops
-        full_counts[k] = len(u.rehash.full_steps_run) if hasattr(u, "rehash") and u.rehash else STEPS
+        full_counts[k] = len(u.rehash.full_steps_run) if getattr(u, "rehash", None) is not None else STEPS
     times = {k: [] for k in unets}
     psnrs = {k: [] for k in unets}
     for seed in range(seeds):
@@ -99,7 +102,7 @@ def run_model(name: str, seeds: int) -> tuple[list[dict], dict]:
         rows.append({
             "model": name,
             "method": k,
-            "cache point": "-" if methods[k] is None else (
+            "cache point": "-" if methods[k] in (None, "off") else (
                 cal.recommended.path if methods[k].cache_point != "deepcache" else
                 unets[k].plan.rehash["cache_point"] + " (input of last up block)"),
             "full steps": f"{full_counts[k]}/{STEPS}",

@@ -33,49 +33,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxstream import models as _models
+
 NAMES = ("svd", "animatediff")
 FRAMES = 8
 SIZE = 16  # latent height and width
 CHANNELS = 4
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
-# The architectures (diffusers configs). The svd one is fxstream.models' tiny svd config with 8 frames.
-SVD_CONFIG: dict[str, Any] = dict(
-    in_channels=2 * CHANNELS,
-    out_channels=CHANNELS,
-    down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-    up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-    block_out_channels=(32, 64),
-    addition_time_embed_dim=16,
-    projection_class_embeddings_input_dim=48,
-    layers_per_block=1,
-    cross_attention_dim=32,
-    transformer_layers_per_block=1,
-    num_attention_heads=(2, 4),
-    num_frames=FRAMES,
-)
-ANIMATEDIFF_CONFIG: dict[str, Any] = dict(
-    unet=dict(
-        sample_size=SIZE,
-        in_channels=CHANNELS,
-        out_channels=CHANNELS,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=32,
-        attention_head_dim=2,
-    ),
-    motion_adapter=dict(
-        block_out_channels=(32, 64),
-        motion_layers_per_block=1,
-        motion_num_attention_heads=2,
-        motion_norm_num_groups=8,
-        motion_max_seq_length=32,
-        use_motion_mid_block=True,
-    ),
-)
+# The architectures: the zoo's tiny svd and animatediff configs (fxstream.models), svd with 8 frames. The
+# shipped weights were trained with exactly these; loading is strict, so a change to the zoo's tiny configs
+# fails loudly in ``load`` rather than silently building another architecture.
+SVD_CONFIG: dict[str, Any] = {**_models.SVD_UNET_TINY, "num_frames": FRAMES}
+ANIMATEDIFF_CONFIG: dict[str, Any] = {k: dict(v) for k, v in _models.ANIMATEDIFF_TINY.items()}
 
 # SVD's scheduler (stabilityai/stable-video-diffusion-img2vid scheduler_config.json) and pipeline constants.
 SVD_SCHEDULER = dict(
