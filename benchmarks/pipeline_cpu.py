@@ -77,21 +77,24 @@ def _phase_peaks(pipe, calls) -> dict[str, int]:
             for _, path in PHASES}
 
 
-def _run(pipe, image, args) -> np.ndarray:
+def _run(pipe, image, args, steps=None) -> np.ndarray:
     return np.asarray(pipe(image, num_frames=args.frames, height=args.height, width=args.width,
-                           num_inference_steps=args.steps, output_type="np",
+                           num_inference_steps=steps or args.steps, output_type="np",
                            generator=torch.Generator().manual_seed(0)).frames)
 
 
-def _variant(pipe, image, args, budget_gb, recorded):
+def _variant(pipe, image, args, budget_gb, recorded, *, rehash=None, steps=None):
     """Warm-up call (compiles, records phase inputs), then the measured call: (frames, peak, seconds, phases,
     optimization)."""
-    optimization = None if budget_gb == "eager" else fxstream.optimize(pipe, budget_gb)
+    optimization = None if budget_gb == "eager" else fxstream.optimize(pipe, budget_gb, rehash=rehash)
     recorder = _Recorder(pipe)
-    _run(pipe, image, args)
+    _run(pipe, image, args, steps)
     recorder.remove()
     calls = recorded if recorded is not None else recorder.calls
-    m = measure(lambda: _run(pipe, image, args))
+    m = measure(lambda: _run(pipe, image, args, steps))
+    if optimization is not None and optimization.rehash is not None:
+        # the steps of the measured call (the per-phase calls below are not steps of a generation)
+        optimization.measured_full_steps = list(optimization.rehash.full_steps_run)
     phases = _phase_peaks(pipe, calls)
     return m.output, m.activation_peak_bytes, m.seconds, phases, optimization, recorder.calls
 
@@ -104,6 +107,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rehash-steps", type=int, default=10,
+                        help="steps of the Step Rehash comparison (fxstream min with and without rehash)")
     parser.add_argument("--out", default="benchmarks/results/pipeline_cpu.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,6 +144,19 @@ def main() -> None:
     predicted = max(planned for c in opt.components for _, _, planned in c.pipeline_peaks())
     rows.append(_row(label, peak, weights, eager_peak, predicted, seconds, opt, out, ref))
     phase_table[label] = phases
+
+    # Step Rehash: the same minimum-memory plan, with and without rehash="auto", at more steps.
+    rehash_rows = []
+    for name, rehash in (("fxstream min", None), ("fxstream min + rehash auto", "auto")):
+        print(f"{name}, {args.rehash_steps} steps ...", file=sys.stderr)
+        out, peak, seconds, _, opt, _ = _variant(pipe, image, args, None, calls, rehash=rehash,
+                                                 steps=args.rehash_steps)
+        full = (f"{len(opt.measured_full_steps)}/{args.rehash_steps}" if opt.rehash is not None
+                else f"{args.rehash_steps}/{args.rehash_steps}")
+        if rehash is None:
+            base_out, base_s = out, seconds
+        rehash_rows.append([name, full, mib(peak), mib(weights + peak), f"{seconds:.1f}",
+                            f"{base_s / seconds:.2f}x", f"{float(np.abs(out - base_out).max()):.1e}"])
     opt.restore()
 
     for label_, path in PHASES:
@@ -154,8 +172,17 @@ def main() -> None:
         "compiles (weights resident, not counted); total = weights + activation peak. Predicted: the larger "
         "of the UNet's and the decoder's planned whole-pipeline peaks (`PipelineOptimization.report()`). "
         "Time: the measured call, with the CPU tracking overhead. max abs diff: the frames (floats in "
-        "[0, 1]) against eager's. Step Rehash is not implemented yet: no rehash row."
+        "[0, 1]) against eager's."
     )
+    rehash_intro = (
+        f"Step Rehash in the pipeline: the minimum-memory plan with and without `rehash=\"auto\"` (every "
+        f"other step in full, and the last), {args.rehash_steps} steps, same measurement. The weights are "
+        "random, so the frames' difference says nothing about fidelity (see `rehash_cpu.md` for trained "
+        "models); the cached feature's memory is in the measured peak."
+    )
+    rehash_table = tabulate(rehash_rows, headers=["variant", "full steps", "activation peak MiB (measured)",
+                                                  "total MiB", "time s", "speedup", "max abs diff"],
+                            tablefmt="github")
     table = tabulate(rows, headers=["variant", "activation peak MiB (measured)", "total MiB (measured)",
                                     "vs eager", "predicted total MiB", "time s", "max abs diff",
                                     "compile s", "groups sliced"], tablefmt="github")
@@ -167,7 +194,8 @@ def main() -> None:
     phases = tabulate(phase_rows, headers=["phase", *phase_table], tablefmt="github")
     footer = f"Total run time {time.perf_counter() - start:.0f} s."
     write_results(args.out, "Whole-pipeline memory on CPU: medium SVD, eager vs fxstream.optimize",
-                  [intro, "", table, "", phases_intro, "", phases, "", footer])
+                  [intro, "", table, "", phases_intro, "", phases, "", rehash_intro, "", rehash_table, "",
+                   footer])
     print(Path(args.out).read_text())
 
 
