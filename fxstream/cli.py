@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--plot", metavar="PATH",
                       help="also draw the memory timeline (baseline vs plan, the budget line, per-block "
                       f"peaks) to PATH ({', '.join(PLOT_FORMATS)}; needs matplotlib)")
+    plan.add_argument("--rehash", action="store_true",
+                      help="also list the Step Rehash cache points (the decoder's temporal layers): the FLOPs a "
+                      "rehash step skips, the UNet FLOPs saved at --full-steps of --steps, the cached bytes")
+    plan.add_argument("--steps", type=_positive_int, default=25, metavar="S",
+                      help="denoising steps, for --rehash (default: %(default)s)")
+    plan.add_argument("--full-steps", type=_positive_int, default=13, metavar="K",
+                      help="steps run in full, for --rehash (default: %(default)s)")
     plan.set_defaults(run=_run_plan)
 
     from fxstream.generate import add_generate_parser
@@ -227,6 +234,8 @@ def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
         _check_writable(args.json)  # before the work, not after it
     if args.plot:
         _check_plot(args.plot)
+    if args.rehash and args.full_steps > args.steps:
+        raise UsageError(f"argument --full-steps: {args.full_steps} is more than --steps {args.steps}")
     label = f"{args.model} ({args.size}, {'meta' if args.size == 'full' else 'cpu'})"
     with progress(f"building {label}"):
         built = models.build(args.model, args.size, frames=args.frames, height=args.height, width=args.width,
@@ -251,6 +260,11 @@ def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
     baseline = _concrete_input_bytes(baseline, flat)
     planned = _concrete_input_bytes(planned, flat) if planned is not None else None
     print(_plan_text(args, argv, built, baseline, planned, plan))
+    if args.rehash:
+        with progress(f"capturing {label} for Step Rehash"), _quiet_torch():
+            text = (_rehash_text(built.module, flat, args.steps, args.full_steps) if built.spec.family == "unet"
+                    else f"Step Rehash: applies to UNets (one call per denoising step), not to {args.model}")
+            print("\n" + text)
     if args.json:
         _write_json(args.json, args, built, baseline, planned, plan)
         print(f"\nwrote {args.json}")
@@ -258,6 +272,38 @@ def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
         _write_plot(args.plot, args, built, baseline, planned, plan, graph_module)
         print(f"\nwrote {args.plot}")
     return 0
+
+
+def _rehash_text(module: Any, flat: tuple, steps: int, full_steps: int) -> str:
+    """The Step Rehash cache points of a captured model and what caching each saves."""
+    from tabulate import tabulate
+
+    from fxstream.capture import capture
+    from passes import rehash
+    from passes.memory import format_bytes
+
+    gm = capture(module, *flat)
+    points = rehash.candidates(gm)
+    try:
+        points.append(rehash.deepcache_point(gm))
+        deep = points[-1].path
+    except ValueError:
+        deep = None
+    if not points:
+        return "Step Rehash: no cache point (no temporal layer in an up block of this model)"
+
+    def saved(skipped: float) -> str:
+        return f"{steps / (full_steps + (steps - full_steps) * (1 - skipped)):.2f}x"
+
+    rows = [[p.path + (" (DeepCache-style: input of the last up block)" if p.path == deep else ""),
+             p.module_class, f"{p.skipped_fraction:.1%}", saved(p.skipped_fraction), format_bytes(p.nbytes)]
+            for p in points]
+    flops = rehash.graph_flops(gm)
+    amount = f"{flops / 1e12:.2f} TFLOP" if flops >= 1e12 else f"{flops / 1e9:.2f} GFLOP"
+    head = f"Step Rehash cache points: one UNet call is {amount}; FLOPs saved over {steps} steps with {full_steps} full"
+    return head + "\n" + tabulate(rows, headers=["cache point", "module", "FLOPs skipped per rehash step",
+                                                 f"FLOPs saved ({full_steps}/{steps} full)", "cached feature"],
+                                  tablefmt="github")
 
 
 def _concrete_input_bytes(timeline: MemoryTimeline, inputs: tuple) -> MemoryTimeline:

@@ -140,6 +140,7 @@ def test_forced_chunks_on_full_size(capsys):
         (["plan", "--budget-gb", "8", "--chunks", "2"], "not allowed with argument"),
         (["plan", "--dtype", "int8"], "argument --dtype: invalid choice"),
         (["plan", "--json", "/nonexistent-dir/plan.json"], "argument --json: cannot write"),
+        (["plan", "--rehash", "--full-steps", "26"], "argument --full-steps: 26 is more than --steps 25"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, fragment):
@@ -179,6 +180,23 @@ def test_other_fxstream_errors_exit_1(capsys, monkeypatch):
     assert code == 1
     one_line = "could not capture Decoder: failed in module 'mid_block' at some op"
     assert err.splitlines()[-1] == f"fxstream: error: {one_line}"
+
+
+def test_rehash_lists_cache_points(capsys):
+    code, out, err = run(capsys, ["plan", "--model", "svd", "--size", "tiny", "--rehash", "--steps", "20",
+                                  "--full-steps", "10"])
+    assert code == 0, err
+    table = out.split("Step Rehash cache points:")[1]
+    assert "FLOPs saved over 20 steps with 10 full" in table
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines() if "| up_blocks" in line}
+    last = rows["up_blocks.1.attentions.1"]
+    skipped = float(last[3].strip().rstrip("%")) / 100
+    assert skipped > 0.99
+    assert float(last[4].strip().rstrip("x")) == pytest.approx(20 / (10 + 10 * (1 - skipped)), abs=0.01)
+    assert any("DeepCache-style" in name for name in rows)
+    # a VAE decoder runs once per generation: nothing to reuse across steps
+    code, out, _ = run(capsys, ["plan", "--model", "sd-vae-decoder", "--size", "tiny", "--rehash"])
+    assert code == 0 and "Step Rehash: applies to UNets" in out
 
 
 def test_help_and_version(capsys):
