@@ -118,63 +118,42 @@ def calibrate(
     from passes import rehash as rehash_pass
 
     module = getattr(unet, "original", unet)
-    captured: dict[str, Any] = {"capturing": False}
+    state: dict[str, Any] = {"capturing": False, "candidates": None}
+    features: dict[str, list[torch.Tensor]] = {}
+    hooks = []
 
-    def pre_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        # capture once, on the first call's inputs; the capture calls the module again: hooks stand aside
-        if "gm" in captured or captured["capturing"]:
+    def first_call(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        # On the first call: capture (the capture calls the module again: stand aside), find the candidates,
+        # and hook them; the hooks fire from this call on.
+        if state["candidates"] is not None or state["capturing"]:
             return
-        captured["capturing"] = True
+        state["capturing"] = True
         try:
             with torch.no_grad():
-                captured["gm"] = capture(module, *args, **kwargs)
+                gm = capture(module, *args, **kwargs)
         finally:
-            captured["capturing"] = False
+            state["capturing"] = False
+        found = ([rehash_pass.resolve(gm, path) for path in cache_points] if cache_points is not None
+                 else rehash_pass.candidates(gm))
+        if not found:
+            raise ValueError("calibrate: the model has no candidate cache point")
+        state["candidates"] = found
+        hooks.extend(_hook(module, c.path, features) for c in found)
 
-    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    features: dict[str, list[torch.Tensor]] = {}
+    hooks.append(module.register_forward_pre_hook(first_call, with_kwargs=True))
     per_generation: dict[str, list[torch.Tensor]] = {}
-    hooks = []
     counts: list[int] = []
     try:
-        for g in range(generations):
-            features = {}
-            if g == 0:
-                # the first call captures the graph; candidates are known only then, so hook lazily
-                lazy = {"done": False}
-
-                def install(_m: nn.Module, _a: tuple, _k: dict) -> None:
-                    if lazy["done"] or captured["capturing"]:
-                        return
-                    lazy["done"] = True
-                    found = rehash_pass.candidates(captured["gm"])
-                    if cache_points is not None:
-                        wanted = set(cache_points)
-                        found = [c for c in found if c.path in wanted]
-                        missing = wanted - {c.path for c in found}
-                        for path in sorted(missing):
-                            found.append(rehash_pass.resolve(captured["gm"], path))
-                    if not found:
-                        raise ValueError("calibrate: the model has no candidate cache point")
-                    captured["candidates"] = found
-                    hooks.extend(_hook(module, c.path, features, captured) for c in found)
-
-                hooks.append(module.register_forward_pre_hook(install, with_kwargs=True))
-            else:
-                for h in hooks:
-                    h.remove()
-                hooks.clear()
-                hooks.extend(_hook(module, c.path, features, captured) for c in captured["candidates"])
+        for _ in range(generations):
+            features.clear()
             with torch.no_grad():
                 generate(module)
             if not features:
                 raise ValueError("calibrate: generate() never called the module it was given")
-            n = len(next(iter(features.values())))
-            counts.append(n)
+            counts.append(len(next(iter(features.values()))))
             for path, feats in features.items():
                 per_generation.setdefault(path, []).append(cosine_map(feats))
     finally:
-        handle.remove()
         for h in hooks:
             h.remove()
     if len(set(counts)) != 1:
@@ -184,7 +163,7 @@ def calibrate(
         raise ValueError("calibrate: a generation needs at least 2 steps")
     full_steps = full_steps if full_steps is not None else math.ceil(num_steps / 2)
     similarity = {p: torch.stack(maps).mean(0) for p, maps in per_generation.items()}
-    cands: list[CachePoint] = captured["candidates"]
+    cands: list[CachePoint] = state["candidates"]
     schedules = {c.path: schedule_for(similarity[c.path], full_steps) for c in cands}
     min_sim = {}
     for c in cands:
@@ -201,12 +180,10 @@ def calibrate(
     return Calibration(cands, similarity, num_steps, full_steps, gamma, schedules, min_sim, best)
 
 
-def _hook(module: nn.Module, path: str, features: dict[str, list[torch.Tensor]], state: dict[str, Any]):
+def _hook(module: nn.Module, path: str, features: dict[str, list[torch.Tensor]]):
     sub = module.get_submodule(path)
 
     def hook(_m: nn.Module, _args: tuple, output: Any) -> None:
-        if state["capturing"]:
-            return
         value = output
         while not isinstance(value, torch.Tensor):
             value = value[0] if isinstance(value, (tuple, list)) else getattr(value, "sample", None)

@@ -292,11 +292,9 @@ def _rehash_text(module: Any, flat: tuple, steps: int, full_steps: int) -> str:
     if not points:
         return "Step Rehash: no cache point (no temporal layer in an up block of this model)"
 
-    def saved(skipped: float) -> str:
-        return f"{steps / (full_steps + (steps - full_steps) * (1 - skipped)):.2f}x"
-
     rows = [[p.path + (" (DeepCache-style: input of the last up block)" if p.path == deep else ""),
-             p.module_class, f"{p.skipped_fraction:.1%}", saved(p.skipped_fraction), format_bytes(p.nbytes)]
+             p.module_class, f"{p.skipped_fraction:.1%}", f"{p.flops_saved(steps, full_steps):.2f}x",
+             format_bytes(p.nbytes)]
             for p in points]
     flops = rehash.graph_flops(gm)
     amount = f"{flops / 1e12:.2f} TFLOP" if flops >= 1e12 else f"{flops / 1e9:.2f} GFLOP"

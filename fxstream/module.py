@@ -9,6 +9,7 @@ from the original, whose parameters it shares.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
-from fxstream.capture import capture, normalize_inputs
+from fxstream.capture import TIMESTEP_NAMES, capture, normalize_inputs
 from fxstream.runtime.rehash import RehashConfig, RehashController
 from fxstream.runtime.sliced import slice_bounds
 from passes.budget import BudgetResult, forced_chunks, plan_chunks
@@ -98,30 +99,21 @@ def build_plan(
         from passes import rehash as rehash_pass
 
         point = rehash_pass.resolve(gm, rehash.cache_point)
-        flops_full = rehash_pass.graph_flops(gm)
-        flops_partial = rehash_pass.graph_flops(gm, rehash_pass.kept_nodes(gm, rehash_pass.module_output(
-            gm, point.path)))
         cache = cache if cache is not None else rehash_pass.FeatureCache()
         partial_gm = rehash_pass.partial_graph(gm, point.node, cache)
         gm = rehash_pass.full_graph(gm, point.node, cache)
-        p_groups = find_groups(partial_gm)
-        p_result = (forced_chunks(partial_gm, p_groups, chunks, target=target) if chunks is not None
-                    else plan_chunks(partial_gm, p_groups, budget_bytes, target=target))
+        _, p_result = _slice(partial_gm, budget_bytes, chunks, target)
         partial_entry = PartialEntry(p_result.graph_module, p_result.timeline, dict(p_result.chunks))
         rehash_info = dict(
             cache_point=point.path, module_class=point.module_class, node=point.node,
             skipped_fraction=point.skipped_fraction, cached_bytes=point.nbytes,
-            flops_full=flops_full, flops_partial=flops_partial,
+            flops_full=point.flops_full, flops_partial=point.flops_partial,
             partial_predicted_activation_peak_bytes=p_result.timeline.activation_peak_bytes,
             partial_sliced_groups=sum(1 for k in p_result.chunks.values() if k > 1),
             config=rehash.to_dict(),
         )
-    groups = find_groups(gm)
+    groups, result = _slice(gm, budget_bytes, chunks, target)
     split = sum(1 for n in gm.graph.nodes if n.target is torch.ops.fxstream.group_norm_partial.default)
-    if chunks is not None:
-        result: BudgetResult = forced_chunks(gm, groups, chunks, target=target)
-    else:
-        result = plan_chunks(gm, groups, budget_bytes, target=target)
     planned = result.timeline
     activation_peak = planned.activation_peak_bytes
     if partial_entry is not None:
@@ -157,12 +149,17 @@ def build_plan(
     return CompiledEntry(result.graph_module, plan, baseline, planned, time.perf_counter() - start, partial_entry)
 
 
+def _slice(gm: torch.fx.GraphModule, budget_bytes: int | None, chunks: int | None,
+           target: str) -> tuple[list[OperatorGroup], BudgetResult]:
+    """Group ``gm``'s operators (in place) and choose slice counts: ``chunks`` everywhere, or for the budget."""
+    groups = find_groups(gm)
+    if chunks is not None:
+        return groups, forced_chunks(gm, groups, chunks, target=target)
+    return groups, plan_chunks(gm, groups, budget_bytes, target=target)
+
+
 def _timestep_index(module: nn.Module) -> int | None:
     """Position of the timestep argument in the normalised call (see ``normalize_inputs``)."""
-    import inspect
-
-    from fxstream.capture import TIMESTEP_NAMES
-
     try:
         params = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):

@@ -96,13 +96,23 @@ class RehashLoad(nn.Module):
 
 @dataclass(frozen=True)
 class CachePoint:
-    """A candidate: the output node of the module at ``path``."""
+    """A candidate: the output node of the module at ``path``, and the FLOPs with and without caching it."""
 
     path: str
     module_class: str
     node: str  # the node's name in the captured graph
-    skipped_fraction: float  # of the full graph's FLOPs, on a rehash step
+    flops_full: int  # one call of the full graph
+    flops_partial: int  # one call of the partial graph (a rehash step)
     nbytes: int  # the cached feature's size
+
+    @property
+    def skipped_fraction(self) -> float:
+        """Fraction of the full graph's FLOPs a rehash step skips."""
+        return 1.0 - self.flops_partial / self.flops_full if self.flops_full else 0.0
+
+    def flops_saved(self, steps: int, full_steps: int) -> float:
+        """FLOPs of ``steps`` full calls over those of ``full_steps`` full calls and the rest rehash steps."""
+        return steps * self.flops_full / (full_steps * self.flops_full + (steps - full_steps) * self.flops_partial)
 
 
 def _stack_paths(node: torch.fx.Node) -> list[tuple[str, str]]:
@@ -150,21 +160,22 @@ def _temporal_modules(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
 
 def candidates(gm: torch.fx.GraphModule) -> list[CachePoint]:
     """The candidate cache points of a captured UNet, in graph order, with the FLOPs a rehash step skips."""
-    full = graph_flops(gm)
     out = []
     for path, cls in _temporal_modules(gm):
         try:
-            node = module_output(gm, path)
-        except ValueError:
+            out.append(_point_at(gm, path, cls))
+        except ValueError:  # not a single-output module
             continue
-        out.append(_cache_point(gm, path, cls, node, full))
     return out
 
 
-def _cache_point(gm, path, cls, node, full_flops) -> CachePoint:
-    partial = graph_flops(gm, nodes=kept_nodes(gm, node))
+def _point_at(gm: torch.fx.GraphModule, path: str, cls: str | None = None) -> CachePoint:
+    """The cache point at the output of the module at ``path`` (any module with one tensor output)."""
+    node = module_output(gm, path)
+    if cls is None:
+        cls = next(c for n in gm.graph.nodes for p, c in _stack_paths(n) if p == path)
     val = node.meta["val"]
-    return CachePoint(path, cls, node.name, 1.0 - partial / full_flops if full_flops else 0.0,
+    return CachePoint(path, cls, node.name, graph_flops(gm), graph_flops(gm, nodes=kept_nodes(gm, node)),
                       val.numel() * val.element_size())
 
 
@@ -180,15 +191,12 @@ def deepcache_point(gm: torch.fx.GraphModule) -> CachePoint:
     blocks = up_block_paths(gm)
     if len(blocks) < 2:
         raise ValueError("DeepCache-style caching needs at least two up blocks")
-    path = blocks[-2]
-    node = module_output(gm, path)
-    cls = next(c for n in gm.graph.nodes for p, c in _stack_paths(n) if p == path)
-    return _cache_point(gm, path, cls, node, graph_flops(gm))
+    return _point_at(gm, blocks[-2])
 
 
 def resolve(gm: torch.fx.GraphModule, cache_point: str) -> CachePoint:
-    """A cache point by module path, or ``"deepcache"`` for :func:`deepcache_point`, or ``"auto"`` for the
-    candidate that skips the most FLOPs."""
+    """A cache point by module path (any module with one tensor output, temporal or not), or ``"deepcache"``
+    for :func:`deepcache_point`, or ``"auto"`` for the candidate that skips the most FLOPs."""
     if cache_point == "deepcache":
         return deepcache_point(gm)
     if cache_point == "auto":
@@ -196,12 +204,7 @@ def resolve(gm: torch.fx.GraphModule, cache_point: str) -> CachePoint:
         if not found:
             raise ValueError("no temporal layer in the decoder half to cache; name a cache point by module path")
         return max(found, key=lambda c: (c.skipped_fraction, -c.nbytes))
-    for c in candidates(gm):
-        if c.path == cache_point:
-            return c
-    node = module_output(gm, cache_point)  # any module with one output works, temporal or not
-    cls = next(c for n in gm.graph.nodes for p, c in _stack_paths(n) if p == cache_point)
-    return _cache_point(gm, cache_point, cls, node, graph_flops(gm))
+    return _point_at(gm, cache_point)
 
 
 # ------------------------------------------------------------------------------------------------ partial graph

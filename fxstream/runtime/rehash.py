@@ -18,6 +18,7 @@ scheduler's timesteps decrease within a generation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -223,20 +224,23 @@ class RehashController:
 
     # -- steps -------------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Start a new generation: drop the cache; the next call is step 0."""
+        """Start a new generation: drop the cache; the next call is step 0, its step inferred again."""
+        self._new_generation()
+        self._counting = False
+        self.num_steps = None
+
+    def _new_generation(self) -> None:
         self.cache.clear()
         self.step = -1
         self._explicit = None
         self._last_timestep = None
-        self._counting = False
-        self.num_steps = None
         self.history = []
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Use another schedule from the next generation on (the cache point, and so the compiled graphs, stay)."""
         if not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a Schedule, got {schedule!r}")
-        self.config = RehashConfig(self.config.cache_point, schedule, None)
+        self.config = dataclasses.replace(self.config, schedule=schedule, similarity=None)
         self.reset()
 
     def begin_generation(self, num_steps: int | None = None) -> None:
@@ -255,20 +259,18 @@ class RehashController:
 
     def next_call(self, timestep: Any, key: Any) -> bool:
         """Advance to the next call's step and say whether it is a full step. ``key`` names the compiled graph
-        (a different input signature cannot reuse the cached feature)."""
-        t = _timestep_value(timestep)
-        counting, num_steps = self._counting, self.num_steps
+        (a different input signature cannot reuse the cached feature). When the steps are counted
+        (:meth:`begin_generation`) the timestep's value is not read: no device sync per step for a CUDA tensor."""
+        t = None if self._counting else _timestep_value(timestep)
         if self._explicit is not None:
             step, self._explicit = self._explicit, None
-        elif counting:
+        elif self._counting:
             step = self.step + 1
-        elif self._last_timestep is None or t is None or t >= self._last_timestep:
-            step = 0
         else:
-            step = self.step + 1
+            later = self._last_timestep is not None and t is not None and t < self._last_timestep
+            step = self.step + 1 if later else 0
         if step == 0 and self.history:
-            self.reset()
-            self._counting, self.num_steps = counting, num_steps
+            self._new_generation()
         self.step, self._last_timestep = step, t
         last = self.num_steps is not None and step >= self.num_steps - 1
         full = (self.config.schedule.is_full(step) or last or self.cache.value is None
