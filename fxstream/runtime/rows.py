@@ -1,0 +1,134 @@
+"""The runtime of a row-streamed segment: run a stretch of the graph band of rows by band of rows.
+
+A segment (see :mod:`passes.rows`) reads one full-size tensor and writes one; in between, every node runs on
+a band of its rows with a halo where a convolution needs it. Normalisations whose statistics span the rows
+run in several passes over the bands: statistics first (combined exactly across bands), values after. The
+program of each pass and band is worked out when the plan is made: this module only interprets it.
+
+Program instructions (tuples):
+
+``("op", slot, fn, args, kwargs, post)``
+    ``slot = fn(*args, **kwargs)``; argument markers :class:`Band` (rows of a slot), :class:`Ext` (a whole
+    input of the segment) and :class:`Stats` (complete statistics) are replaced by their values; ``post``
+    is ``None`` or ``(dim, start, length)``, a narrowing of the result (nearest upsampling computes whole
+    input rows, then keeps the band).
+``("stats", key, band, groups)``
+    GroupNorm statistics of ``band`` (rows this band owns, never its halo), combined into ``key``.
+``("out", band, (start, length))``
+    the segment's output rows ``[start, start + length)``, owned by this band, written into the output.
+``("free", slots)``
+    drop slots no later instruction of this band reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from passes.reductions import combine_partials, group_norm_apply, group_norm_partial
+
+
+class Band(NamedTuple):
+    """Rows ``[start, start + length)`` of slot ``slot`` along ``dim`` (``dim`` None: the slot whole)."""
+
+    slot: int
+    dim: int | None
+    start: int = 0
+    length: int = 0
+
+
+class Ext(NamedTuple):
+    """The segment's ``index``-th whole input (weights, small tensors computed outside)."""
+
+    index: int
+
+
+class Stats(NamedTuple):
+    """The complete GroupNorm statistics under ``key``."""
+
+    key: int
+
+
+def group_norm_rows(x: torch.Tensor, stats: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """GroupNorm of a band of rows with statistics of the whole tensor. A band is a strided view; this
+    normalises it without copying it first (one output-sized allocation in float32)."""
+    if x.dtype != torch.float32:
+        return group_norm_apply(x.contiguous(), stats, num_groups, weight, bias, eps)
+    n, c = x.shape[0], x.shape[1]
+    count, mean, m2 = stats.unbind(-1)
+    rstd = torch.rsqrt(m2 / count + eps)
+    shape = (n, c) + (1,) * (x.dim() - 2)
+    per_group = c // num_groups
+    mean_c = mean.repeat_interleave(per_group, dim=1).reshape(shape)
+    scale_c = rstd.repeat_interleave(per_group, dim=1).reshape(shape)
+    if weight is not None:
+        scale_c = scale_c * weight.reshape((1, c) + (1,) * (x.dim() - 2))
+    out = x - mean_c
+    out.mul_(scale_c)
+    if bias is not None:
+        out.add_(bias.reshape((1, c) + (1,) * (x.dim() - 2)))
+    return out
+
+
+def band_statistics(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    return group_norm_partial(x, num_groups)
+
+
+class RowStream(nn.Module):
+    """Runs one row-streamed segment: ``forward(segment_input, *whole_inputs) -> segment_output``."""
+
+    def __init__(self, name: str, programs: list[list[tuple]], out_shape: tuple[int, ...], out_dtype: torch.dtype,
+                 out_dim: int, num_passes: int, bands: int):
+        super().__init__()
+        self.segment_name = name
+        self.programs = programs  # one per (pass, band), in the order they run
+        self.out_shape = out_shape
+        self.out_dtype = out_dtype
+        self.out_dim = out_dim
+        self.num_passes = num_passes
+        self.bands = bands
+
+    def forward(self, x: torch.Tensor, *whole: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=x.device)
+        stats: dict[int, torch.Tensor] = {}
+
+        def value(a: Any, env: dict[int, torch.Tensor]) -> Any:
+            if isinstance(a, Band):
+                t = env[a.slot]
+                return t if a.dim is None else t.narrow(a.dim, a.start, a.length)
+            if isinstance(a, Ext):
+                return whole[a.index]
+            if isinstance(a, Stats):
+                return stats[a.key]
+            if isinstance(a, (list, tuple)) and any(isinstance(b, (Band, Ext, Stats)) for b in a):
+                return type(a)(value(b, env) for b in a)
+            return a
+
+        for program in self.programs:
+            env: dict[int, torch.Tensor] = {0: x}
+            for ins in program:
+                kind = ins[0]
+                if kind == "op":
+                    _, slot, fn, args, kwargs, post = ins
+                    r = fn(*[value(a, env) for a in args], **{k: value(v, env) for k, v in kwargs.items()})
+                    if post is not None:
+                        r = r.narrow(*post)
+                    env[slot] = r
+                elif kind == "free":
+                    for s in ins[1]:
+                        env.pop(s, None)
+                elif kind == "stats":
+                    _, key, band, groups = ins
+                    part = band_statistics(value(band, env), groups)
+                    stats[key] = part if key not in stats else combine_partials(stats[key], part)
+                else:  # "out"
+                    _, band, (start, length) = ins
+                    out.narrow(self.out_dim, start, length).copy_(value(band, env))
+            del env
+        return out
+
+    def extra_repr(self) -> str:
+        return f"segment={self.segment_name!r}, bands={self.bands}, passes={self.num_passes}"

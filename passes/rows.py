@@ -1,0 +1,790 @@
+"""Row streaming: run the tail of a decoder band of rows by band of rows, with halos, exactly.
+
+Where a group sliced along frames meets one sliced along pixels, the tensor between them exists at full size;
+in a video VAE decoder's last blocks those tensors are the peak (see ARCHITECTURE.md). Row streaming gives
+spatial and temporal layers one axis: the rows. A *segment* reads one full-size tensor (its input, at low
+resolution) and writes one (its output); every node between runs on a band of its rows:
+
+* a convolution along the rows needs ``(k - 1) / 2`` extra rows (the halo) each side of its band, and zero
+  rows where the band touches the image edge (its own padding);
+* a nearest upsampling by ``f`` maps output rows ``[a, b)`` to input rows ``[a // f, ceil(b / f))``;
+* a GroupNorm whose statistics span the rows (per frame over C/G x H x W, or over C/G x T x H x W in a
+  temporal ResBlock) is exact only with statistics of the whole tensor: the segment runs in *passes*. Pass
+  ``j`` computes, band by band, the statistics of the GroupNorms at depth ``j`` (each band contributes the rows
+  it owns, never its halo; :func:`passes.reductions.combine_partials` merges them exactly) and the last pass
+  computes the output with every statistic complete. A pass recomputes what it needs from the segment's input.
+
+The halos and passes cost recomputation; in exchange no tensor between the segment's input and output ever
+exists at full size. Segments are chained at cut points (tensors every later node reaches only through them).
+
+Input: a captured GraphModule. Output: :class:`RowSegment` s, their programs for
+:class:`fxstream.runtime.rows.RowStream`, the predicted workspace and cost, and :func:`outline` to put them
+into the graph as ``call_module`` nodes. The planner (:func:`plan_row_tail`) picks where the streamed tail
+starts, where it is cut, and how many bands each segment gets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from fxstream.runtime.rows import Band, Ext, RowStream, Stats, group_norm_rows
+from fxstream.runtime.sliced import slice_bounds
+from passes.chains import VIEW_OPS, _aliases_input, module_path, tensor_bytes
+from passes.dims import WHOLE, SliceAxis, SplitReduction, input_axes, shape, sliced_args, val
+from passes.meta import node_info
+
+aten = torch.ops.aten
+
+CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
+UPSAMPLE_OPS = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default, aten.upsample_nearest3d.vec,
+                aten.upsample_nearest3d.default}
+GROUP_NORM = aten.group_norm.default
+
+# Bands per segment the planner tries (capped at the segment's rows).
+BAND_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# The planner stops adding bands to a segment once a step of the ladder saves less than this fraction.
+LADDER_GAIN = 0.01
+# A segment with more passes than this is not considered: pass p recomputes passes 0..p-1.
+MAX_PASSES = 24
+
+
+@dataclass(frozen=True)
+class RowReq:
+    """How an op reads one input when its output is banded along the rows: the input's row dim, and
+    ``same`` rows, a ``conv`` halo (kernel ``k``, padding ``pad``) or ``up`` (nearest upsampling by ``factor``)."""
+
+    dim: int
+    kind: str = "same"
+    k: int = 1
+    pad: int = 0
+    factor: int = 1
+
+    def needed(self, lo: int, hi: int, rows_in: int) -> tuple[int, int, int, int]:
+        """Input rows ``[a, b)`` for output rows ``[lo, hi)`` (within the input), and the zero rows to add
+        before and after them (a convolution's own padding, at the image edge)."""
+        if self.kind == "conv":
+            a, b = lo - self.pad, hi - self.pad + self.k - 1
+            return max(a, 0), min(b, rows_in), max(0, -a), max(0, b - rows_in)
+        if self.kind == "up":
+            return lo // self.factor, -(-hi // self.factor), 0, 0
+        return lo, hi, 0, 0
+
+
+def _arg(node: torch.fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _per_dim(v, n: int, default: int) -> list[int]:
+    if v is None:
+        return [default] * n
+    if isinstance(v, int):
+        return [v] * n
+    v = list(v)
+    return v * n if len(v) == 1 else v
+
+
+def conv_params(node: torch.fx.Node) -> dict | None:
+    """stride, padding, dilation (per spatial dim), groups and kernel of a convolution node, or None when it
+    is transposed or its padding is not a symmetric number per dim."""
+    x, w = node.args[0], node.args[1]
+    n = len(shape(x)) - 2
+    kernel = list(shape(w)[2:])
+    if node.target is aten.convolution.default:
+        if node.args[6]:
+            return None
+        stride, padding, dilation, groups = node.args[3], node.args[4], node.args[5], node.args[8]
+    else:
+        stride, padding = _arg(node, 3, "stride"), _arg(node, 4, "padding")
+        dilation, groups = _arg(node, 5, "dilation"), _arg(node, 6, "groups", 1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0] * n
+        elif all(k % 2 for k in kernel):
+            padding = [(k - 1) // 2 for k in kernel]
+        else:
+            return None
+    return dict(stride=_per_dim(stride, n, 1), padding=_per_dim(padding, n, 0), dilation=_per_dim(dilation, n, 1),
+                groups=int(groups or 1), kernel=kernel, bias=_arg(node, 2, "bias"))
+
+
+def row_rule(node: torch.fx.Node, d: int) -> dict[torch.fx.Node, object] | None:
+    """How ``node`` reads each tensor input when its output is banded along dim ``d``, or None."""
+    t = node.target
+    if node.op != "call_function" or not isinstance(val(node), torch.Tensor):
+        return None
+    if t in CONV_OPS:
+        p = conv_params(node) if d >= 2 else None
+        if p is None:
+            return None
+        i = d - 2
+        k, pad = p["kernel"][i], p["padding"][i]
+        if p["stride"][i] != 1 or p["dilation"][i] != 1 or 2 * pad != k - 1:
+            return None
+        req: dict = {node.args[0]: RowReq(d, "conv" if k > 1 else "same", k, pad), node.args[1]: WHOLE}
+        if isinstance(p["bias"], torch.fx.Node):
+            req[p["bias"]] = WHOLE
+        return req
+    if t in UPSAMPLE_OPS:
+        x = node.args[0]
+        if d < 2 or shape(node)[d] % shape(x)[d]:
+            return None
+        f = shape(node)[d] // shape(x)[d]
+        return {x: RowReq(d, "up" if f > 1 else "same", factor=f)}
+    if t is GROUP_NORM:
+        if d < 2:
+            return None
+        req = {node.args[0]: RowReq(d)}
+        for p in node.args[2:4]:
+            if isinstance(p, torch.fx.Node):
+                req[p] = WHOLE
+        return req
+    try:
+        axes = input_axes(node, SliceAxis(d, 1))
+    except SplitReduction:
+        return None
+    if axes is None:
+        return None
+    req = {}
+    for p, a in axes.items():
+        if a is WHOLE:
+            req[p] = WHOLE
+        elif isinstance(a, SliceAxis) and a.unit == 1:
+            req[p] = RowReq(a.dim)
+        else:
+            return None
+    return req
+
+
+@dataclass
+class RowSegment:
+    """A stretch of the graph from one full-size tensor (``input``) to another (``output``), banded by rows."""
+
+    input: torch.fx.Node
+    output: torch.fx.Node
+    nodes: list[torch.fx.Node]  # topological, without the input
+    row_dim: dict[torch.fx.Node, int]
+    rows: dict[torch.fx.Node, int]
+    reqs: dict[torch.fx.Node, dict[torch.fx.Node, object]]
+    externals: list[torch.fx.Node]  # read whole
+    level: dict[torch.fx.Node, int]  # the pass from which a node can run (GroupNorms: after their statistics)
+    length: int  # band positions: every node's rows are a multiple of it
+    norms: list[torch.fx.Node] = field(default_factory=list)
+
+    @property
+    def num_passes(self) -> int:
+        return self.level[self.output] + 1
+
+    @property
+    def name(self) -> str:
+        paths = [module_path(n) for n in self.nodes if module_path(n)]
+        first, last = (paths[0], paths[-1]) if paths else (self.input.name, self.output.name)
+        return first if first == last else f"{first} .. {last}"
+
+    def unit(self, n: torch.fx.Node) -> int:
+        return self.rows[n] // self.length
+
+    def own(self, n: torch.fx.Node, a: int, b: int) -> tuple[int, int]:
+        return a * self.unit(n), b * self.unit(n)
+
+    def stats_targets(self, j: int) -> list[torch.fx.Node]:
+        return [g for g in self.norms if self.level[g] - 1 == j]
+
+
+class RowAnalysis:
+    """Row-streaming facts of one graph: segments between cut points, checked and memoised."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.order = list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.order)}
+        out = self.order[-1]
+        flat = [a for a in torch.fx.node.map_aggregate(out.args[0], lambda a: a) if isinstance(a, torch.fx.Node)] \
+            if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
+        tensors = [a for a in flat if isinstance(a, torch.fx.Node) and isinstance(val(a), torch.Tensor)]
+        self.graph_output = tensors[0] if len(tensors) == 1 else None
+        self._down: dict[torch.fx.Node, set[torch.fx.Node]] = {}
+        self._segments: dict[tuple[str, str], RowSegment | None] = {}
+
+    def downstream(self, c: torch.fx.Node) -> set[torch.fx.Node]:
+        if c not in self._down:
+            seen: set[torch.fx.Node] = set()
+            stack = list(c.users)
+            while stack:
+                n = stack.pop()
+                if n in seen or n.op == "output":
+                    continue
+                seen.add(n)
+                stack.extend(n.users)
+            self._down[c] = seen
+        return self._down[c]
+
+    def segment(self, c_in: torch.fx.Node, c_out: torch.fx.Node) -> RowSegment | None:
+        key = (c_in.name, c_out.name)
+        if key not in self._segments:
+            self._segments[key] = self._build(c_in, c_out)
+        return self._segments[key]
+
+    def _build(self, c_in: torch.fx.Node, c_out: torch.fx.Node) -> RowSegment | None:
+        down = self.downstream(c_in)
+        if c_out not in down or not isinstance(val(c_in), torch.Tensor) or val(c_in).dim() < 3:
+            return None
+        seg: set[torch.fx.Node] = set()
+        stack = [c_out]
+        while stack:
+            n = stack.pop()
+            if n in seg or n not in down:
+                continue
+            seg.add(n)
+            stack.extend(n.all_input_nodes)
+        for n in seg:
+            if n is not c_out and any(u not in seg for u in n.users):
+                return None  # a value other than the output leaves the segment
+        nodes = sorted(seg, key=self.index.__getitem__)
+        for d_in in range(2, val(c_in).dim()):
+            built = self._dims(c_in, d_in, nodes)
+            if built is not None:
+                return built
+        return None
+
+    def _dims(self, c_in, d_in, nodes) -> RowSegment | None:
+        row_dim = {c_in: d_in}
+        rows = {c_in: shape(c_in)[d_in]}
+        reqs: dict = {}
+        externals: list[torch.fx.Node] = []
+        for n in nodes:
+            ins = n.all_input_nodes
+            found = None
+            for d in range(2, len(shape(n) or ())):
+                r = row_rule(n, d)
+                if r is None or any(p not in r for p in ins if isinstance(val(p), torch.Tensor)):
+                    continue
+                ok = True
+                for p in ins:
+                    a = r.get(p)
+                    if p in row_dim:
+                        if not isinstance(a, RowReq) or a.dim != row_dim[p]:
+                            ok = False
+                        elif rows[p] * (a.factor if a.kind == "up" else 1) != shape(n)[d]:
+                            ok = False
+                    elif isinstance(a, RowReq):
+                        ok = False  # a second full-size input would have to be banded too
+                    if not ok:
+                        break
+                if ok:
+                    found = (d, r)
+                    break
+            if found is None:
+                return None
+            d, r = found
+            row_dim[n], rows[n], reqs[n] = d, shape(n)[d], r
+            for p in ins:
+                if p not in row_dim and p not in externals:
+                    externals.append(p)
+        length = math.gcd(*rows.values())
+        level = {c_in: 0}
+        norms = []
+        for n in nodes:
+            lv = max((level[p] for p in n.all_input_nodes if p in level), default=0)
+            if n.target is GROUP_NORM:
+                lv = level[n.args[0]] + 1
+                norms.append(n)
+            level[n] = lv
+        if level[nodes[-1]] + 1 > MAX_PASSES:
+            return None
+        return RowSegment(c_in, nodes[-1], nodes, row_dim, rows, reqs, externals, level, length, norms)
+
+    def _barrier(self, n: torch.fx.Node) -> bool:
+        """A node no band can pass: along every dim it needs a large input whole (attention keys, a
+        reduction over the rows)."""
+        if n.op != "call_function" or not isinstance(val(n), torch.Tensor) or val(n).dim() < 3:
+            return False
+        for d in range(2, val(n).dim()):
+            r = row_rule(n, d)
+            if r is not None and not any(a is WHOLE and p.op != "get_attr" and isinstance(val(p), torch.Tensor)
+                                         and val(p).dim() >= 3 for p, a in r.items()):
+                return False
+        return True
+
+    def cut_points(self) -> list[torch.fx.Node]:
+        """Tensors from which the rest of the graph can be row-streamed, in graph order: after the last node
+        no band can pass, the last such tensor of each block (module path to depth 3), skipping views."""
+        if self.graph_output is None:
+            return []
+        first = 0
+        for i in range(self.index[self.graph_output], -1, -1):
+            if self._barrier(self.order[i]):
+                first = i + 1
+                break
+        best: dict[str, torch.fx.Node] = {}
+        for n in self.order[first:]:
+            if n.op != "call_function" or not isinstance(val(n), torch.Tensor) or val(n).dim() < 3:
+                continue
+            if n.target in VIEW_OPS and _aliases_input(n):
+                continue
+            if self.segment(n, self.graph_output) is None:
+                continue
+            best[".".join(module_path(n).split(".")[:3])] = n
+        return sorted(best.values(), key=self.index.__getitem__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bands: what each pass computes, its program, its memory and its cost
+
+
+def pass_ranges(seg: RowSegment, j: int, a: int, b: int) -> dict[torch.fx.Node, tuple[int, int]]:
+    """The rows of each node that pass ``j`` computes for band ``[a, b)``."""
+    need: dict[torch.fx.Node, tuple[int, int]] = {}
+
+    def add(n, lo, hi):
+        if n in need:
+            lo, hi = min(lo, need[n][0]), max(hi, need[n][1])
+        need[n] = (lo, hi)
+
+    for g in seg.stats_targets(j):
+        add(g.args[0], *seg.own(g.args[0], a, b))
+    if j == seg.num_passes - 1:
+        add(seg.output, *seg.own(seg.output, a, b))
+    for n in reversed(seg.nodes):
+        if n not in need:
+            continue
+        lo, hi = need[n]
+        for p, r in seg.reqs[n].items():
+            if isinstance(r, RowReq):
+                pa, pb, _, _ = r.needed(lo, hi, seg.rows[p])
+                add(p, pa, pb)
+    need.pop(seg.input, None)
+    return need
+
+
+def _row_bytes(n: torch.fx.Node, seg: RowSegment) -> int:
+    memo = seg.__dict__.setdefault("_row_bytes", {})
+    if n not in memo:
+        memo[n] = tensor_bytes(val(n)) // seg.rows[n]
+    return memo[n]
+
+
+def _row_cost(n: torch.fx.Node, seg: RowSegment) -> float:
+    """Work per output row: multiply-adds for convolutions, elements for the rest."""
+    memo = seg.__dict__.setdefault("_row_cost", {})
+    if n not in memo:
+        per_row = val(n).numel() / seg.rows[n]
+        if n.target in CONV_OPS:
+            per_row *= math.prod(shape(n.args[1])[1:])
+        memo[n] = per_row
+    return memo[n]
+
+
+def _is_alias(n: torch.fx.Node) -> bool:
+    return n.target in VIEW_OPS and n.target not in (aten.reshape.default,) and _aliases_input(n)
+
+
+def band_estimate(seg: RowSegment, j: int, a: int, b: int) -> tuple[int, float]:
+    """(peak bytes of one pass over one band beyond the segment's input and output, work done)."""
+    need = pass_ranges(seg, j, a, b)
+    order = [n for n in seg.nodes if n in need]
+    readers: dict[torch.fx.Node, int] = {}
+    for n in order:
+        for p in n.all_input_nodes:
+            if p in need:
+                readers[p] = readers.get(p, 0) + 1
+    stats_x = {g.args[0] for g in seg.stats_targets(j)}
+    owner: dict[torch.fx.Node, torch.fx.Node] = {}  # node -> the node whose storage it holds
+    holds: dict[torch.fx.Node, int] = {}  # storage owner -> live readers and aliases
+    nbytes: dict[torch.fx.Node, int] = {}
+    live = peak = 0
+    cost = 0.0
+
+    def release(p):
+        nonlocal live
+        o = owner.get(p)
+        if o is None:
+            return
+        holds[o] -= 1
+        if holds[o] == 0:
+            live -= nbytes.pop(o)
+
+    for n in order:
+        lo, hi = need[n]
+        rows = hi - lo
+        cost += rows * _row_cost(n, seg)
+        transient = 0
+        x = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+        r = seg.reqs[n].get(x) if x is not None else None
+        if n.target in CONV_OPS and isinstance(r, RowReq):
+            _, _, top, bot = r.needed(lo, hi, seg.rows[x])
+            if top != bot:  # asymmetric edge padding: a padded copy of the input band
+                transient = (rows + r.k - 1) * _row_bytes(x, seg)
+        if n.target in UPSAMPLE_OPS and isinstance(r, RowReq):
+            pa, pb, _, _ = r.needed(lo, hi, seg.rows[x])
+            rows = (pb - pa) * r.factor
+        alias = _is_alias(n) and x in owner and owner[x] in holds and holds[owner[x]] > 0
+        if alias:
+            owner[n] = owner[x]
+            holds[owner[n]] += readers.get(n, 0)
+        else:
+            owner[n] = n
+            nbytes[n] = rows * _row_bytes(n, seg)
+            holds[n] = readers.get(n, 0) or 1
+            live += nbytes[n]
+        if n in stats_x:  # band statistics reshape a strided band: a copy of the rows it owns
+            oa, ob = seg.own(n, a, b)
+            transient = max(transient, (ob - oa) * _row_bytes(n, seg))
+        peak = max(peak, live + transient)
+        for p in n.all_input_nodes:
+            if p in need:
+                release(p)
+        if not readers.get(n) and not alias:
+            release(n)
+    return peak, cost
+
+
+def _representative(bounds: list[tuple[int, int]]) -> list[int]:
+    """Bands whose estimates stand for all: the edges (clamped halos) and one in the middle."""
+    k = len(bounds)
+    return sorted({0, k // 2, k - 1})
+
+
+def segment_estimate(seg: RowSegment, bands: int) -> tuple[int, float]:
+    """(workspace bytes, work) of running ``seg`` in ``bands`` bands, from representative bands."""
+    memo = seg.__dict__.setdefault("_estimates", {})
+    if bands not in memo:
+        memo[bands] = _segment_estimate(seg, bands)
+    return memo[bands]
+
+
+def _segment_estimate(seg: RowSegment, bands: int) -> tuple[int, float]:
+    bounds = slice_bounds(seg.length, bands)
+    reps = _representative(bounds)
+    ws, cost = 0, 0.0
+    for j in range(seg.num_passes):
+        if not seg.stats_targets(j) and j != seg.num_passes - 1:
+            continue
+        costs = {}
+        for i in reps:
+            p, c = band_estimate(seg, j, *bounds[i])
+            ws = max(ws, p)
+            costs[i] = c
+        mid = costs[len(bounds) // 2]
+        cost += sum(costs.values()) + mid * (len(bounds) - len(costs))
+    return ws, cost
+
+
+def unsliced_cost(seg: RowSegment) -> float:
+    return sum(seg.rows[n] * _row_cost(n, seg) for n in seg.nodes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# programs
+
+
+def _pad_spec(ndim: int, d: int, top: int, bot: int) -> list[int]:
+    pads = [0] * (2 * (ndim - d))
+    pads[-2], pads[-1] = top, bot
+    return pads
+
+
+def build_programs(seg: RowSegment, bands: int) -> tuple[list[list[tuple]], list[torch.fx.Node]]:
+    """The instruction lists of every (pass, band), in run order, and the whole inputs they index."""
+    ext_index = {p: i for i, p in enumerate(seg.externals)}
+    norm_key = {g: i for i, g in enumerate(seg.norms)}
+    programs = []
+    for j in range(seg.num_passes):
+        targets = seg.stats_targets(j)
+        final = j == seg.num_passes - 1
+        if not targets and not final:
+            continue
+        for a, b in slice_bounds(seg.length, bands):
+            programs.append(_program(seg, j, a, b, ext_index, norm_key, targets, final))
+    return programs, list(seg.externals)
+
+
+def _program(seg, j, a, b, ext_index, norm_key, targets, final) -> list[tuple]:
+    need = pass_ranges(seg, j, a, b)
+    slot = {seg.input: 0}
+    start = {seg.input: 0}
+    counter = [1]
+    prog: list[tuple] = []
+
+    def new_slot() -> int:
+        counter[0] += 1
+        return counter[0] - 1
+
+    def stats_of(x: torch.fx.Node):
+        for g in targets:
+            if g.args[0] is x:
+                oa, ob = seg.own(x, a, b)
+                prog.append(("stats", norm_key[g], Band(slot[x], seg.row_dim[x], oa - start[x], ob - oa), g.args[1]))
+
+    stats_of(seg.input)
+    for n in seg.nodes:
+        if n not in need:
+            continue
+        lo, hi = need[n]
+        d = seg.row_dim[n]
+        reqs = seg.reqs[n]
+
+        def band(p, lo=lo, hi=hi, reqs=reqs):
+            pa, pb, _, _ = reqs[p].needed(lo, hi, seg.rows[p])
+            return Band(slot[p], seg.row_dim[p], pa - start[p], pb - pa)
+
+        def mapped(p):
+            if p in slot:
+                return band(p)
+            return Ext(ext_index[p])
+
+        post = None
+        if n.target in CONV_OPS:
+            prm = conv_params(n)
+            x = n.args[0]
+            _, _, top, bot = reqs[x].needed(lo, hi, seg.rows[x])
+            padding = list(prm["padding"])
+            xin = band(x)
+            if top == bot:
+                padding[d - 2] = top
+            else:
+                padding[d - 2] = 0
+                tmp = new_slot()
+                prog.append(("op", tmp, F.pad, (xin, _pad_spec(len(shape(n)), d, top, bot)), {}, None))
+                xin = Band(tmp, None)
+            bias = prm["bias"]
+            fn = aten.convolution.default
+            args = (xin, mapped(n.args[1]), mapped(bias) if isinstance(bias, torch.fx.Node) else None,
+                    prm["stride"], padding, prm["dilation"], False, [0] * len(padding), prm["groups"])
+            kwargs = {}
+        elif n.target in UPSAMPLE_OPS:
+            x = n.args[0]
+            r = reqs[x]
+            pa, pb, _, _ = r.needed(lo, hi, seg.rows[x])
+            args = list(torch.fx.node.map_arg(n.args, mapped))
+            size = n.args[1]
+            if size is not None:
+                size = list(size)
+                size[d - 2] = (pb - pa) * r.factor
+                args[1] = size
+            fn, args, kwargs = n.target, tuple(args), dict(n.kwargs)
+            if lo - pa * r.factor or hi - lo != (pb - pa) * r.factor:
+                post = (d, lo - pa * r.factor, hi - lo)
+        elif n.target is GROUP_NORM:
+            x, groups = n.args[0], n.args[1]
+            w, bias = _arg(n, 2, "weight"), _arg(n, 3, "bias")
+            eps = _arg(n, 4, "eps", 1e-5)
+            fn = group_norm_rows
+            args = (band(x), Stats(norm_key[n]), groups,
+                    mapped(w) if isinstance(w, torch.fx.Node) else None,
+                    mapped(bias) if isinstance(bias, torch.fx.Node) else None, eps)
+            kwargs = {}
+        else:
+            args, kwargs = sliced_args(n, SliceAxis(d, 1), hi - lo)
+            fn = n.target
+            if fn in (aten.view.default, aten._unsafe_view.default):
+                fn = aten.reshape.default  # a band narrowed out of a wider one is strided: view may not apply
+            args = torch.fx.node.map_arg(args, mapped)
+            kwargs = torch.fx.node.map_arg(kwargs, mapped)
+        s = new_slot()
+        prog.append(("op", s, fn, tuple(args), dict(kwargs), post))
+        slot[n], start[n] = s, lo
+        stats_of(n)
+        if final and n is seg.output:
+            oa, ob = seg.own(n, a, b)
+            prog.append(("out", Band(s, d, oa - lo, ob - oa), (oa, ob - oa)))
+    return _with_frees(prog)
+
+
+def _reads(ins: tuple) -> set[int]:
+    found: set[int] = set()
+
+    def visit(x):
+        if isinstance(x, Band):
+            found.add(x.slot)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                visit(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                visit(y)
+
+    visit(ins[1:])
+    return found
+
+
+def _with_frees(prog: list[tuple]) -> list[tuple]:
+    last: dict[int, int] = {}
+    for i, ins in enumerate(prog):
+        reads = _reads(ins) if ins[0] != "op" else _reads((None,) + ins[2:])
+        for s in reads:
+            last[s] = i
+        if ins[0] == "op":
+            last.setdefault(ins[1], i)
+    out: list[tuple] = []
+    for i, ins in enumerate(prog):
+        out.append(ins)
+        dead = [s for s, k in last.items() if k == i and s != 0]
+        if dead:
+            out.append(("free", dead))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# planning and outlining
+
+
+@dataclass
+class RowChoice:
+    """A chosen segment and its band count, with the predicted workspace and work."""
+
+    segment: RowSegment
+    bands: int
+    workspace_bytes: int
+    cost: float
+
+    @property
+    def boundary_bytes(self) -> int:
+        return tensor_bytes(val(self.segment.input)) + tensor_bytes(val(self.segment.output))
+
+    @property
+    def bytes(self) -> int:
+        return self.boundary_bytes + self.workspace_bytes
+
+
+def _ladder(length: int) -> list[int]:
+    return [k for k in BAND_LADDER if k <= length] or [length]
+
+
+def best_bands(seg: RowSegment, goal: int | None) -> RowChoice | None:
+    """The fewest bands that keep the segment under ``goal`` bytes (None: the fewest bytes reachable)."""
+    best = None
+    for k in _ladder(seg.length):
+        ws, cost = segment_estimate(seg, k)
+        choice = RowChoice(seg, k, ws, cost)
+        if goal is not None and choice.bytes <= goal:
+            return choice
+        if best is not None and choice.bytes > best.bytes * (1 - LADDER_GAIN):
+            break  # more bands no longer pay (halos grow as bands shrink)
+        if best is None or choice.bytes < best.bytes:
+            best = choice
+    return None if goal is not None else best
+
+
+def chain(analysis: RowAnalysis, start: torch.fx.Node, cuts: list[torch.fx.Node], goal: int | None,
+          slack: float = 0.02, floor: int = 0) -> list[RowChoice] | None:
+    """Segments from ``start`` to the graph's output through some of ``cuts``: each under ``goal`` bytes with
+    the least work (``goal`` None: the lowest reachable maximum or ``floor``, whichever is higher, within
+    ``slack``, then the least work)."""
+    points = [start] + [c for c in cuts if analysis.index[c] > analysis.index[start]] + [analysis.graph_output]
+    points = list(dict.fromkeys(points))
+    choices: dict[tuple[int, int], RowChoice | None] = {}
+
+    def option(i: int, j: int, g: int | None) -> RowChoice | None:
+        key = (i, j, g)
+        if key not in choices:
+            seg = analysis.segment(points[i], points[j])
+            choices[key] = None if seg is None else best_bands(seg, g)
+        return choices[key]
+
+    if goal is None:
+        # the lowest reachable maximum: a min-max path
+        inf = float("inf")
+        worst = [inf] * len(points)
+        worst[0] = 0
+        for j in range(1, len(points)):
+            for i in range(j):
+                if worst[i] == inf:
+                    continue
+                c = option(i, j, None)
+                if c is not None:
+                    worst[j] = min(worst[j], max(worst[i], c.bytes))
+        if worst[-1] == inf:
+            return None
+        goal = int(max(worst[-1], floor) * (1 + slack))
+    cost = [float("inf")] * len(points)
+    prev: list[tuple[int, RowChoice] | None] = [None] * len(points)
+    cost[0] = 0.0
+    for j in range(1, len(points)):
+        for i in range(j):
+            if cost[i] == float("inf"):
+                continue
+            c = option(i, j, goal)
+            if c is not None and cost[i] + c.cost < cost[j]:
+                cost[j], prev[j] = cost[i] + c.cost, (i, c)
+    if prev[-1] is None:
+        return None
+    out, j = [], len(points) - 1
+    while j:
+        i, c = prev[j]
+        out.append(c)
+        j = i
+    return out[::-1]
+
+
+def choose_tail(analysis: RowAnalysis, prefix_peak, goal: int | None, slack: float = 0.02) -> list[RowChoice] | None:
+    """Where the streamed tail starts and how it is cut.
+
+    ``prefix_peak(c)`` is the activation peak the rest of the graph reaches before ``c`` (without streaming).
+    With a ``goal`` (activation bytes), the start nearest the output whose prefix and segments fit (the least
+    recomputation); without, the start with the lowest overall peak, ties (within ``slack``) going to the
+    least work.
+    """
+    cuts = analysis.cut_points()
+    found = []
+    for c0 in reversed(cuts):
+        pf = prefix_peak(c0)
+        if goal is not None:
+            if pf > goal:
+                continue
+            ch = chain(analysis, c0, cuts, goal)
+            if ch is not None:
+                return ch
+            continue
+        ch = chain(analysis, c0, cuts, None, slack=slack, floor=pf)
+        if ch is not None:
+            found.append((max(pf, max(c.bytes for c in ch)), sum(c.cost for c in ch), ch))
+    if not found:
+        return None
+    low = min(t for t, _, _ in found)
+    return min((f for f in found if f[0] <= low * (1 + slack)), key=lambda f: f[1])[2]
+
+
+def outline(gm: torch.fx.GraphModule, choices: list[RowChoice], *, planning: bool = False) -> torch.fx.GraphModule:
+    """Replace each chosen segment of ``gm`` (in place) by a ``call_module`` to a :class:`RowStream`."""
+    from passes.slicing import stable_topological_sort
+
+    graph = gm.graph
+    built = [([], c.segment.externals) if planning else build_programs(c.segment, c.bands) for c in choices]
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # an earlier segment's output -> its call
+    for c, (programs, externals) in zip(choices, built):
+        seg = c.segment
+        out = val(seg.output)
+        name = "rows_" + "".join(ch if ch.isalnum() else "_" for ch in module_path(seg.nodes[0]) or seg.input.name)
+        while hasattr(gm, name):
+            name += "_"
+        module = RowStream(seg.name, programs, tuple(out.shape), out.dtype, seg.row_dim[seg.output],
+                           seg.num_passes, c.bands)
+        gm.add_submodule(name, module)
+        with graph.inserting_after(seg.output):
+            call = graph.call_module(name, (replaced.get(seg.input, seg.input), *externals))
+        call.meta["val"] = out
+        call.meta["nn_module_stack"] = seg.output.meta.get("nn_module_stack", {})
+        info = node_info(call)
+        info.group = f"rows:{seg.name}"
+        info.workspace_bytes = c.workspace_bytes
+        seg.output.replace_all_uses_with(call)
+        replaced[seg.output] = call
+        for n in reversed(seg.nodes):
+            graph.erase_node(n)
+    stable_topological_sort(graph)
+    graph.lint()
+    if not planning:
+        gm.recompile()
+    return gm
+
+
+__all__ = ["RowAnalysis", "RowSegment", "RowChoice", "RowReq", "row_rule", "pass_ranges", "band_estimate",
+           "segment_estimate", "build_programs", "chain", "choose_tail", "outline", "best_bands"]
