@@ -315,7 +315,8 @@ class RowAnalysis:
 
     def cut_points(self) -> list[torch.fx.Node]:
         """Tensors from which the rest of the graph can be row-streamed, in graph order: after the last node
-        no band can pass, the last such tensor of each block (module path to depth 3), skipping views."""
+        no band can pass, the graph's inputs and the last such tensor of each block (module path to depth 3),
+        skipping views."""
         if self.graph_output is None:
             return []
         first = 0
@@ -325,13 +326,13 @@ class RowAnalysis:
                 break
         best: dict[str, torch.fx.Node] = {}
         for n in self.order[first:]:
-            if n.op != "call_function" or not isinstance(val(n), torch.Tensor) or val(n).dim() < 3:
+            if n.op not in ("call_function", "placeholder") or not isinstance(val(n), torch.Tensor) or val(n).dim() < 3:
                 continue
             if n.target in VIEW_OPS and _aliases_input(n):
                 continue
             if self.segment(n, self.graph_output) is None:
                 continue
-            best[".".join(module_path(n).split(".")[:3])] = n
+            best[n.name if n.op == "placeholder" else ".".join(module_path(n).split(".")[:3])] = n
         return sorted(best.values(), key=self.index.__getitem__)
 
 
