@@ -121,6 +121,10 @@ def build_plan(
         )
     groups, result, streamed = _slice(gm, budget_bytes, chunks, target)
     split = sum(1 for n in gm.graph.nodes if n.target is torch.ops.fxstream.group_norm_partial.default)
+    if streamed:  # planned on a copy: its split GroupNorms, and those the row segments compute in passes
+        split = sum(1 for n in result.graph_module.graph.nodes
+                    if n.target is torch.ops.fxstream.group_norm_partial.default)
+        split += sum(len(c.segment.norms) for c in streamed)
     planned = result.timeline
     activation_peak = planned.activation_peak_bytes
     if partial_entry is not None:

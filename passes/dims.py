@@ -35,8 +35,10 @@ class SliceAxis:
     """A tensor is sliced along ``dim`` in ranges of whole multiples of ``unit`` elements.
 
     ``halo`` and ``scale`` describe slices that need extra context rows (a 3x3 convolution along H needs one
-    row each side, a 2x upsample doubles the range). Rules do not produce them yet; they are here so that
-    row slicing can be added as rules, without changing the representation.
+    row each side, a 2x upsample doubles the range). The operator groups here never produce them: slicing with
+    halos is row streaming (:mod:`passes.rows`), which works out each band's exact row range per node
+    (``passes.rows.RowReq``) instead of a fixed halo, because halos add up along a chain and clamp at the
+    image edges.
     """
 
     dim: int
