@@ -214,7 +214,9 @@ def _stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str
     Under a budget, first the streamed tail with the least recomputation that fits, then the lowest-memory
     one; without a budget, the lowest-memory one, kept only if it lowers the peak by ``ROW_GAIN``.
     """
-    if not RowAnalysis(gm).cut_points():
+    first = copy_graph_module(gm)[0]
+    analysis = RowAnalysis(first)
+    if not analysis.cut_points():
         return None
     if base is None:
         probe = copy_graph_module(gm)[0]
@@ -230,9 +232,9 @@ def _stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str
         prefix[n.name] = running
         running = max(running, at[order[n.name]])
     goals = [None] if budget_bytes is None else [budget_bytes - base.weight_bytes, None]
-    for goal in goals:
-        work = copy_graph_module(gm)[0]
-        choices = choose_tail(RowAnalysis(work), lambda n: prefix[n.name], goal)
+    for i, goal in enumerate(goals):
+        work = first if i == 0 else copy_graph_module(gm)[0]
+        choices = choose_tail(analysis if i == 0 else RowAnalysis(work), lambda n: prefix[n.name], goal)
         if choices is None:
             continue
         outline(work, choices)

@@ -14,8 +14,12 @@ resolution) and writes one (its output); every node between runs on a band of it
   it owns, never its halo; :func:`passes.reductions.combine_partials` merges them exactly) and the last pass
   computes the output with every statistic complete. A pass recomputes what it needs from the segment's input.
 
-The halos and passes cost recomputation; in exchange no tensor between the segment's input and output ever
-exists at full size. Segments are chained at cut points (tensors every later node reaches only through them).
+Bands run top to bottom and each computes only the rows of each node that no earlier band computed
+(line-buffered streaming): the rows above a band that a convolution reads are kept from the previous band, a
+few rows per convolution input, so halos are never recomputed. The passes do cost recomputation (pass ``j``
+recomputes from the segment's input what its statistics need); in exchange no tensor between the segment's
+input and output ever exists at full size. Segments are chained at cut points (tensors every later node
+reaches only through them), each a full-size tensor the next segment reads.
 
 Input: a captured GraphModule. Output: :class:`RowSegment` s, their programs for
 :class:`fxstream.runtime.rows.RowStream`, the predicted workspace and cost, and :func:`outline` to put them
@@ -47,7 +51,7 @@ UPSAMPLE_OPS = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default, at
 GROUP_NORM = aten.group_norm.default
 
 # Bands per segment the planner tries (capped at the segment's rows).
-BAND_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+BAND_LADDER = (2, 4, 8, 16, 32, 64)
 # The planner stops adding bands to a segment once a step of the ladder saves less than this fraction.
 LADDER_GAIN = 0.01
 # A segment with more passes than this is not considered: pass p recomputes passes 0..p-1.
@@ -340,31 +344,6 @@ class RowAnalysis:
 # bands: what each pass computes, its program, its memory and its cost
 
 
-def pass_ranges(seg: RowSegment, j: int, a: int, b: int) -> dict[torch.fx.Node, tuple[int, int]]:
-    """The rows of each node that pass ``j`` computes for band ``[a, b)``."""
-    need: dict[torch.fx.Node, tuple[int, int]] = {}
-
-    def add(n, lo, hi):
-        if n in need:
-            lo, hi = min(lo, need[n][0]), max(hi, need[n][1])
-        need[n] = (lo, hi)
-
-    for g in seg.stats_targets(j):
-        add(g.args[0], *seg.own(g.args[0], a, b))
-    if j == seg.num_passes - 1:
-        add(seg.output, *seg.own(seg.output, a, b))
-    for n in reversed(seg.nodes):
-        if n not in need:
-            continue
-        lo, hi = need[n]
-        for p, r in seg.reqs[n].items():
-            if isinstance(r, RowReq):
-                pa, pb, _, _ = r.needed(lo, hi, seg.rows[p])
-                add(p, pa, pb)
-    need.pop(seg.input, None)
-    return need
-
-
 def _row_bytes(n: torch.fx.Node, seg: RowSegment) -> int:
     memo = seg.__dict__.setdefault("_row_bytes", {})
     if n not in memo:
@@ -384,164 +363,148 @@ def _row_cost(n: torch.fx.Node, seg: RowSegment) -> float:
 
 
 def _is_alias(n: torch.fx.Node) -> bool:
-    return n.target in VIEW_OPS and n.target not in (aten.reshape.default,) and _aliases_input(n)
+    return n.target in VIEW_OPS and n.target is not aten.reshape.default and _aliases_input(n)
 
 
-def band_estimate(seg: RowSegment, j: int, a: int, b: int) -> tuple[int, float]:
-    """(peak bytes of one pass over one band beyond the segment's input and output, work done)."""
-    need = pass_ranges(seg, j, a, b)
-    order = [n for n in seg.nodes if n in need]
-    readers: dict[torch.fx.Node, int] = {}
+def computed_rows(seg: RowSegment, j: int, end: int) -> dict[torch.fx.Node, int]:
+    """How many leading rows of each node pass ``j`` has computed once the band ending at position ``end``
+    is done: the rows its targets own, plus what the convolutions after each node read ahead."""
+    hi: dict[torch.fx.Node, int] = {}
+
+    def up(n, h):
+        if h > hi.get(n, -1):
+            hi[n] = h
+
+    for g in seg.stats_targets(j):
+        up(g.args[0], end * seg.unit(g.args[0]))
+    if j == seg.num_passes - 1:
+        up(seg.output, end * seg.unit(seg.output))
+    for n in reversed(seg.nodes):
+        if n in hi:
+            for p, r in seg.reqs[n].items():
+                if isinstance(r, RowReq):
+                    up(p, r.needed(0, hi[n], seg.rows[p])[1])
+    hi.pop(seg.input, None)
+    return hi
+
+
+def _buffer_starts(seg: RowSegment, order, before: dict, now: dict) -> dict[torch.fx.Node, int]:
+    """The first row of each node a band must hold: its new rows, and the rows before them that the next
+    ops read (a convolution's rows above, kept from the previous band)."""
+    start = {n: before.get(n, 0) for n in order}
     for n in order:
-        for p in n.all_input_nodes:
-            if p in need:
-                readers[p] = readers.get(p, 0) + 1
-    stats_x = {g.args[0] for g in seg.stats_targets(j)}
-    owner: dict[torch.fx.Node, torch.fx.Node] = {}  # node -> the node whose storage it holds
-    holds: dict[torch.fx.Node, int] = {}  # storage owner -> live readers and aliases
-    nbytes: dict[torch.fx.Node, int] = {}
-    live = peak = 0
-    cost = 0.0
-
-    def release(p):
-        nonlocal live
-        o = owner.get(p)
-        if o is None:
-            return
-        holds[o] -= 1
-        if holds[o] == 0:
-            live -= nbytes.pop(o)
-
-    for n in order:
-        lo, hi = need[n]
-        rows = hi - lo
-        cost += rows * _row_cost(n, seg)
-        transient = 0
-        x = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
-        r = seg.reqs[n].get(x) if x is not None else None
-        if n.target in CONV_OPS and isinstance(r, RowReq):
-            _, _, top, bot = r.needed(lo, hi, seg.rows[x])
-            if top != bot:  # asymmetric edge padding: a padded copy of the input band
-                transient = (rows + r.k - 1) * _row_bytes(x, seg)
-        if n.target in UPSAMPLE_OPS and isinstance(r, RowReq):
-            pa, pb, _, _ = r.needed(lo, hi, seg.rows[x])
-            rows = (pb - pa) * r.factor
-        alias = _is_alias(n) and x in owner and owner[x] in holds and holds[owner[x]] > 0
-        if alias:
-            owner[n] = owner[x]
-            holds[owner[n]] += readers.get(n, 0)
-        else:
-            owner[n] = n
-            nbytes[n] = rows * _row_bytes(n, seg)
-            holds[n] = readers.get(n, 0) or 1
-            live += nbytes[n]
-        if n in stats_x:  # band statistics reshape a strided band: a copy of the rows it owns
-            oa, ob = seg.own(n, a, b)
-            transient = max(transient, (ob - oa) * _row_bytes(n, seg))
-        peak = max(peak, live + transient)
-        for p in n.all_input_nodes:
-            if p in need:
-                release(p)
-        if not readers.get(n) and not alias:
-            release(n)
-    return peak, cost
-
-
-def _representative(bounds: list[tuple[int, int]]) -> list[int]:
-    """Bands whose estimates stand for all: the edges (clamped halos) and one in the middle."""
-    k = len(bounds)
-    return sorted({0, k // 2, k - 1})
-
-
-def segment_estimate(seg: RowSegment, bands: int) -> tuple[int, float]:
-    """(workspace bytes, work) of running ``seg`` in ``bands`` bands, from representative bands."""
-    memo = seg.__dict__.setdefault("_estimates", {})
-    if bands not in memo:
-        memo[bands] = _segment_estimate(seg, bands)
-    return memo[bands]
-
-
-def _segment_estimate(seg: RowSegment, bands: int) -> tuple[int, float]:
-    bounds = slice_bounds(seg.length, bands)
-    reps = _representative(bounds)
-    ws, cost = 0, 0.0
-    for j in range(seg.num_passes):
-        if not seg.stats_targets(j) and j != seg.num_passes - 1:
+        a, b = before.get(n, 0), now[n]
+        if b <= a:
             continue
-        costs = {}
-        for i in reps:
-            p, c = band_estimate(seg, j, *bounds[i])
-            ws = max(ws, p)
-            costs[i] = c
-        mid = costs[len(bounds) // 2]
-        cost += sum(costs.values()) + mid * (len(bounds) - len(costs))
-    return ws, cost
+        for p, r in seg.reqs[n].items():
+            if isinstance(r, RowReq) and p is not seg.input:
+                start[p] = min(start[p], r.needed(a, b, seg.rows[p])[0])
+    return start
 
 
-def unsliced_cost(seg: RowSegment) -> float:
-    return sum(seg.rows[n] * _row_cost(n, seg) for n in seg.nodes)
+# Work units (multiply-adds) the planner charges per instruction a band runs: Python dispatch, so that a
+# segment does not take bands it does not need.
+INSTRUCTION_COST = 1e6
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# programs
+class _PassBuilder:
+    """Builds one pass's program, band after band. Each band computes only the rows of each node that are new
+    (line-buffered streaming): rows a convolution needs from above its band were computed by the previous
+    band and are kept (a few rows per convolution input), never recomputed."""
 
+    def __init__(self, seg: RowSegment, j: int, bounds: list[tuple[int, int]], ext_index, norm_key):
+        self.seg, self.j, self.bounds = seg, j, bounds
+        self.targets = seg.stats_targets(j)
+        self.final = j == seg.num_passes - 1
+        self.ext_index, self.norm_key = ext_index, norm_key
+        self.counter = 1
+        self.carry: dict[torch.fx.Node, int] = {}  # node -> slot with its rows kept from the previous band
+        self.order: list[torch.fx.Node] | None = None
+        self._hi: dict[int, dict] = {}
+        self.work = 0.0
 
-def _pad_spec(ndim: int, d: int, top: int, bot: int) -> list[int]:
-    pads = [0] * (2 * (ndim - d))
-    pads[-2], pads[-1] = top, bot
-    return pads
+    def new_slot(self) -> int:
+        self.counter += 1
+        return self.counter - 1
 
+    def hi(self, s: int) -> dict:
+        if s < 0:
+            return {}
+        if s not in self._hi:
+            self._hi[s] = computed_rows(self.seg, self.j, self.bounds[s][1])
+        return self._hi[s]
 
-def build_programs(seg: RowSegment, bands: int) -> tuple[list[list[tuple]], list[torch.fx.Node]]:
-    """The instruction lists of every (pass, band), in run order, and the whole inputs they index."""
-    ext_index = {p: i for i, p in enumerate(seg.externals)}
-    norm_key = {g: i for i, g in enumerate(seg.norms)}
-    programs = []
-    for j in range(seg.num_passes):
-        targets = seg.stats_targets(j)
-        final = j == seg.num_passes - 1
-        if not targets and not final:
-            continue
-        for a, b in slice_bounds(seg.length, bands):
-            programs.append(_program(seg, j, a, b, ext_index, norm_key, targets, final))
-    return programs, list(seg.externals)
+    def band(self, s: int) -> list[tuple]:
+        seg = self.seg
+        before, now = self.hi(s - 1), self.hi(s)
+        if self.order is None:
+            self.order = [n for n in seg.nodes if n in now]
+        order = self.order
+        start = _buffer_starts(seg, order, before, now)
+        nxt = _buffer_starts(seg, order, now, self.hi(s + 1)) if s + 1 < len(self.bounds) else None
+        a_pos, b_pos = self.bounds[s]
+        prog: list[tuple] = []
+        buf: dict[torch.fx.Node, int] = {}
 
+        def rows_of(p, a, b):
+            if p is seg.input:
+                return Band(0, seg.row_dim[p], a, b - a)
+            return Band(buf[p], seg.row_dim[p], a - start[p], b - a)
 
-def _program(seg, j, a, b, ext_index, norm_key, targets, final) -> list[tuple]:
-    need = pass_ranges(seg, j, a, b)
-    slot = {seg.input: 0}
-    start = {seg.input: 0}
-    counter = [1]
-    prog: list[tuple] = []
+        for g in self.targets:
+            if g.args[0] is seg.input:
+                oa, ob = seg.own(seg.input, a_pos, b_pos)
+                prog.append(("stats", self.norm_key[g], rows_of(seg.input, oa, ob), g.args[1],
+                             (ob - oa) * _row_bytes(seg.input, seg)))
+        for n in order:
+            a, b = before.get(n, 0), now[n]
+            d = seg.row_dim[n]
+            parts = []
+            if n in self.carry:
+                parts.append(self.carry.pop(n))
+            elif start[n] < a:
+                raise AssertionError(f"rows of {n.name} above band {s} were not kept")
+            if b > a:
+                parts.append(self._compute(n, a, b, rows_of, prog))
+                self.work += (b - a) * _row_cost(n, seg)
+            if not parts:
+                continue
+            if len(parts) == 2:
+                joined = self.new_slot()
+                prog.append(("op", joined, torch.cat, ([Band(parts[0], None), Band(parts[1], None)], d), {}, None,
+                             (b - start[n]) * _row_bytes(n, seg)))
+                buf[n] = joined
+            else:
+                buf[n] = parts[0]
+            if b > a:
+                for g in self.targets:
+                    if g.args[0] is n:
+                        prog.append(("stats", self.norm_key[g], rows_of(n, a, b), g.args[1],
+                                     (b - a) * _row_bytes(n, seg)))
+                if self.final and n is seg.output:
+                    prog.append(("out", rows_of(n, a, b), (a, b - a)))
+        keep = {}
+        if nxt is not None:
+            for n, slot in buf.items():
+                if nxt[n] < now[n]:
+                    keep[slot] = (n, nxt[n] - start[n], now[n] - nxt[n])
+        return self._with_frees(prog, keep)
 
-    def new_slot() -> int:
-        counter[0] += 1
-        return counter[0] - 1
-
-    def stats_of(x: torch.fx.Node):
-        for g in targets:
-            if g.args[0] is x:
-                oa, ob = seg.own(x, a, b)
-                prog.append(("stats", norm_key[g], Band(slot[x], seg.row_dim[x], oa - start[x], ob - oa), g.args[1]))
-
-    stats_of(seg.input)
-    for n in seg.nodes:
-        if n not in need:
-            continue
-        lo, hi = need[n]
+    def _compute(self, n, lo, hi, rows_of, prog) -> int:
+        """Emit the instructions computing rows ``[lo, hi)`` of ``n``; return the slot holding them."""
+        seg = self.seg
         d = seg.row_dim[n]
         reqs = seg.reqs[n]
 
-        def band(p, lo=lo, hi=hi, reqs=reqs):
+        def band(p):
             pa, pb, _, _ = reqs[p].needed(lo, hi, seg.rows[p])
-            return Band(slot[p], seg.row_dim[p], pa - start[p], pb - pa)
+            return rows_of(p, pa, pb)
 
         def mapped(p):
-            if p in slot:
-                return band(p)
-            return Ext(ext_index[p])
+            return band(p) if isinstance(reqs.get(p), RowReq) else Ext(self.ext_index[p])
 
         post = None
+        nbytes = (hi - lo) * _row_bytes(n, seg)
         if n.target in CONV_OPS:
             prm = conv_params(n)
             x = n.args[0]
@@ -552,8 +515,9 @@ def _program(seg, j, a, b, ext_index, norm_key, targets, final) -> list[tuple]:
                 padding[d - 2] = top
             else:
                 padding[d - 2] = 0
-                tmp = new_slot()
-                prog.append(("op", tmp, F.pad, (xin, _pad_spec(len(shape(n)), d, top, bot)), {}, None))
+                tmp = self.new_slot()
+                prog.append(("op", tmp, F.pad, (xin, _pad_spec(len(shape(n)), d, top, bot)), {}, None,
+                             (xin.length + top + bot) * _row_bytes(x, seg)))
                 xin = Band(tmp, None)
             bias = prm["bias"]
             fn = aten.convolution.default
@@ -571,6 +535,7 @@ def _program(seg, j, a, b, ext_index, norm_key, targets, final) -> list[tuple]:
                 size[d - 2] = (pb - pa) * r.factor
                 args[1] = size
             fn, args, kwargs = n.target, tuple(args), dict(n.kwargs)
+            nbytes = (pb - pa) * r.factor * _row_bytes(n, seg)
             if lo - pa * r.factor or hi - lo != (pb - pa) * r.factor:
                 post = (d, lo - pa * r.factor, hi - lo)
         elif n.target is GROUP_NORM:
@@ -578,7 +543,7 @@ def _program(seg, j, a, b, ext_index, norm_key, targets, final) -> list[tuple]:
             w, bias = _arg(n, 2, "weight"), _arg(n, 3, "bias")
             eps = _arg(n, 4, "eps", 1e-5)
             fn = group_norm_rows
-            args = (band(x), Stats(norm_key[n]), groups,
+            args = (band(x), Stats(self.norm_key[n]), groups,
                     mapped(w) if isinstance(w, torch.fx.Node) else None,
                     mapped(bias) if isinstance(bias, torch.fx.Node) else None, eps)
             kwargs = {}
@@ -589,48 +554,239 @@ def _program(seg, j, a, b, ext_index, norm_key, targets, final) -> list[tuple]:
                 fn = aten.reshape.default  # a band narrowed out of a wider one is strided: view may not apply
             args = torch.fx.node.map_arg(args, mapped)
             kwargs = torch.fx.node.map_arg(kwargs, mapped)
-        s = new_slot()
-        prog.append(("op", s, fn, tuple(args), dict(kwargs), post))
-        slot[n], start[n] = s, lo
-        stats_of(n)
-        if final and n is seg.output:
-            oa, ob = seg.own(n, a, b)
-            prog.append(("out", Band(s, d, oa - lo, ob - oa), (oa, ob - oa)))
-    return _with_frees(prog)
+            if _is_alias(n):
+                nbytes = -1  # a view of its input's storage
+        slot = self.new_slot()
+        prog.append(("op", slot, fn, tuple(args), dict(kwargs), post, nbytes))
+        return slot
+
+    def _with_frees(self, prog: list[tuple], keep: dict[int, tuple]) -> list[tuple]:
+        """Free each slot after its last reader; a node's rows the next band needs are copied out first."""
+        last: dict[int, int] = {}
+        for i, ins in enumerate(prog):
+            for s in _reads(ins):
+                last[s] = i
+            if ins[0] == "op":
+                last.setdefault(ins[1], i)
+        for s in keep:  # a kept node's buffer that nothing read this band (its carry alone)
+            last.setdefault(s, -1)
+        dies: dict[int, list[int]] = {}
+        for s, i in last.items():
+            if s != 0:
+                dies.setdefault(i, []).append(s)
+        out: list[tuple] = []
+        if -1 in dies:
+            out.extend(self._release(dies[-1], keep))
+        for i, ins in enumerate(prog):
+            out.append(ins)
+            if i in dies:
+                out.extend(self._release(dies[i], keep))
+        return out
+
+    def _release(self, dead: list[int], keep: dict[int, tuple]) -> list[tuple]:
+        out = []
+        for s in dead:
+            if s in keep:
+                n, offset, length = keep[s]
+                c = self.new_slot()
+                out.append(("op", c, aten.clone.default, (Band(s, self.seg.row_dim[n], offset, length),), {}, None,
+                            length * _row_bytes(n, self.seg)))
+                self.carry[n] = c
+        out.append(("free", dead))
+        return out
 
 
-def _reads(ins: tuple) -> set[int]:
-    found: set[int] = set()
+def _reads(ins: tuple) -> list[int]:
+    """Slots an instruction reads (Bands sit in its arguments, or in a list argument: torch.cat)."""
+    kind = ins[0]
+    if kind == "op":
+        found = []
+        for a in (*ins[3], *ins[4].values()):
+            if isinstance(a, Band):
+                found.append(a.slot)
+            elif isinstance(a, list) and a and isinstance(a[0], Band):
+                found.extend(b.slot for b in a)
+        return found
+    if kind in ("stats", "out"):
+        return [ins[2].slot] if kind == "stats" else [ins[1].slot]
+    return []
 
-    def visit(x):
-        if isinstance(x, Band):
-            found.add(x.slot)
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                visit(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                visit(y)
 
-    visit(ins[1:])
-    return found
+def _pad_spec(ndim: int, d: int, top: int, bot: int) -> list[int]:
+    pads = [0] * (2 * (ndim - d))
+    pads[-2], pads[-1] = top, bot
+    return pads
 
 
-def _with_frees(prog: list[tuple]) -> list[tuple]:
-    last: dict[int, int] = {}
-    for i, ins in enumerate(prog):
-        reads = _reads(ins) if ins[0] != "op" else _reads((None,) + ins[2:])
-        for s in reads:
-            last[s] = i
+def simulate(program: list[tuple]) -> int:
+    """Peak bytes a program holds (its instructions carry the bytes each allocates; views share)."""
+    owner: dict[int, int] = {}  # slot -> the slot whose storage it holds
+    holders: dict[int, int] = {}
+    size: dict[int, int] = {}
+    live = peak = 0
+    for ins in program:
         if ins[0] == "op":
-            last.setdefault(ins[1], i)
-    out: list[tuple] = []
-    for i, ins in enumerate(prog):
-        out.append(ins)
-        dead = [s for s, k in last.items() if k == i and s != 0]
-        if dead:
-            out.append(("free", dead))
-    return out
+            slot, nbytes = ins[1], ins[6]
+            base = next((a.slot for a in ins[3] if isinstance(a, Band)), None) if nbytes == -1 else None
+            if base is not None and base in owner:
+                owner[slot] = owner[base]
+                holders[owner[slot]] += 1
+            else:
+                owner[slot], holders[slot], size[slot] = slot, 1, max(nbytes, 0)
+                live += size[slot]
+            peak = max(peak, live)
+        elif ins[0] == "stats":
+            peak = max(peak, live + ins[4])  # the band's statistics reshape a strided band: a copy
+        elif ins[0] == "free":
+            for s in ins[1]:
+                o = owner.pop(s, None)
+                if o is None:
+                    continue
+                holders[o] -= 1
+                if holders[o] == 0:
+                    live -= size.pop(o)
+    return peak
+
+
+def _first_inputs(seg: RowSegment) -> dict:
+    """Per node: its first argument if it is a node, and how that is read (memoised on the segment)."""
+    memo = seg.__dict__.get("_first")
+    if memo is None:
+        memo = {}
+        for n in seg.nodes:
+            x = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+            memo[n] = (x, seg.reqs[n].get(x))
+        seg.__dict__["_first"] = memo
+    return memo
+
+
+def band_bytes(seg: RowSegment, j: int, bounds: list[tuple[int, int]], s: int, hi) -> int:
+    """Peak bytes band ``s`` of pass ``j`` holds (rows kept from the previous band included), worked out from
+    row counts without building the band's instructions: what :func:`simulate` would find on its program, for
+    the planner's many trials. ``hi(s)`` is :func:`computed_rows` for band ``s`` ({} before the first)."""
+    before, now = hi(s - 1), hi(s)
+    order = [n for n in seg.nodes if n in now]
+    start = _buffer_starts(seg, order, before, now)
+    nxt = _buffer_starts(seg, order, now, hi(s + 1)) if s + 1 < len(bounds) else None
+    targets = {g.args[0] for g in seg.stats_targets(j)}
+    readers: dict[torch.fx.Node, int] = {n: 0 for n in order}
+    for n in order:
+        if now[n] > before.get(n, 0):
+            for p, r in seg.reqs[n].items():
+                if isinstance(r, RowReq) and p is not seg.input:
+                    readers[p] += 1
+    live = sum(max(0, before.get(n, 0) - start[n]) * _row_bytes(n, seg) for n in order)
+    peak = live
+    owner: dict[torch.fx.Node, torch.fx.Node] = {}
+    holds: dict[torch.fx.Node, int] = {}
+    size: dict[torch.fx.Node, int] = {}
+    sharing: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+
+    def release(o):
+        nonlocal live, peak
+        holds[o] -= 1
+        if holds[o] > 0:
+            return
+        if nxt is not None:
+            for m in sharing[o]:
+                if nxt[m] < now[m]:
+                    live += (now[m] - nxt[m]) * _row_bytes(m, seg)
+                    peak = max(peak, live)
+        live -= size.pop(o)
+
+    first = _first_inputs(seg)
+    for n in order:
+        a, b = before.get(n, 0), now[n]
+        rb = _row_bytes(n, seg)
+        carried = max(0, a - start[n]) * rb
+        x, r = first[n]
+        if b > a and _is_alias(n) and not carried and x in owner and holds.get(owner[x], 0) > 0:
+            o = owner[n] = owner[x]
+            holds[o] += readers[n]
+            sharing[o].append(n)
+        else:
+            made = 0
+            if b > a:
+                rows = b - a
+                transient = 0
+                if n.target in CONV_OPS and isinstance(r, RowReq):
+                    pa, pb, top, bot = r.needed(a, b, seg.rows[x])
+                    if top != bot:
+                        transient = (pb - pa + top + bot) * _row_bytes(x, seg)
+                if n.target in UPSAMPLE_OPS and isinstance(r, RowReq):
+                    pa, pb, _, _ = r.needed(a, b, seg.rows[x])
+                    rows = (pb - pa) * r.factor
+                made = rows * rb
+                live += made
+                peak = max(peak, live + transient)
+            if carried and made:  # joined with the rows kept from the previous band
+                live += (b - start[n]) * rb
+                peak = max(peak, live)
+                live -= carried + made
+                made = (b - start[n]) * rb
+            elif carried:
+                made = carried
+            owner[n] = n
+            holds[n] = readers[n] or 0
+            size[n] = made
+            sharing[n] = [n]
+        if n in targets and b > a:
+            peak = max(peak, live + (b - a) * rb)  # band statistics copy the strided band
+        if b > a:
+            for p, rq in seg.reqs[n].items():
+                if isinstance(rq, RowReq) and p is not seg.input and p in owner:
+                    release(owner[p])
+        if owner[n] is n and holds[n] == 0:
+            holds[n] = 1
+            release(n)
+    return peak
+
+
+def segment_estimate(seg: RowSegment, bands: int) -> tuple[int, float]:
+    """(workspace bytes, work) of running ``seg`` in ``bands`` bands: the workspace from the first two bands
+    of each pass (rows kept between bands reach their steady state in the second), the work from every row
+    once per pass plus a charge per instruction."""
+    memo = seg.__dict__.setdefault("_estimates", {})
+    if bands not in memo:
+        bounds = slice_bounds(seg.length, bands)
+        ws, work = 0, 0.0
+        for j in _passes(seg):
+            his: dict[int, dict] = {}
+
+            def hi(s, j=j, his=his):
+                if s < 0 or s >= len(bounds):
+                    return {}
+                if s not in his:
+                    his[s] = computed_rows(seg, j, bounds[s][1])
+                return his[s]
+
+            for s in range(min(2, len(bounds))):
+                ws = max(ws, band_bytes(seg, j, bounds, s, hi))
+            order = hi(0)
+            work += sum(seg.rows[n] * _row_cost(n, seg) for n in order)
+            work += 2 * len(order) * len(bounds) * INSTRUCTION_COST
+        memo[bands] = (ws, work)
+    return memo[bands]
+
+
+def _passes(seg: RowSegment) -> list[int]:
+    return [j for j in range(seg.num_passes) if seg.stats_targets(j) or j == seg.num_passes - 1]
+
+
+def unsliced_cost(seg: RowSegment) -> float:
+    return sum(seg.rows[n] * _row_cost(n, seg) for n in seg.nodes)
+
+
+def build_programs(seg: RowSegment, bands: int) -> tuple[list[list[tuple]], list[torch.fx.Node]]:
+    """One program per pass (its bands in order), and the whole inputs they index."""
+    bounds = slice_bounds(seg.length, bands)
+    ext_index = {p: i for i, p in enumerate(seg.externals)}
+    norm_key = {g: i for i, g in enumerate(seg.norms)}
+    programs = []
+    for j in _passes(seg):
+        builder = _PassBuilder(seg, j, bounds, ext_index, norm_key)
+        programs.append([ins for s in range(len(bounds)) for ins in builder.band(s)])
+    return programs, list(seg.externals)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -775,7 +931,8 @@ def outline(gm: torch.fx.GraphModule, choices: list[RowChoice], *, planning: boo
         call.meta["nn_module_stack"] = seg.output.meta.get("nn_module_stack", {})
         info = node_info(call)
         info.group = f"rows:{seg.name}"
-        info.workspace_bytes = c.workspace_bytes
+        # the programs that will run, simulated (the planner's trials used the row-count model)
+        info.workspace_bytes = max((simulate(p) for p in programs), default=c.workspace_bytes)
         seg.output.replace_all_uses_with(call)
         replaced[seg.output] = call
         for n in reversed(seg.nodes):
@@ -787,5 +944,5 @@ def outline(gm: torch.fx.GraphModule, choices: list[RowChoice], *, planning: boo
     return gm
 
 
-__all__ = ["RowAnalysis", "RowSegment", "RowChoice", "RowReq", "row_rule", "pass_ranges", "band_estimate",
-           "segment_estimate", "build_programs", "chain", "choose_tail", "outline", "best_bands"]
+__all__ = ["RowAnalysis", "RowSegment", "RowChoice", "RowReq", "row_rule", "computed_rows", "simulate",
+           "segment_estimate", "band_bytes", "build_programs", "chain", "choose_tail", "outline", "best_bands"]

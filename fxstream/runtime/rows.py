@@ -1,19 +1,22 @@
 """The runtime of a row-streamed segment: run a stretch of the graph band of rows by band of rows.
 
 A segment (see :mod:`passes.rows`) reads one full-size tensor and writes one; in between, every node runs on
-a band of its rows with a halo where a convolution needs it. Normalisations whose statistics span the rows
-run in several passes over the bands: statistics first (combined exactly across bands), values after. The
-program of each pass and band is worked out when the plan is made: this module only interprets it.
+a band of its rows. Bands run top to bottom and each computes only rows no earlier band computed; the rows
+above a band that a convolution reads are kept from the previous band. Normalisations whose statistics span
+the rows run in several passes over the bands: statistics first (combined exactly across bands), values
+after. The program of each pass is worked out when the plan is made: this module only interprets it; its
+environment lives for the pass, so rows kept for the next band survive from one band to the next.
 
-Program instructions (tuples):
+Program instructions (tuples; trailing fields are the planner's byte counts, ignored here):
 
-``("op", slot, fn, args, kwargs, post)``
+``("op", slot, fn, args, kwargs, post, nbytes)``
     ``slot = fn(*args, **kwargs)``; argument markers :class:`Band` (rows of a slot), :class:`Ext` (a whole
     input of the segment) and :class:`Stats` (complete statistics) are replaced by their values; ``post``
     is ``None`` or ``(dim, start, length)``, a narrowing of the result (nearest upsampling computes whole
     input rows, then keeps the band).
-``("stats", key, band, groups)``
-    GroupNorm statistics of ``band`` (rows this band owns, never its halo), combined into ``key``.
+``("stats", key, band, groups, nbytes)``
+    GroupNorm statistics of ``band`` (rows this band computed first, never rows kept from the previous
+    band), combined into ``key``.
 ``("out", band, (start, length))``
     the segment's output rows ``[start, start + length)``, owned by this band, written into the output.
 ``("free", slots)``
@@ -84,7 +87,7 @@ class RowStream(nn.Module):
                  out_dim: int, num_passes: int, bands: int):
         super().__init__()
         self.segment_name = name
-        self.programs = programs  # one per (pass, band), in the order they run
+        self.programs = programs  # one per pass, its bands in order
         self.out_shape = out_shape
         self.out_dtype = out_dtype
         self.out_dim = out_dim
@@ -107,12 +110,12 @@ class RowStream(nn.Module):
                 return type(a)(value(b, env) for b in a)
             return a
 
-        for program in self.programs:
+        for program in self.programs:  # one per pass
             env: dict[int, torch.Tensor] = {0: x}
             for ins in program:
                 kind = ins[0]
                 if kind == "op":
-                    _, slot, fn, args, kwargs, post = ins
+                    _, slot, fn, args, kwargs, post = ins[:6]
                     r = fn(*[value(a, env) for a in args], **{k: value(v, env) for k, v in kwargs.items()})
                     if post is not None:
                         r = r.narrow(*post)
@@ -121,7 +124,7 @@ class RowStream(nn.Module):
                     for s in ins[1]:
                         env.pop(s, None)
                 elif kind == "stats":
-                    _, key, band, groups = ins
+                    _, key, band, groups = ins[:4]
                     part = band_statistics(value(band, env), groups)
                     stats[key] = part if key not in stats else combine_partials(stats[key], part)
                 else:  # "out"
