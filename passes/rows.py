@@ -362,8 +362,28 @@ def _row_cost(n: torch.fx.Node, seg: RowSegment) -> float:
     return memo[n]
 
 
-def _is_alias(n: torch.fx.Node) -> bool:
-    return n.target in VIEW_OPS and n.target is not aten.reshape.default and _aliases_input(n)
+_RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.flatten.using_ints,
+             aten.unflatten.int}
+
+
+def _band_alias(n: torch.fx.Node, seg: RowSegment) -> bool:
+    """Whether ``n`` run on a band returns a view of its input's band (no new storage). As in the whole graph
+    (``passes.memory``: views, eval dropout, same-dtype conversions), except that a reshape merging or
+    splitting the row dim copies a band narrowed out of a wider buffer."""
+    memo = seg.__dict__.setdefault("_alias", {})
+    if n not in memo:
+        from passes.dims import _view_groups
+        from passes.memory import _returns_alias
+
+        x = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+        alias = x is not None and x in seg.row_dim and _returns_alias(n, x)
+        if alias and n.target in _RESHAPES:
+            d = seg.row_dim[x]
+            groups = _view_groups(shape(x), shape(n)) or []
+            alias = any(d in gi and [i for i in gi if shape(x)[i] != 1] == [d]
+                        and len([o for o in gj if shape(n)[o] != 1]) == 1 for gi, gj in groups)
+        memo[n] = alias
+    return memo[n]
 
 
 def computed_rows(seg: RowSegment, j: int, end: int) -> dict[torch.fx.Node, int]:
@@ -478,9 +498,9 @@ class _PassBuilder:
                 buf[n] = parts[0]
             if b > a:
                 for g in self.targets:
-                    if g.args[0] is n:
-                        prog.append(("stats", self.norm_key[g], rows_of(n, a, b), g.args[1],
-                                     (b - a) * _row_bytes(n, seg)))
+                    if g.args[0] is n:  # the statistics copy a band narrowed out of a wider buffer
+                        copy = (b - a) * _row_bytes(n, seg) if start[n] < a else 0
+                        prog.append(("stats", self.norm_key[g], rows_of(n, a, b), g.args[1], copy))
                 if self.final and n is seg.output:
                     prog.append(("out", rows_of(n, a, b), (a, b - a)))
         keep = {}
@@ -554,7 +574,7 @@ class _PassBuilder:
                 fn = aten.reshape.default  # a band narrowed out of a wider one is strided: view may not apply
             args = torch.fx.node.map_arg(args, mapped)
             kwargs = torch.fx.node.map_arg(kwargs, mapped)
-            if _is_alias(n):
+            if _band_alias(n, seg):
                 nbytes = -1  # a view of its input's storage
         slot = self.new_slot()
         prog.append(("op", slot, fn, tuple(args), dict(kwargs), post, nbytes))
@@ -700,7 +720,7 @@ def band_bytes(seg: RowSegment, j: int, bounds: list[tuple[int, int]], s: int, h
         rb = _row_bytes(n, seg)
         carried = max(0, a - start[n]) * rb
         x, r = first[n]
-        if b > a and _is_alias(n) and not carried and x in owner and holds.get(owner[x], 0) > 0:
+        if b > a and _band_alias(n, seg) and not carried and x in owner and holds.get(owner[x], 0) > 0:
             o = owner[n] = owner[x]
             holds[o] += readers[n]
             sharing[o].append(n)
@@ -716,7 +736,7 @@ def band_bytes(seg: RowSegment, j: int, bounds: list[tuple[int, int]], s: int, h
                 if n.target in UPSAMPLE_OPS and isinstance(r, RowReq):
                     pa, pb, _, _ = r.needed(a, b, seg.rows[x])
                     rows = (pb - pa) * r.factor
-                made = rows * rb
+                made = 0 if x is seg.input and _band_alias(n, seg) else rows * rb  # a view of the input
                 live += made
                 peak = max(peak, live + transient)
             if carried and made:  # joined with the rows kept from the previous band
@@ -730,8 +750,8 @@ def band_bytes(seg: RowSegment, j: int, bounds: list[tuple[int, int]], s: int, h
             holds[n] = readers[n] or 0
             size[n] = made
             sharing[n] = [n]
-        if n in targets and b > a:
-            peak = max(peak, live + (b - a) * rb)  # band statistics copy the strided band
+        if n in targets and b > a and start[n] < a:
+            peak = max(peak, live + (b - a) * rb)  # band statistics copy a band narrowed out of its buffer
         if b > a:
             for p, rq in seg.reqs[n].items():
                 if isinstance(rq, RowReq) and p is not seg.input and p in owner:
