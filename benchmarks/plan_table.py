@@ -12,8 +12,9 @@ caller and not counted. Per model:
 - eager: ``analyze_memory(lifetime="eager")`` on the captured graph (values held by Python frames stay alive).
 - eager + FF chunking: the model with diffusers' feed-forward chunking (see :func:`enable_ff_chunking`),
   captured again and estimated the same way; ``-`` where the model has no ``enable_forward_chunking``.
-- fxstream: ``plan_chunks`` at the lowest reachable peak (``budget None``) and at each budget, on one capture
-  (the graph is captured and grouped once per model; ``plan_chunks`` does not mutate it).
+- fxstream: what ``fxstream.compile`` plans, at the lowest reachable peak (``budget None``) and at each budget:
+  ``plan_chunks`` on one capture and grouping per model, and row streaming of the tail (``passes/rows.py``)
+  where groups alone cannot meet the budget or where it lowers the minimum by 5%.
 
 A whole-pipeline table follows: resident fp16 weights of the pipeline's components plus the larger of the UNet
 step's and the VAE decode's activation peaks.
@@ -42,6 +43,8 @@ from fxstream.errors import BudgetError  # noqa: E402
 from fxstream.models import build  # noqa: E402
 from passes.budget import plan_chunks  # noqa: E402
 from passes.chains import find_groups  # noqa: E402
+from passes.slicing import copy_graph_module  # noqa: E402
+from fxstream.module import _stream_tail  # noqa: E402
 from passes.memory import analyze_memory  # noqa: E402
 
 GiB = 2**30
@@ -149,6 +152,7 @@ class PlanCell:
     status: str = "planned"  # planned | unsliced | infeasible | error
     floor_bytes: int | None = None
     message: str = ""
+    rows: int = 0  # row-streamed segments (passes/rows.py)
 
     def text(self) -> str:
         if self.status == "infeasible":
@@ -157,7 +161,8 @@ class PlanCell:
             return f"error: {self.message}"
         if self.status == "unsliced":
             return f"fits unsliced ({gib(self.peak_bytes)})"
-        return f"{gib(self.peak_bytes)} ({self.sliced} groups)"
+        rows = f" + {self.rows} row-streamed" if self.rows else ""
+        return f"{gib(self.peak_bytes)} ({self.sliced} groups{rows})"
 
 
 @dataclass
@@ -205,15 +210,31 @@ def run_setup(setup: Setup, *, size: str, budgets: list[float | None], chunking:
     result.seconds["capture"] = t_capture
 
     t0 = time.perf_counter()
+    pristine = copy_graph_module(gm)[0]  # ungrouped, for row streaming (grouping splits GroupNorms in place)
     groups = find_groups(gm)  # after the eager estimate: it splits GroupNorms in gm
     result.groups = len(groups)
     result.seconds["group"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    lowest = None  # the minimum with row streaming, computed once: the floor an infeasible budget reports
     for budget in budgets:
         cell = PlanCell(budget)
         budget_bytes = None if budget is None else int(budget * GiB)
         try:
-            plan = plan_chunks(gm, groups, budget_bytes, target="cuda")
+            # what fxstream.compile decides (fxstream.module._slice): operator groups, and row streaming where
+            # groups alone cannot meet the budget or where it lowers the minimum
+            try:
+                plan, rows = plan_chunks(gm, groups, budget_bytes, target="cuda"), []
+            except BudgetError:
+                plan, rows = None, []
+            if plan is None or budget_bytes is None:
+                streamed = _stream_tail(pristine, budget_bytes, "cuda", plan)
+                if streamed is not None:
+                    _, plan, rows = streamed
+            if plan is None:
+                if lowest is None:
+                    lowest = _stream_tail(pristine, None, "cuda", None) or (None, plan_chunks(gm, groups, None, target="cuda"), [])
+                floor = lowest[1].predicted_peak_bytes
+                raise BudgetError(f"below the floor {floor}", min_peak_bytes=floor)
         except BudgetError as e:
             cell.status, cell.floor_bytes = "infeasible", e.min_peak_bytes
         except Exception as e:  # one failed plan must not cost the other cells
@@ -222,8 +243,9 @@ def run_setup(setup: Setup, *, size: str, budgets: list[float | None], chunking:
         else:
             cell.peak_bytes = plan.predicted_peak_bytes
             cell.activation_bytes = plan.timeline.activation_peak_bytes
+            cell.rows = len(rows)
             cell.sliced = sum(1 for k in plan.chunks.values() if k > 1)
-            if cell.sliced == 0:
+            if cell.sliced == 0 and not rows:
                 cell.status = "unsliced"
             del plan
         _log(f"{setup.key}: budget {'min' if budget is None else budget}: {cell.text()}", started)
@@ -368,7 +390,7 @@ def main(argv=None) -> int:
         "of this script) gave the same eager peak for `enable_forward_chunking(1, dim=0)`, `(1, dim=1)` and "
         "the per-frame setting (3.75 MiB, 6.25 MiB unchunked): once the feed-forward is chunked, the peak "
         "moves elsewhere. `-`: the model has no forward chunking (VAE decoders).",
-        "- fxstream: `plan_chunks` (graph lifetimes: each value freed after its last use) at the lowest "
+        "- fxstream: what `fxstream.compile` plans: `plan_chunks` (graph lifetimes: each value freed after its last use), with the decoder's tail row-streamed (`passes/rows.py`) where groups alone cannot meet the budget or where that lowers the minimum, at the lowest "
         "reachable peak (min) and at each budget, on one capture and grouping per model; `(N groups)` is how "
         "many operator groups are sliced; `fits unsliced (X)`: the unsliced graph already fits, at X; "
         "`infeasible (floor X)`: BudgetError, X is the lowest reachable peak.",

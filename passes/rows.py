@@ -236,7 +236,7 @@ class RowAnalysis:
             self._segments[key] = self._build(c_in, c_out)
         return self._segments[key]
 
-    def _build(self, c_in: torch.fx.Node, c_out: torch.fx.Node) -> RowSegment | None:
+    def _build(self, c_in: torch.fx.Node, c_out: torch.fx.Node, limit: bool = True) -> RowSegment | None:
         down = self.downstream(c_in)
         if c_out not in down or not isinstance(val(c_in), torch.Tensor) or val(c_in).dim() < 3:
             return None
@@ -253,12 +253,12 @@ class RowAnalysis:
                 return None  # a value other than the output leaves the segment
         nodes = sorted(seg, key=self.index.__getitem__)
         for d_in in range(2, val(c_in).dim()):
-            built = self._dims(c_in, d_in, nodes)
+            built = self._dims(c_in, d_in, nodes, limit)
             if built is not None:
                 return built
         return None
 
-    def _dims(self, c_in, d_in, nodes) -> RowSegment | None:
+    def _dims(self, c_in, d_in, nodes, limit: bool = True) -> RowSegment | None:
         row_dim = {c_in: d_in}
         rows = {c_in: shape(c_in)[d_in]}
         reqs: dict = {}
@@ -301,7 +301,7 @@ class RowAnalysis:
                 lv = level[n.args[0]] + 1
                 norms.append(n)
             level[n] = lv
-        if level[nodes[-1]] + 1 > MAX_PASSES:
+        if limit and level[nodes[-1]] + 1 > MAX_PASSES:
             return None
         return RowSegment(c_in, nodes[-1], nodes, row_dim, rows, reqs, externals, level, length, norms)
 
@@ -334,8 +334,8 @@ class RowAnalysis:
                 continue
             if n.target in VIEW_OPS and _aliases_input(n):
                 continue
-            if self.segment(n, self.graph_output) is None:
-                continue
+            if self._build(n, self.graph_output, limit=False) is None:
+                continue  # (a tail with too many passes for one segment is still a start: the chain cuts it)
             best[n.name if n.op == "placeholder" else ".".join(module_path(n).split(".")[:3])] = n
         return sorted(best.values(), key=self.index.__getitem__)
 
