@@ -17,8 +17,8 @@ Measured: the activation peak of one call (``fxstream.measure``: live tensor sto
 the median latency of ``--repeats`` calls (``time.perf_counter`` under ``torch.no_grad``, after a warm-up
 call; in rounds that run every variant once, so that load from other jobs falls on all alike), both as ratios
 to eager; compile time (capture + plan, the first call); max |out - eager| / max |eager|.
-Results are written after every model, so a run cut short still leaves a table. Step Rehash is not
-implemented yet, so there are no rehash rows.
+Results are written after every model, so a run cut short still leaves a table.
+Step Rehash is measured on trained models by ``benchmarks/rehash_cpu.py``, not here.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
             "- fxstream min: `fxstream.compile(budget_gb=None, target=\"cpu\")`; fxstream mid: a budget "
             "halfway "
             "between the min plan's predicted peak and its predicted eager baseline (weights included).",
-            "- Step Rehash is not implemented yet, so there is no rehash row.",
+            "- Step Rehash is measured on trained models in `rehash_cpu.md` (`benchmarks/rehash_cpu.py`), not here.",
             *(["- Threads: with 2 intra-op threads on this 2-core machine shared with other jobs, latencies "
                "were not reproducible (OpenMP threads spin-wait for preempted siblings: the same call varied "
                "up to 7x between two runs); with 1 thread they were stable to about 10%, hence --threads 1."]

@@ -8,7 +8,7 @@ Measured: activation peak (``torch.cuda.max_memory_allocated`` above what was al
 the live-storage count of ``fxstream.measure``), device memory in use from NVML after the call (CUDA context and
 allocator cache included, as the paper reports), median latency, compile time (capture + plan), and the
 compiled-vs-eager max error relative to max|eager|. Results are written after every model, so a run cut short
-still leaves a table. Step Rehash is not implemented yet, so there are no rehash rows.
+still leaves a table. Step Rehash is measured on CPU by `benchmarks/rehash_cpu.py`, not here.
 """
 
 from __future__ import annotations

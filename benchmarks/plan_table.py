@@ -413,7 +413,7 @@ def main(argv=None) -> int:
         "",
         *pnotes,
         *(["## Failures", "", *failures, ""] if failures else []),
-        "Step Rehash is not implemented yet, so there are no rehash columns.",
+        "Step Rehash FLOPs at full size: `fxstream plan --model svd-xt --rehash` (see the README).",
     ]
     print(table)
     print()
