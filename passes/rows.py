@@ -6,13 +6,14 @@ spatial and temporal layers one axis: the rows. A *segment* reads one full-size 
 resolution) and writes one (its output); every node between runs on a band of its rows:
 
 * a convolution along the rows needs ``(k - 1) / 2`` extra rows (the halo) each side of its band, and zero
-  rows where the band touches the image edge (its own padding);
+  rows where the band touches the image edge (its own padding); the rows above come from the previous band;
 * a nearest upsampling by ``f`` maps output rows ``[a, b)`` to input rows ``[a // f, ceil(b / f))``;
 * a GroupNorm whose statistics span the rows (per frame over C/G x H x W, or over C/G x T x H x W in a
   temporal ResBlock) is exact only with statistics of the whole tensor: the segment runs in *passes*. Pass
   ``j`` computes, band by band, the statistics of the GroupNorms at depth ``j`` (each band contributes the rows
-  it owns, never its halo; :func:`passes.reductions.combine_partials` merges them exactly) and the last pass
-  computes the output with every statistic complete. A pass recomputes what it needs from the segment's input.
+  it computed first, so every row counts once; :func:`passes.reductions.combine_partials` merges them exactly)
+  and the last pass computes the output with every statistic complete. A pass recomputes what it needs from
+  the segment's input.
 
 Bands run top to bottom and each computes only the rows of each node that no earlier band computed
 (line-buffered streaming): the rows above a band that a convolution reads are kept from the previous band, a
@@ -23,8 +24,8 @@ reaches only through them), each a full-size tensor the next segment reads.
 
 Input: a captured GraphModule. Output: :class:`RowSegment` s, their programs for
 :class:`fxstream.runtime.rows.RowStream`, the predicted workspace and cost, and :func:`outline` to put them
-into the graph as ``call_module`` nodes. The planner (:func:`plan_row_tail`) picks where the streamed tail
-starts, where it is cut, and how many bands each segment gets.
+into the graph as ``call_module`` nodes. The planner (:func:`choose_tail`, called by ``fxstream.module``) picks
+where the streamed tail starts, where it is cut, and how many bands each segment gets.
 """
 
 from __future__ import annotations
