@@ -140,21 +140,14 @@ def main() -> None:
     rows.append(_row("fxstream min", peak, weights, eager_peak, predicted_min, seconds, opt, out, ref))
     phase_table = {"eager": eager_phases, "fxstream min": phases}
 
-    budget = (predicted_min + predicted_eager) // 2
-    label = f"fxstream budget {mib(budget)} MiB"
-    print(f"{label} ...", file=sys.stderr)
-    out, peak, seconds, phases, opt, _ = _variant(pipe, image, args, budget / 2**30, calls)
-    predicted = max(planned for c in opt.components for _, _, planned in c.pipeline_peaks())
-    rows.append(_row(label, peak, weights, eager_peak, predicted, seconds, opt, out, ref))
-    phase_table[label] = phases
-
-    budget = int(floors["unet"][2] * 1.001)
-    label = f"fxstream budget {mib(budget)} MiB (the UNet's floor)"
-    print(f"{label} ...", file=sys.stderr)
-    out, peak, seconds, phases, opt, _ = _variant(pipe, image, args, budget / 2**30, calls)
-    predicted = max(planned for c in opt.components for _, _, planned in c.pipeline_peaks())
-    rows.append(_row(label, peak, weights, eager_peak, predicted, seconds, opt, out, ref))
-    phase_table[label] = phases
+    halfway, unet_floor = (predicted_min + predicted_eager) // 2, int(floors["unet"][2] * 1.001)
+    for budget, label in ((halfway, f"fxstream budget {mib(halfway)} MiB"),
+                          (unet_floor, f"fxstream budget {mib(unet_floor)} MiB (the UNet's floor)")):
+        print(f"{label} ...", file=sys.stderr)
+        out, peak, seconds, phases, opt, _ = _variant(pipe, image, args, budget / 2**30, calls)
+        predicted = max(planned for c in opt.components for _, _, planned in c.pipeline_peaks())
+        rows.append(_row(label, peak, weights, eager_peak, predicted, seconds, opt, out, ref))
+        phase_table[label] = phases
 
     # Step Rehash: the same minimum-memory plan, with and without rehash="auto", at more steps.
     rehash_rows = []

@@ -182,6 +182,7 @@ class RowSegment:
     level: dict[torch.fx.Node, int]  # the pass from which a node can run (GroupNorms: after their statistics)
     length: int  # band positions: every node's rows are a multiple of it
     norms: list[torch.fx.Node] = field(default_factory=list)
+    memo: dict[str, dict] = field(default_factory=dict, repr=False)  # per-node facts the planner reuses
 
     @property
     def num_passes(self) -> int:
@@ -346,7 +347,7 @@ class RowAnalysis:
 
 
 def _row_bytes(n: torch.fx.Node, seg: RowSegment) -> int:
-    memo = seg.__dict__.setdefault("_row_bytes", {})
+    memo = seg.memo.setdefault("row_bytes", {})
     if n not in memo:
         memo[n] = tensor_bytes(val(n)) // seg.rows[n]
     return memo[n]
@@ -354,7 +355,7 @@ def _row_bytes(n: torch.fx.Node, seg: RowSegment) -> int:
 
 def _row_cost(n: torch.fx.Node, seg: RowSegment) -> float:
     """Work per output row: multiply-adds for convolutions, elements for the rest."""
-    memo = seg.__dict__.setdefault("_row_cost", {})
+    memo = seg.memo.setdefault("row_cost", {})
     if n not in memo:
         per_row = val(n).numel() / seg.rows[n]
         if n.target in CONV_OPS:
@@ -371,7 +372,7 @@ def _band_alias(n: torch.fx.Node, seg: RowSegment) -> bool:
     """Whether ``n`` run on a band returns a view of its input's band (no new storage). As in the whole graph
     (``passes.memory``: views, eval dropout, same-dtype conversions), except that a reshape merging or
     splitting the row dim copies a band narrowed out of a wider buffer."""
-    memo = seg.__dict__.setdefault("_alias", {})
+    memo = seg.memo.setdefault("alias", {})
     if n not in memo:
         from passes.dims import _view_groups
         from passes.memory import _returns_alias
@@ -442,14 +443,14 @@ class _PassBuilder:
         self.carry: dict[torch.fx.Node, int] = {}  # node -> slot with its rows kept from the previous band
         self.order: list[torch.fx.Node] | None = None
         self._hi: dict[int, dict] = {}
-        self.work = 0.0
 
     def new_slot(self) -> int:
         self.counter += 1
         return self.counter - 1
 
     def hi(self, s: int) -> dict:
-        if s < 0:
+        """:func:`computed_rows` once band ``s`` is done ({} outside the bands)."""
+        if s < 0 or s >= len(self.bounds):
             return {}
         if s not in self._hi:
             self._hi[s] = computed_rows(self.seg, self.j, self.bounds[s][1])
@@ -487,7 +488,6 @@ class _PassBuilder:
                 raise AssertionError(f"rows of {n.name} above band {s} were not kept")
             if b > a:
                 parts.append(self._compute(n, a, b, rows_of, prog))
-                self.work += (b - a) * _row_cost(n, seg)
             if not parts:
                 continue
             if len(parts) == 2:
@@ -670,14 +670,13 @@ def simulate(program: list[tuple]) -> int:
 
 
 def _first_inputs(seg: RowSegment) -> dict:
-    """Per node: its first argument if it is a node, and how that is read (memoised on the segment)."""
-    memo = seg.__dict__.get("_first")
+    """Per node: its first argument if it is a node, and how that is read."""
+    memo = seg.memo.get("first")
     if memo is None:
-        memo = {}
+        memo = seg.memo["first"] = {}
         for n in seg.nodes:
             x = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
             memo[n] = (x, seg.reqs[n].get(x))
-        seg.__dict__["_first"] = memo
     return memo
 
 
@@ -767,20 +766,12 @@ def segment_estimate(seg: RowSegment, bands: int) -> tuple[int, float]:
     """(workspace bytes, work) of running ``seg`` in ``bands`` bands: the workspace from the first two bands
     of each pass (rows kept between bands reach their steady state in the second), the work from every row
     once per pass plus a charge per instruction."""
-    memo = seg.__dict__.setdefault("_estimates", {})
+    memo = seg.memo.setdefault("estimates", {})
     if bands not in memo:
         bounds = slice_bounds(seg.length, bands)
         ws, work = 0, 0.0
         for j in _passes(seg):
-            his: dict[int, dict] = {}
-
-            def hi(s, j=j, his=his):
-                if s < 0 or s >= len(bounds):
-                    return {}
-                if s not in his:
-                    his[s] = computed_rows(seg, j, bounds[s][1])
-                return his[s]
-
+            hi = _PassBuilder(seg, j, bounds, {}, {}).hi
             for s in range(min(2, len(bounds))):
                 ws = max(ws, band_bytes(seg, j, bounds, s, hi))
             order = hi(0)
@@ -792,10 +783,6 @@ def segment_estimate(seg: RowSegment, bands: int) -> tuple[int, float]:
 
 def _passes(seg: RowSegment) -> list[int]:
     return [j for j in range(seg.num_passes) if seg.stats_targets(j) or j == seg.num_passes - 1]
-
-
-def unsliced_cost(seg: RowSegment) -> float:
-    return sum(seg.rows[n] * _row_cost(n, seg) for n in seg.nodes)
 
 
 def build_programs(seg: RowSegment, bands: int) -> tuple[list[list[tuple]], list[torch.fx.Node]]:
@@ -930,12 +917,12 @@ def choose_tail(analysis: RowAnalysis, prefix_peak, goal: int | None, slack: flo
     return min((f for f in found if f[0] <= low * (1 + slack)), key=lambda f: f[1])[2]
 
 
-def outline(gm: torch.fx.GraphModule, choices: list[RowChoice], *, planning: bool = False) -> torch.fx.GraphModule:
+def outline(gm: torch.fx.GraphModule, choices: list[RowChoice]) -> torch.fx.GraphModule:
     """Replace each chosen segment of ``gm`` (in place) by a ``call_module`` to a :class:`RowStream`."""
     from passes.slicing import stable_topological_sort
 
     graph = gm.graph
-    built = [([], c.segment.externals) if planning else build_programs(c.segment, c.bands) for c in choices]
+    built = [build_programs(c.segment, c.bands) for c in choices]
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # an earlier segment's output -> its call
     for c, (programs, externals) in zip(choices, built):
         seg = c.segment
@@ -960,8 +947,7 @@ def outline(gm: torch.fx.GraphModule, choices: list[RowChoice], *, planning: boo
             graph.erase_node(n)
     stable_topological_sort(graph)
     graph.lint()
-    if not planning:
-        gm.recompile()
+    gm.recompile()
     return gm
 
 

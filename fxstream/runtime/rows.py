@@ -76,10 +76,6 @@ def group_norm_rows(x: torch.Tensor, stats: torch.Tensor, num_groups: int, weigh
     return out
 
 
-def band_statistics(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    return group_norm_partial(x, num_groups)
-
-
 class RowStream(nn.Module):
     """Runs one row-streamed segment: ``forward(segment_input, *whole_inputs) -> segment_output``."""
 
@@ -125,7 +121,7 @@ class RowStream(nn.Module):
                         env.pop(s, None)
                 elif kind == "stats":
                     _, key, band, groups = ins[:4]
-                    part = band_statistics(value(band, env), groups)
+                    part = group_norm_partial(value(band, env), groups)
                     stats[key] = part if key not in stats else combine_partials(stats[key], part)
                 else:  # "out"
                     _, band, (start, length) = ins
