@@ -13,8 +13,8 @@ caller and not counted. Per model:
 - eager + FF chunking: the model with diffusers' feed-forward chunking (see :func:`enable_ff_chunking`),
   captured again and estimated the same way; ``-`` where the model has no ``enable_forward_chunking``.
 - fxstream: what ``fxstream.compile`` plans, at the lowest reachable peak (``budget None``) and at each budget:
-  ``plan_chunks`` on one capture and grouping per model, and row streaming of the tail (``passes/rows.py``)
-  where groups alone cannot meet the budget or where it lowers the minimum by 5%.
+  the one planner (``passes.pipeline.plan``) on one capture per model: operator groups, and row streaming of
+  the tail (``passes/rows.py``) where groups alone cannot meet the budget or where it lowers the minimum by 5%.
 
 A whole-pipeline table follows: resident fp16 weights of the pipeline's components plus the larger of the UNet
 step's and the VAE decode's activation peaks.
@@ -41,10 +41,8 @@ from common import gib, write_results  # noqa: E402
 from fxstream.capture import capture  # noqa: E402
 from fxstream.errors import BudgetError  # noqa: E402
 from fxstream.models import build  # noqa: E402
-from passes.budget import plan_chunks  # noqa: E402
-from passes.chains import find_groups  # noqa: E402
-from passes.slicing import copy_graph_module  # noqa: E402
-from fxstream.module import _stream_tail  # noqa: E402
+from passes.pipeline import PlanRequest  # noqa: E402
+from passes.pipeline import plan as plan_graph  # noqa: E402
 from passes.memory import analyze_memory  # noqa: E402
 
 GiB = 2**30
@@ -210,48 +208,31 @@ def run_setup(setup: Setup, *, size: str, budgets: list[float | None], chunking:
     result.seconds["capture"] = t_capture
 
     t0 = time.perf_counter()
-    pristine = copy_graph_module(gm)[0]  # ungrouped, for row streaming (grouping splits GroupNorms in place)
-    groups = find_groups(gm)  # after the eager estimate: it splits GroupNorms in gm
-    result.groups = len(groups)
-    result.seconds["group"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    lowest = None  # the minimum with row streaming, computed once: the floor an infeasible budget reports
     for budget in budgets:
         cell = PlanCell(budget)
         budget_bytes = None if budget is None else int(budget * GiB)
         try:
-            # what fxstream.compile decides (fxstream.module._slice): operator groups, and row streaming where
-            # groups alone cannot meet the budget or where it lowers the minimum
-            try:
-                plan, rows = plan_chunks(gm, groups, budget_bytes, target="cuda"), []
-            except BudgetError:
-                plan, rows = None, []
-            if plan is None or budget_bytes is None:
-                streamed = _stream_tail(pristine, budget_bytes, "cuda", plan)
-                if streamed is not None:
-                    _, plan, rows = streamed
-            if plan is None:
-                if lowest is None:
-                    lowest = _stream_tail(pristine, None, "cuda", None) or (None, plan_chunks(gm, groups, None, target="cuda"), [])
-                floor = lowest[1].predicted_peak_bytes
-                raise BudgetError(f"below the floor {floor}", min_peak_bytes=floor)
+            # what fxstream.compile decides: the one planner, on this capture
+            planned = plan_graph(gm, PlanRequest(budget_bytes=budget_bytes, target="cuda"))
         except BudgetError as e:
             cell.status, cell.floor_bytes = "infeasible", e.min_peak_bytes
         except Exception as e:  # one failed plan must not cost the other cells
             traceback.print_exc()
             cell.status, cell.message = "error", f"{type(e).__name__}: {str(e)[:80]}"
         else:
-            cell.peak_bytes = plan.predicted_peak_bytes
-            cell.activation_bytes = plan.timeline.activation_peak_bytes
-            cell.rows = len(rows)
-            cell.sliced = sum(1 for k in plan.chunks.values() if k > 1)
-            if cell.sliced == 0 and not rows:
+            decided = planned.plan
+            result.groups = decided.candidate_groups
+            cell.peak_bytes = decided.predicted_peak_bytes
+            cell.activation_bytes = decided.predicted_activation_peak_bytes
+            cell.rows = sum(1 for g in decided.groups if g.kind == "rows")
+            cell.sliced = len(decided.sliced_groups) - cell.rows
+            if cell.sliced == 0 and not cell.rows:
                 cell.status = "unsliced"
-            del plan
+            del planned
         _log(f"{setup.key}: budget {'min' if budget is None else budget}: {cell.text()}", started)
         result.plans.append(cell)
     result.seconds["plan"] = time.perf_counter() - t0
-    del gm, groups
+    del gm
     gc.collect()
 
     if chunking:
@@ -277,13 +258,13 @@ def run_setup(setup: Setup, *, size: str, budgets: list[float | None], chunking:
 def model_table(results: list[ModelResult], budgets: list[float | None]) -> str:
     headers = ["model", "setup", "nodes", "weights", "eager", "eager + FF chunking"]
     headers += ["fxstream min" if b is None else f"fxstream {b:g} GiB" for b in budgets]
-    headers += ["min vs eager", "seconds (capture / group / plan all / chunked)"]
+    headers += ["min vs eager", "seconds (capture / plan all / chunked)"]
     rows = []
     for r in results:
         mp = r.min_plan()
         ratio = f"{mp.peak_bytes / r.eager_peak:.2f}x" if mp else "-"
         secs = " / ".join(f"{r.seconds[k]:.0f}" if k in r.seconds else "-"
-                          for k in ("capture", "group", "plan", "chunked"))
+                          for k in ("capture", "plan", "chunked"))
         rows.append([r.setup.key, r.description, r.nodes, gib(r.weight_bytes), gib(r.eager_peak),
                      gib(r.chunked_peak), *(p.text() for p in r.plans), ratio, secs])
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
@@ -390,8 +371,8 @@ def main(argv=None) -> int:
         "of this script) gave the same eager peak for `enable_forward_chunking(1, dim=0)`, `(1, dim=1)` and "
         "the per-frame setting (3.75 MiB, 6.25 MiB unchunked): once the feed-forward is chunked, the peak "
         "moves elsewhere. `-`: the model has no forward chunking (VAE decoders).",
-        "- fxstream: what `fxstream.compile` plans: `plan_chunks` (graph lifetimes: each value freed after its last use), with the decoder's tail row-streamed (`passes/rows.py`) where groups alone cannot meet the budget or where that lowers the minimum, at the lowest "
-        "reachable peak (min) and at each budget, on one capture and grouping per model; `(N groups)` is how "
+        "- fxstream: what `fxstream.compile` plans (`passes.pipeline.plan`; graph lifetimes: each value freed after its last use), with the decoder's tail row-streamed (`passes/rows.py`) where groups alone cannot meet the budget or where that lowers the minimum, at the lowest "
+        "reachable peak (min) and at each budget, on one capture per model (`passes.pipeline.plan`); `(N groups)` is how "
         "many operator groups are sliced; `fits unsliced (X)`: the unsliced graph already fits, at X; "
         "`infeasible (floor X)`: BudgetError, X is the lowest reachable peak.",
         "",

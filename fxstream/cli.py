@@ -225,10 +225,10 @@ def progress(label: str, stream: Any = None) -> Iterator[None]:
 def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
+    import fxstream
     from fxstream import models
     from fxstream.analysis import estimate
     from fxstream.capture import normalize_inputs
-    from fxstream.module import build_plan
 
     if args.json:
         _check_writable(args.json)  # before the work, not after it
@@ -241,19 +241,18 @@ def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
         built = models.build(args.model, args.size, frames=args.frames, height=args.height, width=args.width,
                              cfg=args.cfg, dtype=getattr(torch, DTYPES[args.dtype]))
     flat, keyword_only = normalize_inputs(built.module, built.args, built.kwargs)
-    if keyword_only:  # build_plan takes positional arguments only; never silently drop one
+    if keyword_only:  # the estimate takes positional arguments only; never silently drop one
         raise ValueError(f"{args.model}: keyword-only arguments {sorted(keyword_only)} cannot be planned")
 
     if args.budget_gb is not None or args.chunks is not None:
-        budget_bytes = None if args.budget_gb is None else int(args.budget_gb * 2**30)
         limit = f"budget {args.budget_gb:g} GiB" if args.chunks is None else f"{args.chunks} chunks"
         with progress(f"capturing and planning {label} for {limit}"), _quiet_torch():
-            entry = build_plan(built.module, flat, budget_bytes=budget_bytes, chunks=args.chunks,
-                               target=args.target)
-        baseline, planned, plan, graph_module = entry.baseline, entry.planned, entry.plan, entry.graph_module
+            plan = fxstream.plan(built.module, *flat, budget_gb=args.budget_gb, chunks=args.chunks,
+                                 target=args.target)
+        baseline, planned, graph_module = plan.details.baseline, plan.details.planned, plan.details.graph_module
     else:
         with progress(f"capturing {label}"), _quiet_torch():
-            # The eager lifetime model, as build_plan's baseline: values held by Python frames stay alive.
+            # The eager lifetime model, as the planner's baseline: values held by Python frames stay alive.
             baseline = estimate(built.module, *flat, lifetime="eager", target=args.target)
         planned = plan = graph_module = None
 

@@ -35,3 +35,7 @@ class BudgetError(FxStreamError):
 
 class UnsupportedModelError(FxStreamError):
     """The model or pipeline is not one fxstream knows how to handle."""
+
+
+class PlanningWarning(UserWarning):
+    """A planning pass stopped on a pattern it does not know; that graph runs whole (exact, unsliced)."""

@@ -20,6 +20,7 @@ that consumes them; and views handed out of a group are redone outside it, on th
 
 from __future__ import annotations
 
+import operator
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -113,6 +114,29 @@ def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [x for x in node.all_input_nodes if isinstance(val(x), (torch.Tensor, list, tuple))]
 
 
+def _is_list(node: torch.fx.Node) -> bool:
+    """A node whose value is a list of tensors (split, chunk, unbind), read element by element with getitem."""
+    return isinstance(val(node), (list, tuple))
+
+
+def _spans(req: dict, length: int) -> bool:
+    """Whether every input a rule slices spans the axis exactly (``length`` positions of its unit): a rule
+    that maps an axis onto a dim of another size is wrong for that node, and taken as a barrier."""
+    for p, r in req.items():
+        if isinstance(r, SliceAxis):
+            s = shape(p)
+            if s is None or r.dim >= len(s) or s[r.dim] != length * r.unit:
+                return False
+    return True
+
+
+def _reads_list_from_outside(req: dict, members) -> bool:
+    """Whether a requirement reads a list-valued node that is not a member. A list never crosses a group
+    boundary: its elements may differ in size along the split dim, so a getitem joins (or seeds) a group only
+    with the op that made the list, and a list made inside a group is handed out through its getitems."""
+    return any(_is_list(p) and p not in members for p in req)
+
+
 class _Grouper:
     def __init__(self, gm: torch.fx.GraphModule, banned: set[tuple[str, str]] | None = None):
         self.gm = gm
@@ -127,6 +151,8 @@ class _Grouper:
         self.reqs: dict[int, dict[torch.fx.Node, object]] = defaultdict(dict)
         self.anc: dict[torch.fx.Node, int] = {}  # bitmask of groups among a node's ancestors
         self.pass_of: dict[torch.fx.Node, int] = {}
+        # bitmask of the groups each group depends on, transitively, once groups are contracted to one call each
+        self.group_deps: dict[int, int] = defaultdict(int)
         self.split_candidates: list[torch.fx.Node] = []
 
     # -- the join test ---------------------------------------------------------------------------------------
@@ -137,8 +163,9 @@ class _Grouper:
             opts.append(REDUCED)
         return opts
 
-    def _fits(self, node, axis, members_axis, gid, reqs, check_cycles=True, passable_split=False):
-        """The input requirements if ``node`` with output ``axis`` can join the group, else None."""
+    def _fits(self, node, axis, members_axis, gid, reqs, length, check_cycles=True, passable_split=False):
+        """The input requirements if ``node`` with output ``axis`` can join the group (of axis length
+        ``length``), else None."""
         if axis is REDUCED:
             x = node.args[0]
             a = members_axis.get(x)
@@ -151,7 +178,7 @@ class _Grouper:
             if not passable_split:
                 return None
             req = {node.args[0]: axis}
-        if req is None:
+        if req is None or _reads_list_from_outside(req, members_axis):
             return None
         inside = False
         for p, r in req.items():
@@ -163,8 +190,8 @@ class _Grouper:
                     return None
                 inside = True
             else:
-                if r is not WHOLE and (r.dim >= len(shape(p) or ()) or shape(p)[r.dim] % r.unit):
-                    return None
+                if r is not WHOLE and (r.dim >= len(shape(p) or ()) or shape(p)[r.dim] != length * r.unit):
+                    return None  # every sliced tensor of a group spans the group's axis exactly
                 if reqs.get(p, r) != r:
                     return None
                 if check_cycles and gid is not None and (self.anc.get(p, 0) >> gid) & 1:
@@ -214,7 +241,7 @@ class _Grouper:
             if not _groupable(node) or not any(p in members for p in node.all_input_nodes):
                 continue
             for opt in self._options(node, length):
-                req = self._fits(node, opt, members, None, reqs, check_cycles=False, passable_split=True)
+                req = self._fits(node, opt, members, None, reqs, length, check_cycles=False, passable_split=True)
                 if req is not None:
                     members[node] = opt
                     for p, r in req.items():
@@ -241,7 +268,8 @@ class _Grouper:
                 req = input_axes(node, axis)
             except SplitReduction:
                 req = SPLIT
-            if req is None:
+            if req is None or req is not SPLIT and (_reads_list_from_outside(req, ())
+                                                   or not _spans(req, s[d])):
                 continue
             scored.append((self._score(node, axis), d, axis, req is SPLIT))
         if not scored:
@@ -283,12 +311,14 @@ class _Grouper:
                 members_axis = {n: self.axis_of[n] for n in node.all_input_nodes if self.group_of.get(n) == gid}
                 for opt in self._options(node, self.length[gid]):
                     try:
-                        req = self._fits(node, opt, members_axis, gid, self.reqs[gid])
+                        req = self._fits(node, opt, members_axis, gid, self.reqs[gid], self.length[gid])
                     except SplitReduction:
                         req = None
                     if req is None:
                         continue
                     if self._switch_here(node, opt, open_members[gid]):
+                        break
+                    if not self._acyclic_join(node, gid):
                         break
                     self._add(node, gid, opt, req)
                     if pending[node]:
@@ -319,7 +349,37 @@ class _Grouper:
             if pending[node]:
                 open_members[gid].add(node)
 
+    def _acyclic_join(self, node: torch.fx.Node, gid: int) -> bool:
+        """Whether ``node`` can join group ``gid`` without a cycle between groups. Each group stays convex by
+        the outside-input test in :meth:`_fits`; this is the test between groups: ``node`` makes ``gid`` depend
+        on every group it reads from, and none of them may already depend on ``gid`` (A feeds B through one
+        member while B feeds A through another: each convex, a cycle once both are outlined)."""
+        deps = self.anc[node] & ~(1 << gid)
+        while deps:
+            low = deps & -deps
+            if (self.group_deps[low.bit_length() - 1] >> gid) & 1:
+                return False
+            deps ^= low
+        return True
+
+    def _depend(self, gid: int, deps: int) -> None:
+        """Record that ``gid`` depends on the groups in ``deps`` (and on what they depend on), and so does every
+        group that depends on ``gid``."""
+        closure, rest = deps, deps
+        while rest:
+            low = rest & -rest
+            closure |= self.group_deps[low.bit_length() - 1]
+            rest ^= low
+        closure &= ~(1 << gid)
+        if not closure & ~self.group_deps[gid]:
+            return
+        self.group_deps[gid] |= closure
+        for other, d in list(self.group_deps.items()):
+            if (d >> gid) & 1:
+                self.group_deps[other] = d | closure
+
     def _add(self, node, gid, axis, req) -> None:
+        self._depend(gid, self.anc[node])
         self.pass_of[node] = self._pass(node, {p: self.axis_of[p] for p in node.all_input_nodes if self.group_of.get(p) == gid})
         self.group_of[node] = gid
         self.axis_of[node] = axis
@@ -385,11 +445,13 @@ class _Grouper:
             (target,) = consumers
             if self.length.get(target) is None:
                 continue
-            derived = self._rederive(nodes, members, self.reqs[target])
+            derived = self._rederive(nodes, members, self.reqs[target], self.length[target])
             if derived is None:
                 continue
             axes, outside = derived
             if any(self.reqs[target].get(p, r) != r for p, r in outside.items()):
+                continue
+            if not self._convex(members | set(self.members[target])):
                 continue
             for n in nodes:
                 self.group_of[n] = target
@@ -402,7 +464,29 @@ class _Grouper:
             for n in nodes:
                 self.reqs[target].pop(n, None)
 
-    def _rederive(self, nodes, members, consumer_reqs) -> tuple[dict, dict] | None:
+    def _convex(self, merged: set[torch.fx.Node]) -> bool:
+        """Whether ``merged`` (the union of groups about to merge) can be outlined as one call: no path leaves
+        it and comes back, through outside nodes or through other groups (each runs as one call, so reaching
+        any member of one reaches the users of all its members). Each group is convex when the walk builds it;
+        two of them merged need not be. Paths that come back end before ``merged``'s last node, which bounds
+        the search."""
+        last = max(self.index[n] for n in merged)
+        stack = [u for n in merged for u in n.users if u not in merged]
+        seen: set[torch.fx.Node] = set()
+        while stack:
+            x = stack.pop()
+            if x in seen or self.index.get(x, last + 1) > last:
+                continue
+            seen.add(x)
+            gid = self.group_of.get(x)
+            for y in [x] if gid is None else self.members[gid]:
+                for u in y.users:
+                    if u in merged:
+                        return False
+                    stack.append(u)
+        return True
+
+    def _rederive(self, nodes, members, consumer_reqs, length) -> tuple[dict, dict] | None:
         """Axes for ``nodes`` such that every value the consumer group reads is sliced as it reads it, and
         what they then need from outside."""
         axes: dict = {}
@@ -429,7 +513,7 @@ class _Grouper:
                     if r is WHOLE:
                         return None
                     axes[("in", n, p)] = r
-                elif outside.get(p, r) != r:
+                elif outside.get(p, r) != r or _is_list(p) or not _spans({p: r}, length):
                     return None
                 else:
                     outside[p] = r
@@ -462,10 +546,26 @@ class _Grouper:
                 if reqs is not None and node in reqs and not self.members.get(self.group_of[u]) == nodes:
                     reqs[copy] = reqs[node]
 
+    def _adopt_list_items(self, gid: int, nodes: list[torch.fx.Node]) -> list[torch.fx.Node]:
+        """The getitems of the group's lists that were left outside (a tail ban, a switch of axis) join it: a
+        group hands out tensors, never a list. Each element carries the list's axis (the getitem rule), and a
+        getitem depends on its list alone, so the group stays convex."""
+        members = set(nodes)
+        for n in nodes:
+            if _is_list(n):
+                for u in n.users:
+                    if u not in members and u.target is operator.getitem and u not in self.group_of:
+                        self.group_of[u] = gid
+                        self.axis_of[u] = self.axis_of[n]
+                        self.pass_of[u] = self.pass_of[n]
+                        members.add(u)
+        return [n for n in self.gm.graph.nodes if n in members]
+
     def groups(self) -> list[OperatorGroup]:
         self.absorb_cheap_groups()
         result = []
         for gid, nodes in sorted(self.members.items()):
+            nodes = self._adopt_list_items(gid, nodes)
             self._hoist_view_outputs(nodes)
             nodes = self._trim_trailing_views(nodes)
             if not nodes:
@@ -489,6 +589,7 @@ class _Grouper:
                     passes={n: self.pass_of[n] for n in nodes},
                 )
             )
+        result = _dissolve_cycles(self.gm, result)
         _dedupe_names(result)
         return result
 
@@ -536,6 +637,31 @@ def _aliases_input(node: torch.fx.Node) -> bool:
 
 
 SPLIT = object()  # a seed axis that needs the node split first (see passes/reductions.py)
+
+
+def _dissolve_cycles(gm: torch.fx.GraphModule, groups: list[OperatorGroup]) -> list[OperatorGroup]:
+    """Groups that, outlined together, would form a cycle (A feeds B through outside nodes and B feeds A) are
+    dissolved, smallest first, until none does: a dissolved group runs whole, which is exact. The walk and its
+    merges keep groups convex; this is the check that nothing let a cycle through."""
+    import networkx as nx
+
+    groups = list(groups)
+    while True:
+        owner = {n: i for i, g in enumerate(groups) for n in g.nodes}
+        quotient = nx.DiGraph()
+        for n in gm.graph.nodes:
+            a = owner.get(n, n)
+            for u in n.users:
+                b = owner.get(u, u)
+                if a != b:
+                    quotient.add_edge(a, b)
+        try:
+            cycle = nx.find_cycle(quotient)
+        except nx.NetworkXNoCycle:
+            return groups
+        involved = {x for edge in cycle for x in edge[:2] if isinstance(x, int)}
+        drop = min(involved, key=lambda i: groups[i].intermediate_bytes())
+        groups = [g for i, g in enumerate(groups) if i != drop]
 
 
 def _group_name(nodes: list[torch.fx.Node]) -> str:

@@ -503,7 +503,7 @@ _POINTWISE = [
     aten.where.ScalarSelf, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.lerp.Scalar,
     aten.lerp.Tensor, aten.maximum.default, aten.minimum.default, aten.eq.Tensor, aten.eq.Scalar,
     aten.ne.Scalar, aten.gt.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.le.Scalar, aten.logical_not.default,
-    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device, aten.type_as.default,
+    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device,
     aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
     aten.square.default, aten.floor.default, aten.round.default, aten.sign.default,
 ]
@@ -511,6 +511,7 @@ _POINTWISE = [
 RULES: dict[Any, Rule] = {op: _pointwise for op in _POINTWISE}
 RULES.update({
     aten.dropout.default: _dropout,
+    aten.type_as.default: _same(0),  # the second operand gives only its dtype
     aten.linear.default: _linear,
     aten.matmul.default: _matmul,
     aten.bmm.default: _matmul,

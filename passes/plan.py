@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Plan:
     # skips, the cached feature's bytes, FLOPs of the full and partial graphs, the partial graph's predicted
     # activation peak, and the RehashConfig (cache point and schedule) as a dict.
     rehash: dict | None = None
+    # What the planner worked with, while this Plan is fresh (never saved): the graph that runs it and the
+    # baseline and planned memory timelines (``graph_module``, ``baseline``, ``planned``). None once loaded.
+    details: Any = field(default=None, repr=False, compare=False)
 
     @property
     def sliced_groups(self) -> list[GroupPlan]:
@@ -51,7 +55,7 @@ class Plan:
         return {g.name: g.slices for g in self.groups}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "details"}
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
@@ -70,3 +74,11 @@ class Plan:
         p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
         text = p.read_text() if p is not None else str(text_or_path)
         return cls.from_dict(json.loads(text))
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

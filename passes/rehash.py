@@ -35,6 +35,7 @@ from torch import nn
 from torch._guards import detect_fake_mode
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxstream.runtime.rehash import FeatureCache, RehashLoad, RehashStore
 from passes.memory import module_path, tensor_values
 
 # Classes whose outputs are temporal layers' outputs (diffusers 0.3x-0.4x names).
@@ -49,46 +50,6 @@ DECODER_PREFIX = "up_blocks."
 
 STORE_NAME = "fx_rehash_store"
 LOAD_NAME = "fx_rehash_load"
-
-
-class FeatureCache:
-    """The cached feature: one tensor (the guidance batch together), and the key of the graph that made it."""
-
-    def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-        self.key: Any = None
-
-    def clear(self) -> None:
-        self.value = None
-        self.key = None
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.value is None else self.value.numel() * self.value.element_size()
-
-
-class RehashStore(nn.Module):
-    """``store(c)``: keeps ``c`` in the cache (a reference, no copy)."""
-
-    def __init__(self, cache: FeatureCache) -> None:
-        super().__init__()
-        self.cache = cache
-
-    def forward(self, x: torch.Tensor) -> None:
-        self.cache.value = x
-
-
-class RehashLoad(nn.Module):
-    """``load()``: the cached feature. Fails loudly if there is none (a rehash step needs a full step first)."""
-
-    def __init__(self, cache: FeatureCache) -> None:
-        super().__init__()
-        self.cache = cache
-
-    def forward(self) -> torch.Tensor:
-        if self.cache.value is None:
-            raise RuntimeError("Step Rehash: no cached feature; the first step of a generation must be a full step")
-        return self.cache.value
 
 
 # ------------------------------------------------------------------------------------------------ cache points

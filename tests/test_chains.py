@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import nn
 
 from blocks import SpatialBlock, TemporalBlock, VideoBlock
@@ -83,3 +84,138 @@ def test_group_boundary_lists_inputs_and_outputs():
     assert g.inputs[x] == SliceAxis(0)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     assert any(o in out.all_input_nodes or any(u.op == "output" for u in o.users) for o in g.outputs)
+
+
+# -- list-valued nodes (split, split_with_sizes, chunk, unbind) ------------------------------------------------
+
+
+class _RopeSplit(nn.Module):
+    """A split into unequal parts along the last dim (Wan's rope split [8, 4, 4]), each part used per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):  # (B, L, 16)
+        a, b, c = self.lin(x).split([8, 4, 4], dim=-1)
+        return self.out(a) * 2, torch.cat([b, c], -1).sin()
+
+
+class _Modulation(nn.Module):
+    """Timestep modulation: a (1, 6, D) table chunked into six, read by per-token ops and handed out."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 48)
+
+    def forward(self, x, temb):  # (1, L, 8), (1, 8)
+        mods = self.lin(temb).unflatten(1, (6, -1)).chunk(6, dim=1)
+        y = x * (1 + mods[0]) + mods[1]
+        return y * mods[2], mods[5]
+
+
+def _list_nodes(gm):
+    return [n for n in gm.graph.nodes if isinstance(n.meta.get("val"), (list, tuple)) and n.op == "call_function"]
+
+
+def test_a_list_never_crosses_a_group_boundary():
+    for module, args in ((_RopeSplit(), (torch.randn(2, 12, 16),)), (_Modulation(), (torch.randn(1, 12, 8), torch.randn(1, 8)))):
+        gm = capture(module.eval(), *args)
+        groups = find_groups(gm)
+        assert _list_nodes(gm)
+        for g in groups:
+            members = set(g.nodes)
+            assert not any(isinstance(p.meta["val"], (list, tuple)) for p in g.inputs), g.name
+            assert not any(isinstance(o.meta["val"], (list, tuple)) for o in g.outputs), g.name
+            for n in g.nodes:  # a list in a group has all its getitems with it
+                if isinstance(n.meta["val"], (list, tuple)):
+                    assert set(n.users) <= members
+
+
+def test_split_is_sliced_along_another_dim_never_the_split_dim():
+    gm = capture(_RopeSplit().eval(), torch.randn(2, 12, 16))
+    groups = find_groups(gm)
+    split = next(n for n in gm.graph.nodes if n.target is aten.split_with_sizes.default)
+    group = next(g for g in groups if split in g.nodes)
+    assert group.axes[split].dim != 2  # the split dim is a barrier
+    for item in split.users:  # each element carries the list's axis
+        assert group.axes[item] == group.axes[split]
+
+
+def test_list_valued_groups_run_exactly_sliced():
+    import fxstream
+
+    for module, args in ((_RopeSplit(), (torch.randn(2, 12, 16),)), (_Modulation(), (torch.randn(1, 12, 8), torch.randn(1, 8)))):
+        module.eval().requires_grad_(False)
+        ref = module(*args)
+        for kw in (dict(chunks=3), dict()):
+            out = fxstream.compile(module, **kw)(*args)
+            for o, r in zip(out, ref):
+                torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+
+
+# -- convexity of merged groups --------------------------------------------------------------------------------
+
+
+def test_groups_that_would_form_a_cycle_together_are_dissolved():
+    """Two groups, each convex, where A feeds B through an outside node and B feeds A through another: outlined
+    together they form a cycle. The net dissolves one of them (run whole, exact)."""
+    from passes.chains import OperatorGroup, _dissolve_cycles
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    a1 = graph.call_function(torch.sin, (x,))
+    b1 = graph.call_function(torch.exp, (x,))
+    o1 = graph.call_function(torch.cos, (a1,))  # outside: A -> B
+    o2 = graph.call_function(torch.tanh, (b1,))  # outside: B -> A
+    a2 = graph.call_function(torch.neg, (o2,))
+    b2 = graph.call_function(torch.abs, (o1,))
+    graph.output((a1, a2, b1, b2))
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+
+    def group(name, nodes):
+        return OperatorGroup(name=name, kind="other", length=4, nodes=nodes, axes={n: SliceAxis(0) for n in nodes})
+
+    a, b = group("a", [a1, a2]), group("b", [b1, b2])
+    kept = _dissolve_cycles(gm, [a, b])
+    assert len(kept) == 1
+    assert _dissolve_cycles(gm, [a]) == [a] and _dissolve_cycles(gm, [b]) == [b]  # each alone is convex
+
+
+def test_merge_check_sees_paths_through_other_groups():
+    """Merging is checked on the graph with groups contracted: a path that leaves through a third group (one
+    call once outlined) and comes back is a cycle, though no node-level path leaves and comes back."""
+    from passes.chains import _Grouper
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    t1 = graph.call_function(torch.sin, (x,))
+    g1 = graph.call_function(torch.exp, (t1,))  # only feeds the output
+    g2 = graph.call_function(torch.tanh, (x,))
+    t2 = graph.call_function(torch.add, (t1, g2))
+    graph.output((t2, g1))
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    grouper = _Grouper(gm)
+    assert grouper._convex({t1, t2})  # g1 and g2 each stand alone: nothing leaves {t1, t2} and comes back
+    grouper.members[1] = [g1, g2]
+    grouper.group_of.update({g1: 1, g2: 1})
+    assert not grouper._convex({t1, t2})  # t1 -> group {g1, g2} -> t2
+
+
+def test_the_walk_never_joins_two_groups_into_a_cycle():
+    """A node may not join a group when a group it reads from already depends on that group."""
+    from passes.chains import _Grouper
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    n = graph.call_function(torch.sin, (x,))
+    graph.output(n)
+    grouper = _Grouper(torch.fx.GraphModule(nn.Module(), graph))
+    grouper._depend(1, 1 << 0)  # group 1 reads group 0
+    grouper.anc[n] = 1 << 1  # n reads a member of group 1
+    assert not grouper._acyclic_join(n, 0)  # joining group 0 would make 0 -> 1 -> 0
+    assert grouper._acyclic_join(n, 2)
+    grouper._depend(2, 1 << 1)  # group 2 reads group 1, so transitively group 0
+    grouper.anc[n] = 1 << 2
+    assert not grouper._acyclic_join(n, 0)

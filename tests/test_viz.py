@@ -18,8 +18,9 @@ pytest.importorskip("matplotlib")
 import fxstream.module  # noqa: E402
 from fxstream import cli, models, viz  # noqa: E402
 from fxstream.capture import capture, normalize_inputs  # noqa: E402
-from fxstream.module import build_plan  # noqa: E402
-from passes.chains import find_groups, module_path  # noqa: E402
+from passes import pipeline  # noqa: E402
+from passes.chains import find_groups  # noqa: E402
+from passes.chains import module_path  # noqa: E402
 from passes.memory import MemoryTimeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +34,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny(one_thread):
     """(entry, gm, groups): the tiny SVD UNet planned for BUDGET_BYTES, and the captured graph and groups the
-    planner worked on (recorded as build_plan groups them, which saves capturing the model a second time)."""
+    planner worked on (recorded as the planner groups them, which saves capturing the model a second time)."""
     built = models.build("svd", "tiny")
     args, kwargs = normalize_inputs(built.module, built.args, built.kwargs)
     seen = []
@@ -44,9 +45,9 @@ def tiny(one_thread):
         return groups
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fxstream.module, "find_groups", recording_find_groups)
-        entry = build_plan(built.module, args, budget_bytes=BUDGET_BYTES, kwargs=kwargs)
-    if len(seen) != 1:  # build_plan changed how it groups: capture again rather than guess
+        patch.setattr(pipeline, "find_groups", recording_find_groups)
+        entry = fxstream.plan(built.module, *args, budget_gb=BUDGET_BYTES / 2**30, **kwargs).details
+    if len(seen) != 1:  # the planner changed how it groups: capture again rather than guess
         gm = capture(built.module, *args, **kwargs)
         seen = [(gm, find_groups(gm))]
     gm, groups = seen[0]

@@ -27,8 +27,47 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from passes.rehash import FeatureCache
+
+class FeatureCache:
+    """The cached feature: one tensor (the guidance batch together), and the key of the graph that made it."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+        self.key: Any = None
+
+    def clear(self) -> None:
+        self.value = None
+        self.key = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.value is None else self.value.numel() * self.value.element_size()
+
+
+class RehashStore(nn.Module):
+    """``store(c)``: keeps ``c`` in the cache (a reference, no copy)."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def forward(self, x: torch.Tensor) -> None:
+        self.cache.value = x
+
+
+class RehashLoad(nn.Module):
+    """``load()``: the cached feature. Fails loudly if there is none (a rehash step needs a full step first)."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def forward(self) -> torch.Tensor:
+        if self.cache.value is None:
+            raise RuntimeError("Step Rehash: no cached feature; the first step of a generation must be a full step")
+        return self.cache.value
 
 
 @dataclass(frozen=True)

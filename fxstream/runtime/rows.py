@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from passes.reductions import combine_partials, group_norm_apply, group_norm_partial
+from fxstream.runtime.ops import combine_partials, group_norm_apply, group_norm_partial
 
 
 class Band(NamedTuple):

@@ -1,0 +1,270 @@
+"""The planner: one entry point from a captured graph and a request to a Plan and the graph that runs it.
+
+Input: a captured ATen GraphModule (``meta["val"]`` and ``meta["nn_module_stack"]`` on every node; see
+``fxstream.capture``) and a :class:`PlanRequest` (budget or forced slice count, target device, Step Rehash).
+Output: a :class:`Planned`: the :class:`~passes.plan.Plan` (what was decided), the GraphModule that runs it
+(sharing the captured graph's parameters), and the baseline (eager) and planned memory timelines.
+
+The passes it runs, in order: Step Rehash variants (:mod:`passes.rehash`), operator grouping with split
+reductions (:mod:`passes.chains`, :mod:`passes.reductions`), slice counts for the budget (:mod:`passes.budget`)
+and, where operator groups alone cannot reach the budget or for the minimum where it lowers the peak, row
+streaming of the graph's tail (:mod:`passes.rows`). The captured graph itself is never modified.
+
+Never an internal error: what the passes cannot slice they leave whole. Should a pass still fail on a graph
+(a pattern no rule foresaw), the graph runs unsliced, exactly, and the Plan's notes say where planning
+stopped and why. Only a user problem raises: :class:`fxstream.errors.BudgetError` for a budget below every
+plan.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from fxstream.errors import BudgetError, FxStreamError, PlanningWarning
+from fxstream.runtime.ops import PARTIAL_OP
+from fxstream.runtime.rehash import FeatureCache, RehashConfig
+from fxstream.runtime.sliced import slice_bounds
+from passes.budget import BudgetResult, forced_chunks, plan_chunks
+from passes.chains import OperatorGroup, find_groups, tensor_bytes
+from passes.memory import MemoryTimeline, analyze_memory, format_bytes
+from passes.plan import GroupPlan, Plan
+from passes.rows import RowAnalysis, choose_tail, outline
+from passes.slicing import copy_graph_module
+
+# The minimum-memory plan streams the tail by rows only when that lowers the predicted peak by this fraction:
+# the recomputation of halos and statistics passes is not worth less.
+ROW_GAIN = 0.05
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan for: a budget in bytes (weights + activations; None: as little as slicing can reach), or
+    ``chunks`` slices in every group; the device whose kernels the memory model assumes; Step Rehash."""
+
+    budget_bytes: int | None = None
+    chunks: int | None = None
+    target: str = "cpu"
+    signature: str = ""
+    rehash: RehashConfig | None = None
+
+
+@dataclass
+class PartialGraph:
+    """The rehash step's graph (see :mod:`passes.rehash`), planned under the same request."""
+
+    graph_module: torch.fx.GraphModule
+    planned: MemoryTimeline
+    chunks: dict[str, int]
+
+
+@dataclass
+class Planned:
+    """The planner's result: the Plan, the graph that runs it, and the memory timelines it predicts."""
+
+    plan: Plan
+    graph_module: torch.fx.GraphModule
+    baseline: MemoryTimeline
+    planned: MemoryTimeline
+    partial: PartialGraph | None = None
+
+
+def plan(gm: torch.fx.GraphModule, request: PlanRequest, *, cache: FeatureCache | None = None) -> Planned:
+    """Plan ``gm`` for ``request``; see the module docstring. With Step Rehash, the full graph stores the cache
+    point's value in ``cache`` (a new one if None) and a partial graph for rehash steps is planned too."""
+    baseline = analyze_memory(gm, lifetime="eager", target=request.target)
+    rehash_info = None
+    partial = None
+    if request.rehash is not None:
+        from passes import rehash as rehash_pass
+
+        point = rehash_pass.resolve(gm, request.rehash.cache_point)
+        cache = cache if cache is not None else FeatureCache()
+        partial_gm = rehash_pass.partial_graph(gm, point.node, cache)
+        gm = rehash_pass.full_graph(gm, point.node, cache)
+        p_result = _slice_or_whole(partial_gm, request)[1]
+        partial = PartialGraph(p_result.graph_module, p_result.timeline, dict(p_result.chunks))
+        rehash_info = dict(
+            cache_point=point.path, module_class=point.module_class, node=point.node,
+            skipped_fraction=point.skipped_fraction, cached_bytes=point.nbytes,
+            flops_full=point.flops_full, flops_partial=point.flops_partial,
+            partial_predicted_activation_peak_bytes=p_result.timeline.activation_peak_bytes,
+            partial_sliced_groups=sum(1 for k in p_result.chunks.values() if k > 1),
+            config=request.rehash.to_dict(),
+        )
+    groups, result, streamed, notes, grouped = _slice_or_whole(gm, request)
+    if streamed:  # planned on a copy: its split GroupNorms, and those the row segments compute in passes
+        split = sum(1 for n in result.graph_module.graph.nodes if n.target is PARTIAL_OP)
+        split += sum(len(c.segment.norms) for c in streamed)
+    else:
+        split = sum(1 for n in grouped.graph.nodes if n.target is PARTIAL_OP)
+    planned = result.timeline
+    activation_peak = planned.activation_peak_bytes
+    if partial is not None:
+        activation_peak = max(activation_peak, partial.planned.activation_peak_bytes)
+    decided = Plan(
+        groups=[
+            GroupPlan(
+                name=g.name,
+                kind=g.kind,
+                axis=_axis_text(g),
+                length=g.length,
+                slices=len(slice_bounds(g.length, result.chunks.get(g.name, 1))),
+                nodes=len(g.nodes),
+                intermediate_bytes=g.intermediate_bytes(),
+            )
+            for g in groups
+            if result.chunks.get(g.name, 1) > 1
+        ] + [
+            GroupPlan(
+                name=c.segment.name,
+                kind="rows",
+                axis=f"rows (dim {c.segment.row_dim[c.segment.output]}), {c.segment.num_passes} passes",
+                length=c.segment.length,
+                slices=c.bands,
+                nodes=len(c.segment.nodes),
+                intermediate_bytes=sum(tensor_bytes(n.meta.get("val")) for n in c.segment.nodes),
+            )
+            for c in streamed
+        ],
+        predicted_peak_bytes=result.weight_bytes + activation_peak,
+        predicted_activation_peak_bytes=activation_peak,
+        baseline_peak_bytes=baseline.weight_bytes + baseline.activation_peak_bytes,
+        baseline_activation_peak_bytes=baseline.activation_peak_bytes,
+        weight_bytes=result.weight_bytes,
+        budget_bytes=request.budget_bytes,
+        peak_node=planned.peak_node,
+        peak_module_path=planned.peak_module_path,
+        target=request.target,
+        signature=request.signature,
+        candidate_groups=len(groups),
+        split_reductions=split,
+        notes=notes,
+        rehash=rehash_info,
+    )
+    return Planned(decided, result.graph_module, baseline, planned, partial)
+
+
+def _axis_text(group: OperatorGroup) -> str:
+    axis = next(a for a in (group.axes[o] for o in group.nodes) if hasattr(a, "dim"))
+    return f"dim {axis.dim}" + (f" x{axis.unit}" if axis.unit != 1 else "")
+
+
+def _slice_or_whole(gm: torch.fx.GraphModule, request: PlanRequest
+                    ) -> tuple[list[OperatorGroup], BudgetResult, list, list[str], torch.fx.GraphModule]:
+    """:func:`_slice` on a copy of ``gm`` (grouping rewrites GroupNorms in place; ``gm`` is never changed), or
+    ``gm`` whole (exact) with a note when a pass fails on a pattern it does not know. The last value is the
+    grouped copy. A user problem (the budget) still raises.
+    """
+    work = copy_graph_module(gm)[0]
+    try:
+        groups, result, streamed = _slice(work, request.budget_bytes, request.chunks, request.target)
+        return groups, result, streamed, [], work
+    except FxStreamError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the net under every pass: leave the graph whole, never crash
+        where = _failing_frame(e)
+        note = (f"planning stopped in {where}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                "; the graph runs whole (exact, unsliced)")
+        warnings.warn(f"fxstream: {note}", PlanningWarning, stacklevel=3)
+    timeline = analyze_memory(gm, lifetime="graph", target=request.target)
+    whole = BudgetResult({}, gm, timeline, timeline.weight_bytes)
+    if request.budget_bytes is not None and whole.predicted_peak_bytes > request.budget_bytes:
+        raise BudgetError(
+            f"budget {format_bytes(request.budget_bytes)} cannot be met: planning stopped ({note}), and the "
+            f"whole graph needs {format_bytes(whole.predicted_peak_bytes)}",
+            min_peak_bytes=whole.predicted_peak_bytes, bounding_node=timeline.peak_node,
+        )
+    return [], whole, [], [note], gm
+
+
+def _failing_frame(e: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/passes/" in f.filename.replace("\\", "/")]
+    f = frames[-1] if frames else traceback.extract_tb(e.__traceback__)[-1]
+    return f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({f.name})"
+
+
+def _slice(gm: torch.fx.GraphModule, budget_bytes: int | None, chunks: int | None,
+           target: str, rows: bool = True) -> tuple[list[OperatorGroup], BudgetResult, list]:
+    """Group ``gm``'s operators (in place) and choose slice counts: ``chunks`` everywhere, or for the budget.
+
+    When the budget is out of reach of operator groups alone (or for the minimum), the graph's tail is
+    row-streamed (:mod:`passes.rows`) where that lowers the peak; the third value lists the streamed segments.
+    """
+    pristine = copy_graph_module(gm)[0] if rows and chunks is None else None
+    groups = find_groups(gm)
+    if chunks is not None:
+        return groups, forced_chunks(gm, groups, chunks, target=target), []
+    try:
+        result, error = plan_chunks(gm, groups, budget_bytes, target=target), None
+    except BudgetError as e:
+        result, error = None, e
+    if pristine is not None and (result is None or budget_bytes is None):
+        streamed = stream_tail(pristine, budget_bytes, target, result)
+        if streamed is not None:
+            return streamed
+        if result is None:
+            lowest = stream_tail(pristine, None, target, None)
+            if lowest is not None:  # the floor the error reports is the one row streaming reaches
+                t = lowest[1]
+                floor = t.weight_bytes + t.timeline.activation_peak_bytes
+                raise BudgetError(
+                    f"budget {format_bytes(budget_bytes)} is below the smallest peak slicing can reach, "
+                    f"{format_bytes(floor)} (weights {format_bytes(t.weight_bytes)} + activations "
+                    f"{format_bytes(t.timeline.activation_peak_bytes)}), bounded at node "
+                    f"'{t.timeline.peak_node}' in '{t.timeline.peak_module_path or '<top level>'}'",
+                    min_peak_bytes=floor, bounding_node=t.timeline.peak_node,
+                ) from error
+    if result is None:
+        raise error
+    return groups, result, []
+
+
+def stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str,
+                base: BudgetResult | None) -> tuple[list[OperatorGroup], BudgetResult, list] | None:
+    """Plan a copy of ``gm`` with its tail row-streamed (:mod:`passes.rows`); None when that does not help.
+
+    Under a budget, first the streamed tail with the least recomputation that fits, then the lowest-memory
+    one; without a budget, the lowest-memory one, kept only if it lowers the peak by ``ROW_GAIN``.
+    """
+    first = copy_graph_module(gm)[0]
+    analysis = RowAnalysis(first)
+    if not analysis.cut_points():
+        return None
+    if base is None:
+        probe = copy_graph_module(gm)[0]
+        base = plan_chunks(probe, find_groups(probe), None, target=target)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    at = [0] * (len(order) + 1)  # the base plan's peak live bytes at each original position
+    position = 0
+    for name, live in zip(base.timeline.nodes, base.timeline.live_bytes):
+        position = max(position, order.get(name, position))
+        at[position] = max(at[position], live)
+    prefix, running = {}, 0
+    for n in gm.graph.nodes:  # the peak before each node
+        prefix[n.name] = running
+        running = max(running, at[order[n.name]])
+    goals = [None] if budget_bytes is None else [budget_bytes - base.weight_bytes, None]
+    for i, goal in enumerate(goals):
+        work = first if i == 0 else copy_graph_module(gm)[0]
+        choices = choose_tail(analysis if i == 0 else RowAnalysis(work), lambda n: prefix[n.name], goal)
+        if choices is None:
+            continue
+        outline(work, choices)
+        groups = find_groups(work)
+        try:
+            result = plan_chunks(work, groups, budget_bytes, target=target)
+        except BudgetError:
+            continue
+        if budget_bytes is None and (result.timeline.activation_peak_bytes
+                                     >= base.timeline.activation_peak_bytes * (1 - ROW_GAIN)):
+            return None
+        return groups, result, choices
+    return None
+
+
+__all__ = ["PartialGraph", "PlanRequest", "Planned", "plan", "stream_tail", "ROW_GAIN"]

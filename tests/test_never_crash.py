@@ -1,0 +1,57 @@
+"""Never a crash: the video models people run today, as a new user points fxstream at them.
+
+Tiny random-weight configs of diffusers' video transformers (Wan, LTX-Video, CogVideoX, HunyuanVideo) and of
+their VAEs' own ``decode`` (Wan, HunyuanVideo, Mochi, LTX-Video, CogVideoX, Allegro), see ``dit_models.py``;
+each at the lowest budget and with ``chunks=3``. Each either runs with ``max|compiled - eager| <= 1e-5 *
+max|eager|`` (fp32), or raises an :class:`~fxstream.errors.FxStreamError` that names the module path and op.
+The planner's net (a pass that fails leaves the graph whole, with a :class:`PlanningWarning`) is an error
+here: on these models every pass must plan, not fall back. The zoo models are held to the same rule, at
+every budget, in ``test_api.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fxstream
+from dit_models import NAMES, build
+from fxstream.errors import CaptureError, FxStreamError, PlanningWarning
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RTOL = 1e-5
+MODES = {"minimum": {}, "chunks=3": {"chunks": 3}}
+
+
+def _sample(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.sample
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_exactly_or_fails_with_a_named_error(name, mode):
+    built = build(name)
+    with torch.no_grad():
+        ref = _sample(built.module(*built.args, **built.kwargs))
+    compiled = fxstream.compile(built.module, **MODES[mode])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanningWarning)
+        try:
+            with torch.no_grad():
+                out = _sample(compiled(*built.args, **built.kwargs))
+        except CaptureError as e:
+            assert e.module_path and e.operation, str(e)
+            return
+        except FxStreamError as e:  # a user problem, in words that name where
+            pytest.fail(f"{type(e).__name__} at the lowest budget: {e}")
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    err = (out - ref).abs().max().item()
+    assert err <= RTOL * ref.abs().max().item(), f"max|diff| {err:.3e}"
+    assert compiled.plan.candidate_groups > 0  # grouping ran: every one of these has per-token or per-frame ops
