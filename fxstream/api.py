@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from fxstream import plan_cache
 from fxstream.capture import normalize_inputs
-from fxstream.module import StreamlinedModule, build_plan
+from fxstream.module import StreamlinedModule, build_plan, request_of
 from fxstream.runtime.rehash import as_config
+from fxstream.module import target_of, describe_signature
+from passes.pipeline import PlanRequest
 from passes.plan import Plan
 
 _TARGETS = ("cpu", "cuda")
@@ -23,6 +28,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     chunks: int | None = None,
     target: str | None = None,
     rehash: Any = None,
+    plan: Plan | str | Path | None = None,
 ) -> StreamlinedModule:
     """Compile ``module`` so that it runs within ``budget_gb`` GiB (weights + activations), exactly.
 
@@ -39,6 +45,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
             :class:`~fxstream.Schedule`, a dict, or the path of a saved RehashConfig / Plan JSON. Full steps are
             exact; ``.rehash`` is the controller (steps are inferred from the timesteps, or set with
             ``.rehash.set_step(i)``).
+        plan: a saved :class:`~fxstream.Plan` (or the path of its JSON, from ``plan.to_json(path)``): replayed
+            on the first call without planning; its budget, target and Step Rehash config are used. A call
+            with other inputs than the plan's raises PlanMismatchError.
 
     Returns:
         A :class:`~fxstream.module.StreamlinedModule`, called exactly like ``module``. It compiles on its first
@@ -48,12 +57,33 @@ def compile(  # noqa: A001 - mirrors torch.compile
         ValueError: for a non-positive budget or chunk count, or an unknown target.
         fxstream.errors.BudgetError: on the first call, when no plan fits the budget.
         fxstream.errors.CaptureError: on the first call, when the module cannot be captured.
+        fxstream.errors.PlanMismatchError: on the first call, when ``plan`` was made for another graph or inputs.
     """
     budget_bytes = _check(module, budget_gb, chunks, target)
     if isinstance(module, StreamlinedModule):
         module = module.original
-    config = as_config(rehash)
-    return StreamlinedModule(module, budget_bytes=budget_bytes, chunks=chunks, target=target, rehash=config)
+    if plan is None:
+        return StreamlinedModule(module, budget_bytes=budget_bytes, chunks=chunks, target=target,
+                                 rehash=as_config(rehash))
+    if budget_gb is not None or chunks is not None or target is not None:
+        raise ValueError("plan: a saved plan brings its own budget, slice counts and target; pass budget_gb, "
+                         "chunks and target only without it")
+    saved = _load_plan(plan)
+    options = request_of(saved)
+    config = options["rehash"] if rehash is None else as_config(rehash)
+    return StreamlinedModule(module, budget_bytes=options["budget_bytes"], chunks=None, target=options["target"],
+                             rehash=config, replay=saved)
+
+
+def _load_plan(plan: Any) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, Path)):
+        try:
+            return Plan.from_json(Path(plan))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"plan: cannot read a saved plan from {str(plan)!r}: {e}") from e
+    raise ValueError(f"plan must be a Plan or the path of its JSON, got {type(plan).__name__}")
 
 
 def plan(
@@ -82,10 +112,30 @@ def plan(
     if isinstance(module, StreamlinedModule):
         module = module.original
     flat, extra = normalize_inputs(module, args, kwargs)
+    config = as_config(rehash)
+    if plan_cache.enabled():  # the answer an earlier process found, without capturing (see fxstream.plan_cache)
+        request = PlanRequest(budget_bytes=budget_bytes, chunks=chunks, target=target or target_of(flat),
+                              signature=describe_signature(flat), rehash=config)
+        stored = plan_cache.load(plan_cache.key(module, flat, extra, request))
+        if stored is not None:
+            saved, baseline, planned = stored
+            saved.details = PlanDetails(saved, None, baseline, planned)
+            return saved
     entry = build_plan(module, flat, budget_bytes=budget_bytes, chunks=chunks, target=target, kwargs=extra,
-                       rehash=as_config(rehash))
-    entry.plan.details = entry
+                       rehash=config)
+    entry.plan.details = PlanDetails(entry.plan, entry.graph_module, entry.baseline, entry.planned)
     return entry.plan
+
+
+@dataclass
+class PlanDetails:
+    """What the planner worked with: the plan, the graph that runs it (None for a plan read from the plan
+    cache, which answers without capturing), and the baseline and planned memory timelines."""
+
+    plan: Plan
+    graph_module: Any
+    baseline: Any
+    planned: Any
 
 
 def _check(module: Any, budget_gb: Any, chunks: Any, target: Any) -> int | None:

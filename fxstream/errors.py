@@ -39,3 +39,7 @@ class UnsupportedModelError(FxStreamError):
 
 class PlanningWarning(UserWarning):
     """A planning pass stopped on a pattern it does not know; that graph runs whole (exact, unsliced)."""
+
+
+class PlanMismatchError(FxStreamError):
+    """A saved Plan was replayed on a graph, input signature, target or plan format it was not made for."""

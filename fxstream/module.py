@@ -21,8 +21,11 @@ from torch.utils._python_dispatch import _disable_current_modes
 from fxstream.capture import TIMESTEP_NAMES, capture, normalize_inputs
 from fxstream.runtime.rehash import FeatureCache, RehashConfig, RehashController
 from passes.memory import MemoryTimeline, format_bytes
+from fxstream import plan_cache
+from fxstream.errors import PlanMismatchError
 from passes.pipeline import PartialGraph, PlanRequest
 from passes.pipeline import plan as plan_graph
+from passes.pipeline import replay as replay_graph
 from passes.plan import Plan
 
 
@@ -69,17 +72,47 @@ def build_plan(
     kwargs: dict | None = None,
     rehash: RehashConfig | None = None,
     cache: FeatureCache | None = None,
+    replay: Plan | None = None,
 ) -> CompiledEntry:
     """Capture ``module`` on normalised ``args`` (and keyword-only ``kwargs``) and plan it with the one planner,
     :func:`passes.pipeline.plan`: for the budget (or ``chunks`` everywhere); with ``rehash``, the full graph
-    stores the cache point's value in ``cache`` and a partial graph for rehash steps is planned too."""
+    stores the cache point's value in ``cache`` and a partial graph for rehash steps is planned too.
+
+    With ``replay``, the saved plan is rebuilt instead (:func:`passes.pipeline.replay`; PlanMismatchError when
+    it does not fit). Otherwise the on-disk plan cache (:mod:`fxstream.plan_cache`) is read first and written
+    after planning.
+    """
     start = time.perf_counter()
-    gm = capture(module, *args, **(kwargs or {}))
-    request = PlanRequest(budget_bytes=budget_bytes, chunks=chunks, target=target or _target_of(args),
+    kwargs = kwargs or {}
+    request = PlanRequest(budget_bytes=budget_bytes, chunks=chunks, target=target or target_of(args),
                           signature=describe_signature(args), rehash=rehash)
-    planned = plan_graph(gm, request, cache=cache)
+    cache_key = None
+    stored = replay
+    if replay is None and plan_cache.enabled():
+        cache_key = plan_cache.key(module, args, kwargs, request)
+        entry = plan_cache.load(cache_key)
+        stored = entry[0] if entry is not None else None
+    gm = capture(module, *args, **kwargs)
+    planned = None
+    if stored is not None:
+        try:
+            planned = replay_graph(gm, stored, request, cache=cache)
+        except PlanMismatchError:
+            if replay is not None:
+                raise
+            # a cached plan for another graph (the module's code changed): plan again
+    if planned is None:
+        planned = plan_graph(gm, request, cache=cache)
+        if cache_key is not None and not planned.plan.notes:
+            plan_cache.save(cache_key, planned.plan, planned.baseline, planned.planned)
     return CompiledEntry(planned.graph_module, planned.plan, planned.baseline, planned.planned,
                          time.perf_counter() - start, planned.partial)
+
+
+def request_of(plan: Plan) -> dict:
+    """The planning options a saved Plan was made with, as :func:`build_plan` takes them."""
+    rehash = RehashConfig.from_dict(plan.rehash["config"]) if plan.rehash is not None else None
+    return dict(budget_bytes=plan.budget_bytes, target=plan.target, rehash=rehash)
 
 
 def _timestep_index(module: nn.Module) -> int | None:
@@ -94,7 +127,7 @@ def _timestep_index(module: nn.Module) -> int | None:
     return None
 
 
-def _target_of(args: tuple) -> str:
+def target_of(args: tuple) -> str:
     for a in args:
         if isinstance(a, torch.Tensor):
             return "cuda" if a.device.type in ("cuda", "meta") else "cpu"
@@ -105,9 +138,10 @@ class StreamlinedModule(nn.Module):
     """A module compiled by fxstream: same call, same outputs, less memory. See :func:`fxstream.compile`."""
 
     def __init__(self, module: nn.Module, *, budget_bytes: int | None, chunks: int | None, target: str | None,
-                 rehash: RehashConfig | None = None):
+                 rehash: RehashConfig | None = None, replay: Plan | None = None):
         super().__init__()
         self.original = module
+        self._fx_replay = replay  # a saved Plan, rebuilt on the first call instead of planning
         self._fx_budget_bytes = budget_bytes
         self._fx_chunks = chunks
         self._fx_target = target
@@ -130,7 +164,7 @@ class StreamlinedModule(nn.Module):
                     self.original, flat, budget_bytes=self._fx_budget_bytes, chunks=self._fx_chunks,
                     target=self._fx_target, kwargs=extra,
                     rehash=rehash.config if rehash is not None else None,
-                    cache=rehash.cache if rehash is not None else None,
+                    cache=rehash.cache if rehash is not None else None, replay=self._fx_replay,
                 )
             self._fx_cache[key] = entry
         self._fx_last = entry
@@ -180,6 +214,8 @@ class StreamlinedModule(nn.Module):
     def extra_repr(self) -> str:
         budget = "minimum" if self._fx_budget_bytes is None else format_bytes(self._fx_budget_bytes)
         text = f"budget={budget}, compiled_signatures={len(self._fx_cache)}"
+        if self._fx_replay is not None:
+            text += f", replaying a plan for ({self._fx_replay.signature})"
         if self._fx_rehash is not None:
             text += f", rehash={self._fx_rehash.config.cache_point}: {self._fx_rehash.config.schedule.describe()}"
         return text

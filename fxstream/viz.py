@@ -32,7 +32,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from passes.chains import OperatorGroup, module_path, tensor_bytes
+from passes.chains import OperatorGroup
+from passes.meta import module_path, tensor_bytes
 from passes.memory import TOP_LEVEL, MemoryTimeline, format_bytes
 
 if TYPE_CHECKING:

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+from passes import ops
 from passes.dims import REDUCED, WHOLE, SliceAxis, SplitReduction, input_axes, shape, val
+from passes.meta import aliases_input, module_path, node_storage, tensor_bytes
 from passes.reductions import reduced_input_ok
 
 # An axis with fewer positions than this never starts a group: it cannot cut a peak by more than half, and
@@ -75,30 +77,6 @@ class OperatorGroup:
 
     def intermediate_bytes(self) -> int:
         return sum(tensor_bytes(val(n)) for n in self.nodes)
-
-
-def tensor_bytes(v: object) -> int:
-    if isinstance(v, torch.Tensor):
-        return v.numel() * v.element_size()
-    if isinstance(v, (list, tuple)):
-        return sum(tensor_bytes(x) for x in v)
-    return 0
-
-
-def module_path(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return _clean_path(path)
-
-
-def _clean_path(path: str) -> str:
-    # export writes "L['self'].down_blocks[0].resnets[1]" or "down_blocks.0.resnets.1"; normalise to dots
-    path = path.replace("L['self'].", "").replace("L['self']", "")
-    for a, b in (("[", "."), ("]", ""), ("'", "")):
-        path = path.replace(a, b)
-    return path.strip(".")
 
 
 def _groupable(node: torch.fx.Node) -> bool:
@@ -159,7 +137,7 @@ class _Grouper:
     def _options(self, node: torch.fx.Node, length: int) -> list[object]:
         s = shape(node)
         opts: list[object] = [SliceAxis(d, s[d] // length) for d in range(len(s)) if s[d] % length == 0 and s[d] >= length]
-        if node.target is torch.ops.fxstream.group_norm_partial.default:
+        if ops.of(node).combine is not None:
             opts.append(REDUCED)
         return opts
 
@@ -212,10 +190,10 @@ class _Grouper:
         reaches far more of what follows (a block sliced along rows running into a spatial attention, whose
         keys must stay whole along rows but not along frames).
         """
-        if node.target in VIEW_OPS or not isinstance(axis, SliceAxis):
+        if _layout(node) or not isinstance(axis, SliceAxis):
             return False
-        crossing = {_storage_key(m) for m in open_members if self.axis_of[m] is not REDUCED}
-        if not crossing or not crossing <= {_storage_key(p) for p in node.all_input_nodes}:
+        crossing = {node_storage(m) for m in open_members if self.axis_of[m] is not REDUCED}
+        if not crossing or not crossing <= {node_storage(p) for p in node.all_input_nodes}:
             return False
         alone = self._best_seed(node)
         if alone is None or alone[2] or alone[0].dim == axis.dim:
@@ -254,7 +232,7 @@ class _Grouper:
     def _best_seed(self, node: torch.fx.Node) -> tuple[SliceAxis, float, bool] | None:
         """The axis a group seeded at ``node`` should take, its look-ahead score, and whether the node must
         first be split (a GroupNorm whose best axis is one it reduces over)."""
-        if node.target in VIEW_OPS:
+        if _layout(node):
             # a layout op has nothing to slice; the first compute op after it picks the axis (a reshape that
             # merges (B, pixels) can only be cut along the wrong axis, frames, while its users can take pixels)
             return None
@@ -327,7 +305,7 @@ class _Grouper:
                     break
                 if joined:
                     break
-                if node.target is torch.ops.aten.group_norm.default:
+                if node.target is ops.GROUP_NORM:
                     x = node.args[0]
                     if self.group_of.get(x) == gid and isinstance(self.axis_of[x], SliceAxis) and self.axis_of[x].dim >= 2:
                         self.split_candidates.append(node)
@@ -394,7 +372,7 @@ class _Grouper:
         output; inside, each would become an output buffer of its own (a second full-size copy)."""
         members = set(nodes)
         for node in reversed(nodes):
-            if node.target in VIEW_OPS and _aliases_input(node) and not any(u in members for u in node.users):
+            if _layout(node) and aliases_input(node) and not any(u in members for u in node.users):
                 members.discard(node)
         return [n for n in nodes if n in members]
 
@@ -413,7 +391,7 @@ class _Grouper:
             outputs = [n for n in nodes if any(u not in members for u in n.users) and self.axis_of[n] is not REDUCED]
             tail: set[torch.fx.Node] = set()
             for n in reversed(nodes):
-                if n.target in ANCHOR_OPS:
+                if ops.of(n).anchor:
                     continue
                 users_in = [u for u in n.users if u in members]
                 if (n in outputs or users_in) and all(u in tail for u in users_in):
@@ -436,7 +414,7 @@ class _Grouper:
         """
         for gid in sorted(self.members):
             nodes = self.members[gid]
-            if not nodes or any(n.target in ANCHOR_OPS for n in nodes):
+            if not nodes or any(ops.of(n).anchor for n in nodes):
                 continue
             members = set(nodes)
             consumers = {self.group_of.get(u) for n in nodes for u in n.users if u not in members}
@@ -527,11 +505,11 @@ class _Grouper:
         for node in nodes:
             outside = [u for u in node.users if u not in members]
             base = node.args[0] if node.args else None
-            if (not outside or node.target not in VIEW_OPS or not _aliases_input(node)
+            if (not outside or not _layout(node) or not aliases_input(node)
                     or base not in members or not any(u in members for u in node.users)):
                 continue
             chain = [node]  # the views between the handed-out value and its base, redone outside
-            while base in members and base.target in VIEW_OPS and _aliases_input(base):
+            while base in members and _layout(base) and aliases_input(base):
                 chain.append(base)
                 base = base.args[0]
             copy, anchor = base, node
@@ -570,7 +548,7 @@ class _Grouper:
             nodes = self._trim_trailing_views(nodes)
             if not nodes:
                 continue
-            if not any(n.target is not torch.ops.aten.view.default for n in nodes):
+            if not any(n.target is not ops.VIEW for n in nodes):
                 continue
             members = set(nodes)
             outputs = [n for n in nodes if any(u not in members for u in n.users)]
@@ -594,46 +572,14 @@ class _Grouper:
         return result
 
 
-aten = torch.ops.aten
-VIEW_OPS = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
-    aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-    aten.squeeze.default, aten.expand.default, aten.select.int, aten.slice.Tensor, aten.alias.default,
-    aten.flatten.using_ints, aten.unflatten.int, aten.detach.default,
-}
-
-
-# Ops whose work is what slicing is for; a group's tail is what follows the last of them.
-ANCHOR_OPS = {
-    aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
-    aten.linear.default, aten.matmul.default, aten.bmm.default, aten.mm.default, aten.baddbmm.default,
-    aten.addmm.default, aten.scaled_dot_product_attention.default,
-}
-
-
-def _storage_key(node: torch.fx.Node) -> object:
-    v = val(node)
-    try:
-        return v.untyped_storage()._cdata
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return node
-
-
 def _distinct_bytes(nodes) -> int:
     """Bytes of the storages behind ``nodes`` (views of one tensor counted once)."""
-    storages = {_storage_key(n): val(n) for n in nodes if isinstance(val(n), torch.Tensor)}
+    storages = {node_storage(n): val(n) for n in nodes if isinstance(val(n), torch.Tensor)}
     return sum(tensor_bytes(v) for v in storages.values())
 
 
-def _aliases_input(node: torch.fx.Node) -> bool:
-    """Whether the node's value shares its input's storage (a reshape of a non-contiguous tensor copies)."""
-    out, x = val(node), val(node.args[0])
-    if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
-        return False
-    try:
-        return out.untyped_storage()._cdata == x.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError):
-        return node.target is not aten.reshape.default
+def _layout(node: torch.fx.Node) -> bool:
+    return ops.of(node).layout
 
 
 SPLIT = object()  # a seed axis that needs the node split first (see passes/reductions.py)
@@ -728,4 +674,4 @@ def find_groups(gm: torch.fx.GraphModule, *, split_reductions: bool = True) -> l
     return grouper.groups()
 
 
-__all__ = ["OperatorGroup", "find_groups", "module_path", "tensor_bytes", "REDUCED", "WHOLE"]
+__all__ = ["OperatorGroup", "find_groups", "REDUCED", "WHOLE"]

@@ -4,8 +4,9 @@ Input: an fx node of a captured ATen graph (with ``meta["val"]``) and a :class:`
 Output: for each tensor input, the slice of it that the output slice needs (a :class:`SliceAxis`, or
 ``WHOLE``), or ``None`` when the op is not parallel along that axis (a barrier).
 
-Modelled on ``torch.distributed.tensor._ops._view_ops``: a declarative table with one rule per ATen overload
-and a single entry point, :func:`input_axes`. An op missing from the table is a barrier, never a guess.
+Modelled on ``torch.distributed.tensor._ops._view_ops``: shape-only rules, one per kind of op, assigned to ATen
+overloads in the op table (:mod:`passes.ops`), and a single entry point, :func:`input_axes`. An op missing from
+the table is a barrier, never a guess.
 
 A slice of a group is a contiguous range ``[a, b)`` of the group's logical axis of length ``L``. In a tensor
 whose axis is ``SliceAxis(dim, unit)`` the range is the elements ``[a*unit, b*unit)`` of ``dim``, with every
@@ -26,8 +27,6 @@ from typing import Any
 
 import torch
 import torch.fx
-
-aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,7 @@ def _is_tensor_node(x: Any) -> bool:
     return isinstance(x, torch.fx.Node) and isinstance(val(x), torch.Tensor)
 
 
-def _arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
+def arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
@@ -106,7 +105,7 @@ def _norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
-def _merge(a: InputAxes, b: InputAxes) -> InputAxes | None:
+def merge(a: InputAxes, b: InputAxes) -> InputAxes | None:
     """Combine requirements on inputs; the same node needed two different ways is a barrier."""
     out = dict(a)
     for k, v in b.items():
@@ -116,7 +115,7 @@ def _merge(a: InputAxes, b: InputAxes) -> InputAxes | None:
     return out
 
 
-def _broadcast_operand(x: torch.fx.Node, out_shape: tuple[int, ...], axis: SliceAxis) -> SliceAxis | _Marker:
+def broadcast_operand(x: torch.fx.Node, out_shape: tuple[int, ...], axis: SliceAxis) -> SliceAxis | _Marker:
     """How a broadcasting operand of a pointwise op is sliced when the output is sliced along ``axis``."""
     s = shape(x)
     i = axis.dim - (len(out_shape) - len(s))
@@ -125,27 +124,27 @@ def _broadcast_operand(x: torch.fx.Node, out_shape: tuple[int, ...], axis: Slice
     return SliceAxis(i, axis.unit)
 
 
-def _pointwise(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def pointwise(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     out_shape = shape(node)
     req: InputAxes = {}
     for x in node.all_input_nodes:
         if not _is_tensor_node(x):
             continue
-        r = _broadcast_operand(x, out_shape, axis)
-        req = _merge(req, {x: r})
+        r = broadcast_operand(x, out_shape, axis)
+        req = merge(req, {x: r})
         if req is None:
             return None
     return req
 
 
-def _dropout(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
-    p, train = _arg(node, 1, "p", 0.5), _arg(node, 2, "train", True)
+def dropout(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    p, train = arg(node, 1, "p", 0.5), arg(node, 2, "train", True)
     if train and p > 0:
         return None  # random masks cannot be reproduced slice by slice
-    return _pointwise(node, axis)
+    return pointwise(node, axis)
 
 
-def _same(x_index: int = 0) -> Rule:
+def same(x_index: int = 0) -> Rule:
     """Output dim ``d`` is input dim ``d`` of one tensor input; other tensor inputs are whole."""
 
     def rule(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
@@ -158,27 +157,27 @@ def _same(x_index: int = 0) -> Rule:
     return rule
 
 
-def _leading(n_trailing: Callable[[torch.fx.Node], int]) -> Rule:
+def leading(n_trailing: Callable[[torch.fx.Node], int]) -> Rule:
     """Parallel along every dim but the last ``n_trailing(node)`` ones (linear, layer_norm)."""
 
     def rule(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
         if axis.dim >= len(shape(node)) - n_trailing(node):
             return None
-        return _same(0)(node, axis)
+        return same(0)(node, axis)
 
     return rule
 
 
-def _kept_dims(dims_arg: int, name: str, keepdim_arg: int | None) -> Rule:
+def kept_dims(dims_arg: int, name: str, keepdim_arg: int | None) -> Rule:
     """Ops that act along some dims (softmax, reductions with dims): parallel along the others."""
 
     def rule(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
         x = node.args[0]
         in_ndim = len(shape(x))
-        dims = _arg(node, dims_arg, name)
+        dims = arg(node, dims_arg, name)
         dims = [dims] if isinstance(dims, int) else list(dims or range(in_ndim))
         dims = sorted(_norm_dim(d, in_ndim) for d in dims)
-        keepdim = bool(_arg(node, keepdim_arg, "keepdim", False)) if keepdim_arg is not None else True
+        keepdim = bool(arg(node, keepdim_arg, "keepdim", False)) if keepdim_arg is not None else True
         in_dim = axis.dim
         if not keepdim:
             for d in dims:
@@ -195,11 +194,11 @@ def _kept_dims(dims_arg: int, name: str, keepdim_arg: int | None) -> Rule:
 # matrix products, convolution, attention, normalisation
 
 
-def _linear(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
-    return _leading(lambda n: 1)(node, axis)
+def linear(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    return leading(lambda n: 1)(node, axis)
 
 
-def _matmul(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def matmul(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     """bmm / matmul: batch dims slice both operands; the row dim slices the left one only."""
     a, b = node.args[0], node.args[1]
     out_nd, a_s, b_s = len(shape(node)), shape(a), shape(b)
@@ -217,7 +216,7 @@ def _matmul(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     return req if a is not b else None
 
 
-def _addmm_like(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def addmm_like(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     """baddbmm(input, b1, b2) / addmm(input, m1, m2): matmul of the last two plus a broadcast addend."""
     bias, a, b = node.args[0], node.args[1], node.args[2]
     out_s = shape(node)
@@ -226,73 +225,60 @@ def _addmm_like(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
         return None
     req: InputAxes = {a: SliceAxis(d, axis.unit)}
     req[b] = WHOLE if d == len(out_s) - 2 else SliceAxis(d, axis.unit)
-    return _merge(req, {bias: _broadcast_operand(bias, out_s, axis)})
+    return merge(req, {bias: broadcast_operand(bias, out_s, axis)})
 
 
-def _conv(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def conv(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     """Batch is parallel; a spatial dim is parallel where the kernel is 1 wide with stride 1 and no padding
     (SVD's temporal convolution, kernel (3, 1, 1), is parallel along H and W)."""
     x, w = node.args[0], node.args[1]
     req: InputAxes = {w: WHOLE}
-    bias = _arg(node, 2, "bias")
+    bias = arg(node, 2, "bias")
     if isinstance(bias, torch.fx.Node):
         req[bias] = WHOLE
     if axis.dim == 0:
         req[x] = SliceAxis(0, axis.unit)
         return req
-    if axis.dim == 1 or node.target is aten.convolution.default and _arg(node, 6, "transposed", False):
+    if axis.dim == 1:
         return None
+    p = _ops.conv_params(node)
     k = axis.dim - 2
-    n_spatial = len(shape(node)) - 2
-    kernel = shape(w)[2 + k]
-
-    def per_dim(v: Any, default: int) -> int:
-        if v is None:
-            return default
-        if isinstance(v, (list, tuple)):
-            return int(v[k]) if len(v) > 1 else int(v[0])
-        return int(v)
-
-    stride = per_dim(_arg(node, 3, "stride"), 1)
-    padding = _arg(node, 4, "padding")
-    if isinstance(padding, str):
-        pad = 0 if kernel == 1 else 1
-    else:
-        pad = per_dim(padding, 0)
-    if kernel == 1 and stride == 1 and pad == 0 and n_spatial > k:
+    if p is None or k >= len(p["kernel"]):
+        return None
+    if p["kernel"][k] == 1 and p["stride"][k] == 1 and p["padding"][k] == 0:
         req[x] = SliceAxis(axis.dim, axis.unit)
         return req
     return None
 
 
-def _sdpa(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def sdpa(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     """scaled_dot_product_attention(q, k, v, mask, ...): batch and heads slice all; query length slices q
     (and the mask's query dim) with keys and values whole."""
     q, k, v = node.args[0], node.args[1], node.args[2]
-    mask = _arg(node, 3, "attn_mask")
+    mask = arg(node, 3, "attn_mask")
     nd = len(shape(node))
     d = axis.dim
-    if d == nd - 1 or _arg(node, 5, "is_causal", False):
+    if d == nd - 1 or arg(node, 5, "is_causal", False):
         return None
     if d == nd - 2:
         req: InputAxes = {q: SliceAxis(d, axis.unit), k: WHOLE, v: WHOLE}
     else:
         req = {}
         for t in (q, k, v):
-            r = _broadcast_operand(t, shape(node), axis)
-            req = _merge(req, {t: r})
+            r = broadcast_operand(t, shape(node), axis)
+            req = merge(req, {t: r})
             if req is None:
                 return None
     if isinstance(mask, torch.fx.Node):
-        req = _merge(req, {mask: _broadcast_operand(mask, shape(node), axis)})
+        req = merge(req, {mask: broadcast_operand(mask, shape(node), axis)})
     return req
 
 
-def _group_norm(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def group_norm(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     """Per-sample statistics: parallel along batch. Along a reduced dim the statistics span slices; that is
     exact only once split into a statistics pass and a per-slice apply (see passes/reductions.py)."""
     if axis.dim == 0:
-        return _same(0)(node, axis)
+        return same(0)(node, axis)
     if axis.dim >= 2:
         raise SplitReduction(node.name)
     return None
@@ -302,7 +288,7 @@ def _group_norm(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
 # layout ops
 
 
-def _view_groups(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+def view_groups(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
     """Pair runs of input and output dims with equal products (the dims a reshape merges or splits)."""
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
@@ -336,7 +322,7 @@ def _view_groups(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[
 def reshape_input_axis(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: SliceAxis) -> SliceAxis | None:
     """The input axis of a reshape from ``in_shape`` to ``out_shape`` whose output is sliced along ``axis``,
     or None when an output slice is not one contiguous range of a single input dim."""
-    groups = _view_groups(in_shape, out_shape)
+    groups = view_groups(in_shape, out_shape)
     if groups is None:
         return None
     for gi, gj in groups:
@@ -357,19 +343,19 @@ def reshape_input_axis(in_shape: tuple[int, ...], out_shape: tuple[int, ...], ax
     return None
 
 
-def _reshape(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def reshape(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x = node.args[0]
     a = reshape_input_axis(shape(x), shape(node), axis)
     return None if a is None else {x: a}
 
 
-def _permute(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def permute(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x, perm = node.args[0], node.args[1]
     nd = len(shape(node))
     return {x: SliceAxis(_norm_dim(perm[axis.dim], nd), axis.unit)}
 
 
-def _transpose(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def transpose(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x = node.args[0]
     nd = len(shape(node))
     a, b = _norm_dim(node.args[1], nd), _norm_dim(node.args[2], nd)
@@ -377,11 +363,11 @@ def _transpose(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     return {x: SliceAxis(d, axis.unit)}
 
 
-def _t(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def t(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     return {node.args[0]: SliceAxis(len(shape(node)) - 1 - axis.dim, axis.unit)}
 
 
-def _unsqueeze(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def unsqueeze(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x = node.args[0]
     d = _norm_dim(node.args[1], len(shape(node)))
     if axis.dim == d:
@@ -389,10 +375,10 @@ def _unsqueeze(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     return {x: SliceAxis(axis.dim - (axis.dim > d), axis.unit)}
 
 
-def _squeeze(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def squeeze(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x = node.args[0]
     in_s = shape(x)
-    dims = _arg(node, 1, "dim")
+    dims = arg(node, 1, "dim")
     if dims is None:
         dims = [i for i, s in enumerate(in_s) if s == 1]
     dims = {_norm_dim(d, len(in_s)) for d in ([dims] if isinstance(dims, int) else dims) if in_s[_norm_dim(d, len(in_s))] == 1}
@@ -400,50 +386,51 @@ def _squeeze(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     return {x: SliceAxis(kept[axis.dim], axis.unit)}
 
 
-def _expand(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def expand(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x = node.args[0]
-    return {x: _broadcast_operand(x, shape(node), axis)}
+    return {x: broadcast_operand(x, shape(node), axis)}
 
 
-def _select(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def select(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x = node.args[0]
     d = _norm_dim(node.args[1], len(shape(x)))
     return {x: SliceAxis(axis.dim + (axis.dim >= d), axis.unit)}
 
 
-def _slice(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def slice_rule(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x = node.args[0]
     in_s = shape(x)
-    d = _norm_dim(_arg(node, 1, "dim", 0), len(in_s))
+    d = _norm_dim(arg(node, 1, "dim", 0), len(in_s))
     if d == axis.dim:
-        start, end, step = _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1)
+        start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
         if (start or 0) != 0 or (end is not None and end < in_s[d]) or step != 1:
             return None
     return {x: SliceAxis(axis.dim, axis.unit)}
 
 
-def _split_like(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
-    """chunk / split / split_with_sizes / unbind: the output is a list; slicing along another dim."""
+def split_like(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    """chunk / split / split_with_sizes: the output is a list, each element sliced along the list's axis; the
+    split dim is a barrier (its elements may differ in size there)."""
     x = node.args[0]
-    in_nd = len(shape(x))
-    dim_i = 2 if node.target is not aten.unbind.int else 1
-    d = _norm_dim(_arg(node, dim_i, "dim", 0), in_nd)
-    if node.target is aten.unbind.int:
-        if axis.dim >= d:
-            return {x: SliceAxis(axis.dim + 1, axis.unit)}
-        return {x: SliceAxis(axis.dim, axis.unit)}
-    if d == axis.dim:
+    if _norm_dim(arg(node, 2, "dim", 0), len(shape(x))) == axis.dim:
         return None
     return {x: SliceAxis(axis.dim, axis.unit)}
 
 
-def _joined(stacked: bool) -> Rule:
+def unbind(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    """unbind: the output is a list of tensors without the unbound dim."""
+    x = node.args[0]
+    d = _norm_dim(arg(node, 1, "dim", 0), len(shape(x)))
+    return {x: SliceAxis(axis.dim + (axis.dim >= d), axis.unit)}
+
+
+def joined(stacked: bool) -> Rule:
     """cat / stack of a list of tensors: parallel along every dim but the one they are joined on."""
 
     def rule(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
         tensors = node.args[0]
         nd = len(shape(node))
-        d = _norm_dim(_arg(node, 1, "dim", 0), nd)
+        d = _norm_dim(arg(node, 1, "dim", 0), nd)
         if d == axis.dim:
             return None
         in_dim = axis.dim - (stacked and axis.dim > d)
@@ -451,7 +438,7 @@ def _joined(stacked: bool) -> Rule:
         for t in tensors:
             if len(shape(t)) != nd - stacked:
                 return None  # legacy empty-tensor cat
-            req = _merge(req, {t: SliceAxis(in_dim, axis.unit)})
+            req = merge(req, {t: SliceAxis(in_dim, axis.unit)})
             if req is None:
                 return None
         return req
@@ -459,27 +446,27 @@ def _joined(stacked: bool) -> Rule:
     return rule
 
 
-def _getitem(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def getitem(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     return {node.args[0]: axis}
 
 
-def _upsample(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def upsample(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     if axis.dim >= 2:
         return None  # would need scale != 1 (a row range maps to half as many input rows)
     return {node.args[0]: axis}
 
 
-def _repeat_interleave(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def repeat_interleave(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x = node.args[0]
-    d = _arg(node, 2, "dim")
-    if d is None or not isinstance(_arg(node, 1, "repeats"), int):
+    d = arg(node, 2, "dim")
+    if d is None or not isinstance(arg(node, 1, "repeats"), int):
         return None
     if _norm_dim(d, len(shape(x))) == axis.dim:
         return None
     return {x: SliceAxis(axis.dim, axis.unit)}
 
 
-def _pad(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+def pad(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x, pads = node.args[0], node.args[1]
     nd = len(shape(node))
     padded = {nd - 1 - i // 2 for i in range(len(pads)) if pads[i] != 0}
@@ -489,93 +476,37 @@ def _pad(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the table
-
-_POINTWISE = [
-    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor,
-    aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode,
-    aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.neg.default, aten.abs.default,
-    aten.exp.default, aten.log.default, aten.sqrt.default, aten.rsqrt.default, aten.reciprocal.default,
-    aten.sin.default, aten.cos.default, aten.tanh.default, aten.sigmoid.default, aten.erf.default,
-    aten.silu.default, aten.gelu.default, aten.relu.default, aten.leaky_relu.default, aten.mish.default,
-    aten.hardtanh.default, aten.softplus.default, aten.clamp.default, aten.clamp.Tensor,
-    aten.clamp_min.default, aten.clamp_max.default, aten.where.self, aten.where.ScalarOther,
-    aten.where.ScalarSelf, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.lerp.Scalar,
-    aten.lerp.Tensor, aten.maximum.default, aten.minimum.default, aten.eq.Tensor, aten.eq.Scalar,
-    aten.ne.Scalar, aten.gt.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.le.Scalar, aten.logical_not.default,
-    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device,
-    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-    aten.square.default, aten.floor.default, aten.round.default, aten.sign.default,
-]
-
-RULES: dict[Any, Rule] = {op: _pointwise for op in _POINTWISE}
-RULES.update({
-    aten.dropout.default: _dropout,
-    aten.type_as.default: _same(0),  # the second operand gives only its dtype
-    aten.linear.default: _linear,
-    aten.matmul.default: _matmul,
-    aten.bmm.default: _matmul,
-    aten.mm.default: _matmul,
-    aten.baddbmm.default: _addmm_like,
-    aten.addmm.default: _addmm_like,
-    aten.conv1d.default: _conv,
-    aten.conv2d.default: _conv,
-    aten.conv3d.default: _conv,
-    aten.conv1d.padding: _conv,
-    aten.conv2d.padding: _conv,
-    aten.conv3d.padding: _conv,
-    aten.convolution.default: _conv,
-    aten.scaled_dot_product_attention.default: _sdpa,
-    aten.group_norm.default: _group_norm,
-    aten.layer_norm.default: _leading(lambda n: len(n.args[1])),
-    aten.softmax.int: _kept_dims(1, "dim", None),
-    aten._softmax.default: _kept_dims(1, "dim", None),
-    aten.log_softmax.int: _kept_dims(1, "dim", None),
-    aten.mean.dim: _kept_dims(1, "dim", 2),
-    aten.sum.dim_IntList: _kept_dims(1, "dim", 2),
-    aten.amax.default: _kept_dims(1, "dim", 2),
-    aten.var.correction: _kept_dims(1, "dim", 3),
-    aten.view.default: _reshape,
-    aten.reshape.default: _reshape,
-    aten._unsafe_view.default: _reshape,
-    aten.flatten.using_ints: _reshape,
-    aten.unflatten.int: _reshape,
-    aten.permute.default: _permute,
-    aten.transpose.int: _transpose,
-    aten.t.default: _t,
-    aten.unsqueeze.default: _unsqueeze,
-    aten.squeeze.dim: _squeeze,
-    aten.squeeze.dims: _squeeze,
-    aten.squeeze.default: _squeeze,
-    aten.expand.default: _expand,
-    aten.broadcast_to.default: _expand,
-    aten.select.int: _select,
-    aten.slice.Tensor: _slice,
-    aten.chunk.default: _split_like,
-    aten.split.Tensor: _split_like,
-    aten.split_with_sizes.default: _split_like,
-    aten.unbind.int: _split_like,
-    aten.cat.default: _joined(stacked=False),
-    aten.stack.default: _joined(stacked=True),
-    operator.getitem: _getitem,
-    aten.upsample_nearest2d.vec: _upsample,
-    aten.upsample_nearest2d.default: _upsample,
-    aten.upsample_nearest3d.vec: _upsample,
-    aten.upsample_nearest3d.default: _upsample,
-    aten.upsample_bilinear2d.vec: _upsample,
-    aten.repeat_interleave.self_int: _repeat_interleave,
-    aten.constant_pad_nd.default: _pad,
-    aten.pad.default: _pad,
-})
+# the custom ops fxstream inserts (passes/reductions.py): GroupNorm statistics and apply
 
 
-def register_rule(op: Any, rule: Rule) -> None:
-    """Add or replace the rule of one op (used for fxstream's own runtime ops)."""
-    RULES[op] = rule
+def group_norm_partial(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    """Statistics per (sample, group): parallel along batch. Along the normalised dims it is a reduction,
+    combined across slices (the op table's ``combine``), which the grouper offers as ``REDUCED``."""
+    if axis.dim != 0:
+        return None
+    return {node.args[0]: SliceAxis(0, axis.unit)}
+
+
+def group_norm_apply(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    """Normalise with complete statistics: parallel along every dim but channels; the statistics are sliced
+    with the batch, else read whole."""
+    x, stats = node.args[0], node.args[1]
+    if axis.dim == 1:
+        return None
+    req: InputAxes = {x: SliceAxis(axis.dim, axis.unit)}
+    req[stats] = SliceAxis(0, axis.unit) if axis.dim == 0 else WHOLE
+    for p in node.args[3:5]:
+        if isinstance(p, torch.fx.Node):
+            req[p] = WHOLE
+    return req
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the entry points: the rules are read from the op table (passes/ops.py)
 
 
 def has_rule(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in RULES
+    return _ops.of(node).dims is not None
 
 
 def input_axes(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
@@ -583,7 +514,7 @@ def input_axes(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
 
     Raises :class:`SplitReduction` when the op reduces over ``axis`` but has an exact split form.
     """
-    rule = RULES.get(node.target) if node.op == "call_function" else None
+    rule = _ops.of(node).dims
     s = shape(node)
     if rule is None or s is None or not 0 <= axis.dim < len(s) or s[axis.dim] % axis.unit:
         return None
@@ -605,14 +536,16 @@ def _set_size(sizes: list[int], d: int, size: int) -> list[int]:
 
 def sliced_args(node: torch.fx.Node, axis: SliceAxis, length: int) -> tuple[tuple, dict]:
     """The node's (args, kwargs) for a slice of ``length`` elements along ``axis.dim`` of its output."""
-    t = node.target
+    sizes = _ops.of(node).sizes
     args, kwargs = tuple(node.args), dict(node.kwargs)
-    if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
-             aten.broadcast_to.default):
+    if sizes == "shape":
         args = (args[0], _set_size(args[1], axis.dim, length), *args[2:])
-    elif t is aten.unflatten.int:
+    elif sizes == "unflatten":
         in_dim = _norm_dim(args[1], len(shape(node.args[0])))
         k = axis.dim - in_dim
         if 0 <= k < len(args[2]):
             args = (args[0], args[1], _set_size(args[2], k, length), *args[3:])
     return args, kwargs
+
+
+from passes import ops as _ops  # noqa: E402  (the table reads the rules above; the rules read the table)

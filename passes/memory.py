@@ -38,9 +38,10 @@ from typing import Any, Iterable, Literal
 
 import torch
 import torch.fx
-from torch.multiprocessing.reductions import StorageWeakRef
 
-from passes.meta import META_KEY
+from passes import ops
+from passes.meta import META_KEY, module_path, storage_key
+from passes.ops import Alias
 
 Lifetime = Literal["graph", "eager"]
 Target = Literal["cpu", "cuda"]
@@ -53,53 +54,9 @@ _SDPA_BACKENDS = ("flash", "efficient", "math")
 # Label of nodes that belong to no submodule (ops in the root module's own forward).
 TOP_LEVEL = "(top level)"
 
-aten = torch.ops.aten
-
-# Ops whose output is always a view of their first argument.
-_VIEW_OPS = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.permute.default,
-    aten.transpose.int,
-    aten.t.default,
-    aten.unsqueeze.default,
-    aten.squeeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.expand.default,
-    aten.expand_as.default,
-    aten.broadcast_to.default,
-    aten.slice.Tensor,
-    aten.select.int,
-    aten.narrow.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten.unflatten.int,
-    aten.as_strided.default,
-    aten.view_as.default,
-    aten.movedim.int,
-    aten.diagonal.default,
-    aten.unfold.default,
-}
-# Ops returning a list of views of their first argument (their elements are read with getitem).
-_MULTI_VIEW_OPS = {
-    aten.chunk.default,
-    aten.split.Tensor,
-    aten.split_with_sizes.default,
-    aten.unbind.int,
-    aten.tensor_split.sections,
-    aten.tensor_split.indices,
-}
-# Ops that return a view when the input's strides allow it, and a copy otherwise.
-_RESHAPE_OPS = {aten.reshape.default, aten.flatten.using_ints}
-# Ops that return their input itself when there is nothing to convert.
-_CONVERT_OPS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten.contiguous.default}
-
-_SDPA = aten.scaled_dot_product_attention.default
 # Flash / memory-efficient kernels store one fp32 logsumexp per query row; efficient pads rows to 32.
 _LOGSUMEXP_ITEMSIZE = 4
 _EFFICIENT_ROW_ALIGN = 32
-_CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
 
 
 @dataclass
@@ -284,13 +241,6 @@ def storage_nbytes(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
 
 
-def _storage_key(t: torch.Tensor) -> Any:
-    try:
-        return StorageWeakRef(t.untyped_storage())
-    except (RuntimeError, NotImplementedError):
-        return ("tensor", id(t))
-
-
 class _UnionFind:
     def __init__(self) -> None:
         self.parent: dict[Any, Any] = {}
@@ -311,7 +261,7 @@ class _UnionFind:
 def _group_storages(nodes: list[torch.fx.Node], step: dict[torch.fx.Node, int]) -> list[_Storage]:
     """Group the nodes' values by shared storage and give each group its bytes, kind and live range."""
     values = {n: tensor_values(n.meta.get("val")) for n in nodes}
-    keys = {n: [_storage_key(t) for t in values[n]] for n in nodes}
+    keys = {n: [storage_key(t) for t in values[n]] for n in nodes}
     uf = _UnionFind()
     for n in nodes:
         for k in keys[n]:
@@ -368,29 +318,30 @@ def _alias_pairs(node: torch.fx.Node, keys: dict[torch.fx.Node, list[Any]]) -> I
     base = node.args[0] if node.args else None
     if not isinstance(base, torch.fx.Node) or not keys[base]:
         return []
-    if _returns_alias(node, base):
+    if returns_alias(node, base):
         return [(k, keys[base][0]) for k in keys[node]]
     return []
 
 
-def _returns_alias(node: torch.fx.Node, base: torch.fx.Node) -> bool:
-    target = node.target
-    if target in _VIEW_OPS or target in _MULTI_VIEW_OPS:
+def returns_alias(node: torch.fx.Node, base: torch.fx.Node) -> bool:
+    """Whether the op returns (a view of) its input ``base`` in eager, by the op table's ``alias``."""
+    alias = ops.of(node).alias
+    if alias in (Alias.VIEW, Alias.VIEWS):
         return True
-    if target is aten.dropout.default:
+    if alias is Alias.DROPOUT:
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.0)
         train = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True)
         return p == 0 or not train
     out, src = node.meta.get("val"), base.meta.get("val")
     if not isinstance(out, torch.Tensor) or not isinstance(src, torch.Tensor):
         return False
-    if target in _RESHAPE_OPS:
+    if alias is Alias.RESHAPE:
         return _is_viewable(src, out.shape)
-    if target in _CONVERT_OPS:
+    if alias is Alias.CONVERT:
         if node.kwargs.get("copy", False) or out.dtype != src.dtype or out.device != src.device:
             return False
         memory_format = node.kwargs.get("memory_format") or torch.contiguous_format
-        return target is not aten.contiguous.default or src.is_contiguous(memory_format=memory_format)
+        return node.target is not ops.CONTIGUOUS or src.is_contiguous(memory_format=memory_format)
     return False
 
 
@@ -581,9 +532,10 @@ def _workspace_bytes(node: torch.fx.Node, target: str, sdpa_backend: str | None)
     info = node.meta.get(META_KEY)
     if info is not None and info.workspace_bytes is not None:
         return info.workspace_bytes
-    if node.op == "call_function" and node.target is _SDPA:
+    family = ops.of(node).family
+    if family == "sdpa":
         return sdpa_workspace_bytes(node, sdpa_backend or sdpa_backend_for(node, target))
-    if node.op == "call_function" and node.target in _CONV_OPS and target == "cuda":
+    if family == "conv" and target == "cuda":
         return cuda_conv_workspace_bytes(node)
     return 0
 
@@ -664,15 +616,6 @@ def _infer_target(nodes: list[torch.fx.Node]) -> str:
 # ------------------------------------------------------------------------------- module paths and blocks
 
 
-def module_path(node: torch.fx.Node | None) -> str:
-    """The innermost module the node ran in (``down_blocks.0.attentions.1.proj_in``); "" at the top level."""
-    stack = node.meta.get("nn_module_stack") if node is not None else None
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return path if isinstance(path, str) else ""
-
-
 def _block_of(path: str, prefix: str) -> str:
     """The top-level block a module path is in: ``up_blocks.1`` (a ModuleList entry), ``mid_block``..."""
     if prefix:
@@ -725,7 +668,7 @@ def _weight_bytes(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> int:
                 tensors.append(attr)
     seen: dict[Any, int] = {}
     for t in tensors:
-        seen.setdefault(_storage_key(t), storage_nbytes(t))
+        seen.setdefault(storage_key(t), storage_nbytes(t))
     return sum(seen.values())
 
 

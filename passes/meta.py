@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 META_KEY = "fxstream"
 
@@ -28,3 +30,56 @@ def node_info(node: torch.fx.Node) -> NodeInfo:
     if info is None:
         info = node.meta[META_KEY] = NodeInfo()
     return info
+
+
+# ------------------------------------------------------------------------------------------------------------
+# what a node's metadata says: where it ran, its value's bytes and storage
+
+
+def module_path(node: torch.fx.Node | None) -> str:
+    """The innermost module the node ran in (``down_blocks.0.attentions.1.proj_in``); "" at the top level."""
+    stack = (node.meta.get("nn_module_stack") if node is not None else None) or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    if not isinstance(path, str):
+        return ""
+    # export writes "L['self'].down_blocks[0].resnets[1]" or "down_blocks.0.resnets.1"; normalise to dots
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    for a, b in (("[", "."), ("]", ""), ("'", "")):
+        path = path.replace(a, b)
+    return path.strip(".")
+
+
+def tensor_bytes(v: object) -> int:
+    """Bytes of a value's elements (a tensor, or a list/tuple of them); views count their own elements."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (list, tuple)):
+        return sum(tensor_bytes(x) for x in v)
+    return 0
+
+
+def storage_key(t: torch.Tensor) -> object:
+    """A hashable identity of the storage behind ``t`` (shared by its views)."""
+    try:
+        return StorageWeakRef(t.untyped_storage())
+    except (RuntimeError, NotImplementedError):
+        return ("tensor", id(t))
+
+
+def node_storage(node: torch.fx.Node) -> object:
+    """The storage identity of a node's tensor value; the node itself for any other value."""
+    v = node.meta.get("val")
+    return storage_key(v) if isinstance(v, torch.Tensor) else node
+
+
+def aliases_input(node: torch.fx.Node) -> bool:
+    """Whether the node's tensor value shares its first input's storage, as the fake values show it (a reshape
+    of a non-contiguous tensor copies)."""
+    x = node.args[0] if node.args else None
+    out = node.meta.get("val")
+    src = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    if not isinstance(out, torch.Tensor) or not isinstance(src, torch.Tensor):
+        return False
+    return storage_key(out) == storage_key(src)

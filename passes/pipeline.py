@@ -18,23 +18,25 @@ plan.
 
 from __future__ import annotations
 
+import hashlib
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.fx
 
-from fxstream.errors import BudgetError, FxStreamError, PlanningWarning
-from fxstream.runtime.ops import PARTIAL_OP
+from fxstream.errors import BudgetError, FxStreamError, PlanMismatchError, PlanningWarning
 from fxstream.runtime.rehash import FeatureCache, RehashConfig
 from fxstream.runtime.sliced import slice_bounds
+from passes import ops
 from passes.budget import BudgetResult, forced_chunks, plan_chunks
-from passes.chains import OperatorGroup, find_groups, tensor_bytes
+from passes.chains import OperatorGroup, find_groups
+from passes.meta import tensor_bytes
 from passes.memory import MemoryTimeline, analyze_memory, format_bytes
-from passes.plan import GroupPlan, Plan
-from passes.rows import RowAnalysis, choose_tail, outline
-from passes.slicing import copy_graph_module
+from passes.plan import PLAN_VERSION, GroupPlan, Plan
+from passes.rows import RowAnalysis, RowChoice, choose_tail, outline, segment_estimate
+from passes.slicing import apply_plan, copy_graph_module
 
 # The minimum-memory plan streams the tail by rows only when that lowers the predicted peak by this fraction:
 # the recomputation of halos and statistics passes is not worth less.
@@ -76,6 +78,7 @@ class Planned:
 def plan(gm: torch.fx.GraphModule, request: PlanRequest, *, cache: FeatureCache | None = None) -> Planned:
     """Plan ``gm`` for ``request``; see the module docstring. With Step Rehash, the full graph stores the cache
     point's value in ``cache`` (a new one if None) and a partial graph for rehash steps is planned too."""
+    original = gm
     baseline = analyze_memory(gm, lifetime="eager", target=request.target)
     rehash_info = None
     partial = None
@@ -86,7 +89,7 @@ def plan(gm: torch.fx.GraphModule, request: PlanRequest, *, cache: FeatureCache 
         cache = cache if cache is not None else FeatureCache()
         partial_gm = rehash_pass.partial_graph(gm, point.node, cache)
         gm = rehash_pass.full_graph(gm, point.node, cache)
-        p_result = _slice_or_whole(partial_gm, request)[1]
+        p_groups, p_result, p_streamed, _, _ = _slice_or_whole(partial_gm, request)
         partial = PartialGraph(p_result.graph_module, p_result.timeline, dict(p_result.chunks))
         rehash_info = dict(
             cache_point=point.path, module_class=point.module_class, node=point.node,
@@ -94,43 +97,21 @@ def plan(gm: torch.fx.GraphModule, request: PlanRequest, *, cache: FeatureCache 
             flops_full=point.flops_full, flops_partial=point.flops_partial,
             partial_predicted_activation_peak_bytes=p_result.timeline.activation_peak_bytes,
             partial_sliced_groups=sum(1 for k in p_result.chunks.values() if k > 1),
+            partial_groups=[asdict(g) for g in _decisions(p_groups, p_result, p_streamed)],
             config=request.rehash.to_dict(),
         )
     groups, result, streamed, notes, grouped = _slice_or_whole(gm, request)
     if streamed:  # planned on a copy: its split GroupNorms, and those the row segments compute in passes
-        split = sum(1 for n in result.graph_module.graph.nodes if n.target is PARTIAL_OP)
+        split = sum(1 for n in result.graph_module.graph.nodes if n.target is ops.PARTIAL)
         split += sum(len(c.segment.norms) for c in streamed)
     else:
-        split = sum(1 for n in grouped.graph.nodes if n.target is PARTIAL_OP)
+        split = sum(1 for n in grouped.graph.nodes if n.target is ops.PARTIAL)
     planned = result.timeline
     activation_peak = planned.activation_peak_bytes
     if partial is not None:
         activation_peak = max(activation_peak, partial.planned.activation_peak_bytes)
     decided = Plan(
-        groups=[
-            GroupPlan(
-                name=g.name,
-                kind=g.kind,
-                axis=_axis_text(g),
-                length=g.length,
-                slices=len(slice_bounds(g.length, result.chunks.get(g.name, 1))),
-                nodes=len(g.nodes),
-                intermediate_bytes=g.intermediate_bytes(),
-            )
-            for g in groups
-            if result.chunks.get(g.name, 1) > 1
-        ] + [
-            GroupPlan(
-                name=c.segment.name,
-                kind="rows",
-                axis=f"rows (dim {c.segment.row_dim[c.segment.output]}), {c.segment.num_passes} passes",
-                length=c.segment.length,
-                slices=c.bands,
-                nodes=len(c.segment.nodes),
-                intermediate_bytes=sum(tensor_bytes(n.meta.get("val")) for n in c.segment.nodes),
-            )
-            for c in streamed
-        ],
+        groups=_decisions(groups, result, streamed),
         predicted_peak_bytes=result.weight_bytes + activation_peak,
         predicted_activation_peak_bytes=activation_peak,
         baseline_peak_bytes=baseline.weight_bytes + baseline.activation_peak_bytes,
@@ -145,12 +126,125 @@ def plan(gm: torch.fx.GraphModule, request: PlanRequest, *, cache: FeatureCache 
         split_reductions=split,
         notes=notes,
         rehash=rehash_info,
+        fingerprint=fingerprint(original, request),
     )
     return Planned(decided, result.graph_module, baseline, planned, partial)
 
 
+def _decisions(groups: list[OperatorGroup], result: BudgetResult, streamed: list) -> list[GroupPlan]:
+    """What was decided, as the Plan records it: the sliced groups, then the row-streamed segments."""
+    out = []
+    for g in groups:
+        k = result.chunks.get(g.name, 1)
+        if k <= 1:
+            continue
+        axis = _first_axis(g)
+        out.append(GroupPlan(
+            name=g.name, kind=g.kind, axis=_axis_text(g), length=g.length,
+            slices=len(slice_bounds(g.length, k)), nodes=len(g.nodes), intermediate_bytes=g.intermediate_bytes(),
+            dim=axis.dim, unit=axis.unit, members=[n.name for n in g.nodes], passes=g.num_passes,
+        ))
+    for c in streamed:
+        seg = c.segment
+        out.append(GroupPlan(
+            name=seg.name, kind="rows",
+            axis=f"rows (dim {seg.row_dim[seg.output]}), {seg.num_passes} passes",
+            length=seg.length, slices=c.bands, nodes=len(seg.nodes),
+            intermediate_bytes=sum(tensor_bytes(n.meta.get("val")) for n in seg.nodes),
+            dim=seg.row_dim[seg.output], start=seg.input.name, end=seg.output.name, passes=seg.num_passes,
+        ))
+    return out
+
+
+def fingerprint(gm: torch.fx.GraphModule, request: PlanRequest) -> str:
+    """A digest of what a Plan depends on: the captured graph's structure (each node's op, target, arguments'
+    structure and value shapes and dtypes), the input signature and the target device. Weights' values do not
+    enter it: a plan holds for any weights of the same architecture."""
+    h = hashlib.sha256()
+    h.update(f"{request.target}|{request.signature}|".encode())
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        spec = ",".join(f"{tuple(t.shape)}:{t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                        for t in vals)
+        args = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{a.name}")
+        h.update(f"{n.op}|{n.name}|{n.target}|{args}|{spec}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def replay(gm: torch.fx.GraphModule, decided: Plan, request: PlanRequest, *,
+           cache: FeatureCache | None = None) -> Planned:
+    """The graph a saved Plan decided, rebuilt without searching: the same groups and slice counts, the same
+    row-streamed segments and bands. Raises :class:`fxstream.errors.PlanMismatchError`, saying what differs,
+    when the plan was made for another graph, input signature, target or plan format.
+    """
+    _check_match(gm, decided, request)
+    baseline = analyze_memory(gm, lifetime="eager", target=request.target)
+    partial = None
+    if decided.rehash is not None:
+        from passes import rehash as rehash_pass
+
+        config = RehashConfig.from_dict(decided.rehash["config"])
+        point = rehash_pass.resolve(gm, config.cache_point)
+        cache = cache if cache is not None else FeatureCache()
+        partial_gm = rehash_pass.partial_graph(gm, point.node, cache)
+        gm = rehash_pass.full_graph(gm, point.node, cache)
+        p_result = _rebuild(partial_gm, [GroupPlan(**g) for g in decided.rehash.get("partial_groups", [])], request)
+        partial = PartialGraph(p_result.graph_module, p_result.timeline, dict(p_result.chunks))
+    result = _rebuild(gm, decided.groups, request)
+    decided.details = None
+    return Planned(decided, result.graph_module, baseline, result.timeline, partial)
+
+
+def _check_match(gm: torch.fx.GraphModule, decided: Plan, request: PlanRequest) -> None:
+    if decided.version != PLAN_VERSION:
+        raise PlanMismatchError(f"the plan is in format version {decided.version}; this fxstream replays version "
+                                f"{PLAN_VERSION}: plan again (fxstream.plan) and save the new plan")
+    if decided.signature != request.signature:
+        raise PlanMismatchError(f"the plan was made for inputs ({decided.signature}), not ({request.signature}): "
+                                "plan again for these inputs")
+    if decided.target != request.target:
+        raise PlanMismatchError(f"the plan was made for target {decided.target!r}, not {request.target!r}")
+    if decided.fingerprint != fingerprint(gm, request):
+        raise PlanMismatchError("the plan was made for another graph (same inputs; the module's code, config or "
+                                "library versions differ): plan again")
+
+
+def _rebuild(gm: torch.fx.GraphModule, decisions: list[GroupPlan], request: PlanRequest) -> BudgetResult:
+    """Row-stream the recorded segments, regroup (deterministic) and slice the recorded groups, on a copy."""
+    work = copy_graph_module(gm)[0]
+    segments = [g for g in decisions if g.kind == "rows"]
+    if segments:
+        analysis = RowAnalysis(work)
+        named = {n.name: n for n in work.graph.nodes}
+        choices = []
+        for g in segments:
+            seg = analysis.segment(named[g.start], named[g.end]) if g.start in named and g.end in named else None
+            if seg is None or seg.num_passes != g.passes:
+                raise PlanMismatchError(f"the plan's row-streamed segment '{g.name}' ({g.start} .. {g.end}) does not "
+                                        "match this graph: plan again")
+            choices.append(RowChoice(seg, g.slices, *segment_estimate(seg, g.slices)))
+        outline(work, choices)
+    groups = {g.name: g for g in find_groups(work)}
+    chunks = {}
+    for g in decisions:
+        if g.kind == "rows":
+            continue
+        found = groups.get(g.name)
+        if found is None or [n.name for n in found.nodes] != g.members:
+            raise PlanMismatchError(f"the plan's group '{g.name}' is not one of this graph's operator groups: plan again")
+        chunks[g.name] = g.slices
+    sliced = apply_plan(work, list(groups.values()), chunks)
+    timeline = analyze_memory(sliced, lifetime="graph", target=request.target)
+    return BudgetResult(chunks, sliced, timeline, timeline.weight_bytes)
+
+
+def _first_axis(group: OperatorGroup):
+    return next(a for a in (group.axes[o] for o in group.nodes) if hasattr(a, "dim"))
+
+
 def _axis_text(group: OperatorGroup) -> str:
-    axis = next(a for a in (group.axes[o] for o in group.nodes) if hasattr(a, "dim"))
+    axis = _first_axis(group)
     return f"dim {axis.dim}" + (f" x{axis.unit}" if axis.unit != 1 else "")
 
 
@@ -267,4 +361,4 @@ def stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str,
     return None
 
 
-__all__ = ["PartialGraph", "PlanRequest", "Planned", "plan", "stream_tail", "ROW_GAIN"]
+__all__ = ["PartialGraph", "PlanRequest", "Planned", "fingerprint", "plan", "replay", "stream_tail", "ROW_GAIN"]

@@ -1,4 +1,11 @@
-"""The Plan: a typed, JSON-serialisable record of what the compiler decided for one input signature."""
+"""The Plan: a typed, versioned, JSON-serialisable record of what the compiler decided for one input signature.
+
+A Plan is a recipe as well as a report: ``passes.pipeline.replay`` rebuilds the planned graph from it without
+searching again (no budget search, no row-streaming search), after checking its ``fingerprint`` (the captured
+graph's structure, the input signature and the target) against the graph at hand. Its decisions: each sliced
+operator group (name, member nodes, axis, slice count), each row-streamed segment (first and last node, bands,
+passes), the split reductions they imply, and the Step Rehash cache point with the rehash graph's slice counts.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,21 @@ from pathlib import Path
 from typing import Any
 
 
+# The format replay understands; a Plan of another version is planned again (or refused by replay).
+PLAN_VERSION = 2
+
+
 @dataclass
 class GroupPlan:
-    """One operator group: its name (module path), kind, axis, axis length and the slices chosen."""
+    """One sliced operator group, or one row-streamed segment (``kind == "rows"``).
+
+    name: the module path it runs in (unique within the plan); kind: spatial (frames), temporal (pixels),
+    other, or rows; axis: the axis in words; length: the axis length; slices: slice count (bands, for rows);
+    nodes: how many graph nodes it covers; intermediate_bytes: their values' bytes, unsliced.
+    Decisions replay reads: ``dim`` and ``unit`` (the slice axis of the group's first node; for rows, the row
+    dim of the segment's output), ``members`` (the node names of a group), ``start`` / ``end`` (a segment's
+    input and output node names) and ``passes`` (passes over the slices or bands).
+    """
 
     name: str
     kind: str
@@ -19,6 +38,12 @@ class GroupPlan:
     slices: int
     nodes: int
     intermediate_bytes: int
+    dim: int | None = None
+    unit: int = 1
+    members: list[str] = field(default_factory=list)
+    start: str = ""
+    end: str = ""
+    passes: int = 1
 
 
 @dataclass
@@ -43,6 +68,8 @@ class Plan:
     # skips, the cached feature's bytes, FLOPs of the full and partial graphs, the partial graph's predicted
     # activation peak, and the RehashConfig (cache point and schedule) as a dict.
     rehash: dict | None = None
+    version: int = PLAN_VERSION
+    fingerprint: str = ""  # of the captured graph, its input signature and target (passes.pipeline.fingerprint)
     # What the planner worked with, while this Plan is fresh (never saved): the graph that runs it and the
     # baseline and planned memory timelines (``graph_module``, ``baseline``, ``planned``). None once loaded.
     details: Any = field(default=None, repr=False, compare=False)
@@ -66,6 +93,7 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
         data = dict(data)
+        data.setdefault("version", 1)  # written before plans were versioned
         data["groups"] = [GroupPlan(**g) for g in data["groups"]]
         return cls(**data)
 

@@ -19,41 +19,15 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from fxstream.runtime.ops import APPLY_OP, PARTIAL_OP, combine_partials, group_norm_apply, group_norm_partial
-from passes.dims import REDUCED, WHOLE, InputAxes, SliceAxis, register_rule, shape
-
-aten = torch.ops.aten
-
-# How the sliced loop combines per-slice results of each reduction op.
-COMBINE = {PARTIAL_OP: combine_partials}
-
-
-def _partial_rule(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
-    if axis.dim != 0:
-        return None
-    return {node.args[0]: SliceAxis(0, axis.unit)}
-
-
-def _apply_rule(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
-    x, stats = node.args[0], node.args[1]
-    if axis.dim == 1:
-        return None
-    req: InputAxes = {x: SliceAxis(axis.dim, axis.unit)}
-    req[stats] = SliceAxis(0, axis.unit) if axis.dim == 0 else WHOLE
-    for p in node.args[3:5]:
-        if isinstance(p, torch.fx.Node):
-            req[p] = WHOLE
-    return req
-
+from passes.dims import REDUCED, SliceAxis, shape
+from passes.ops import APPLY as APPLY_OP
+from passes.ops import GROUP_NORM
+from passes.ops import PARTIAL as PARTIAL_OP
 
 def reduced_input_ok(node: torch.fx.Node, in_axis: SliceAxis) -> bool:
     """True when ``node`` is a reduction whose input may be sliced along ``in_axis`` with the output combined
     across slices (REDUCED)."""
     return node.target is PARTIAL_OP and in_axis.dim >= 2
-
-
-register_rule(PARTIAL_OP, _partial_rule)
-register_rule(APPLY_OP, _apply_rule)
 
 
 def split_group_norms(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> int:
@@ -63,7 +37,7 @@ def split_group_norms(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> i
     """
     count = 0
     for node in dict.fromkeys(nodes):
-        if node.target is not aten.group_norm.default or node._erased:
+        if node.target is not GROUP_NORM or node._erased:
             continue
         x, groups = node.args[0], node.args[1]
         weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
@@ -97,7 +71,7 @@ def fuse_group_norms(graph: torch.fx.Graph) -> int:
                 and len(partial.users) == 1):
             continue
         with graph.inserting_before(apply):
-            fused = graph.call_function(aten.group_norm.default, (x, groups, weight, bias, eps))
+            fused = graph.call_function(GROUP_NORM, (x, groups, weight, bias, eps))
         fused.meta = dict(apply.meta)
         apply.replace_all_uses_with(fused)
         graph.erase_node(apply)
@@ -106,5 +80,4 @@ def fuse_group_norms(graph: torch.fx.Graph) -> int:
     return count
 
 
-__all__ = ["REDUCED", "COMBINE", "PARTIAL_OP", "APPLY_OP", "split_group_norms", "fuse_group_norms",
-           "reduced_input_ok"]
+__all__ = ["REDUCED", "PARTIAL_OP", "APPLY_OP", "split_group_norms", "fuse_group_norms", "reduced_input_ok"]

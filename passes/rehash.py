@@ -36,7 +36,8 @@ from torch._guards import detect_fake_mode
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxstream.runtime.rehash import FeatureCache, RehashLoad, RehashStore
-from passes.memory import module_path, tensor_values
+from passes.memory import tensor_values
+from passes.meta import module_path
 
 # Classes whose outputs are temporal layers' outputs (diffusers 0.3x-0.4x names).
 TEMPORAL_LAYERS = (

@@ -39,17 +39,11 @@ import torch.nn.functional as F
 
 from fxstream.runtime.rows import Band, Ext, RowStream, Stats, group_norm_rows
 from fxstream.runtime.sliced import slice_bounds
-from passes.chains import VIEW_OPS, _aliases_input, module_path, tensor_bytes
-from passes.dims import WHOLE, SliceAxis, SplitReduction, input_axes, shape, sliced_args, val
-from passes.meta import node_info
-
-aten = torch.ops.aten
-
-CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
-            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
-UPSAMPLE_OPS = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default, aten.upsample_nearest3d.vec,
-                aten.upsample_nearest3d.default}
-GROUP_NORM = aten.group_norm.default
+from passes import ops
+from passes.dims import WHOLE, SliceAxis, SplitReduction, arg, input_axes, shape, sliced_args, val, view_groups
+from passes.memory import returns_alias
+from passes.meta import aliases_input, module_path, node_info, tensor_bytes
+from passes.ops import conv_params
 
 # Bands per segment the planner tries (capped at the segment's rows).
 BAND_LADDER = (2, 4, 8, 16, 32, 64)
@@ -81,51 +75,12 @@ class RowReq:
         return lo, hi, 0, 0
 
 
-def _arg(node: torch.fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _per_dim(v, n: int, default: int) -> list[int]:
-    if v is None:
-        return [default] * n
-    if isinstance(v, int):
-        return [v] * n
-    v = list(v)
-    return v * n if len(v) == 1 else v
-
-
-def conv_params(node: torch.fx.Node) -> dict | None:
-    """stride, padding, dilation (per spatial dim), groups and kernel of a convolution node, or None when it
-    is transposed or its padding is not a symmetric number per dim."""
-    x, w = node.args[0], node.args[1]
-    n = len(shape(x)) - 2
-    kernel = list(shape(w)[2:])
-    if node.target is aten.convolution.default:
-        if node.args[6]:
-            return None
-        stride, padding, dilation, groups = node.args[3], node.args[4], node.args[5], node.args[8]
-    else:
-        stride, padding = _arg(node, 3, "stride"), _arg(node, 4, "padding")
-        dilation, groups = _arg(node, 5, "dilation"), _arg(node, 6, "groups", 1)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = [0] * n
-        elif all(k % 2 for k in kernel):
-            padding = [(k - 1) // 2 for k in kernel]
-        else:
-            return None
-    return dict(stride=_per_dim(stride, n, 1), padding=_per_dim(padding, n, 0), dilation=_per_dim(dilation, n, 1),
-                groups=int(groups or 1), kernel=kernel, bias=_arg(node, 2, "bias"))
-
-
 def row_rule(node: torch.fx.Node, d: int) -> dict[torch.fx.Node, object] | None:
     """How ``node`` reads each tensor input when its output is banded along dim ``d``, or None."""
     t = node.target
     if node.op != "call_function" or not isinstance(val(node), torch.Tensor):
         return None
-    if t in CONV_OPS:
+    if ops.of(node).family == "conv":
         p = conv_params(node) if d >= 2 else None
         if p is None:
             return None
@@ -137,13 +92,13 @@ def row_rule(node: torch.fx.Node, d: int) -> dict[torch.fx.Node, object] | None:
         if isinstance(p["bias"], torch.fx.Node):
             req[p["bias"]] = WHOLE
         return req
-    if t in UPSAMPLE_OPS:
+    if ops.of(node).family == "upsample":
         x = node.args[0]
         if d < 2 or shape(node)[d] % shape(x)[d]:
             return None
         f = shape(node)[d] // shape(x)[d]
         return {x: RowReq(d, "up" if f > 1 else "same", factor=f)}
-    if t is GROUP_NORM:
+    if t is ops.GROUP_NORM:
         if d < 2:
             return None
         req = {node.args[0]: RowReq(d)}
@@ -299,7 +254,7 @@ class RowAnalysis:
         norms = []
         for n in nodes:
             lv = max((level[p] for p in n.all_input_nodes if p in level), default=0)
-            if n.target is GROUP_NORM:
+            if n.target is ops.GROUP_NORM:
                 lv = level[n.args[0]] + 1
                 norms.append(n)
             level[n] = lv
@@ -334,7 +289,7 @@ class RowAnalysis:
         for n in self.order[first:]:
             if n.op not in ("call_function", "placeholder") or not isinstance(val(n), torch.Tensor) or val(n).dim() < 3:
                 continue
-            if n.target in VIEW_OPS and _aliases_input(n):
+            if ops.of(n).layout and aliases_input(n):
                 continue
             if self._build(n, self.graph_output, limit=False) is None:
                 continue  # (a tail with too many passes for one segment is still a start: the chain cuts it)
@@ -358,14 +313,10 @@ def _row_cost(n: torch.fx.Node, seg: RowSegment) -> float:
     memo = seg.memo.setdefault("row_cost", {})
     if n not in memo:
         per_row = val(n).numel() / seg.rows[n]
-        if n.target in CONV_OPS:
+        if ops.of(n).family == "conv":
             per_row *= math.prod(shape(n.args[1])[1:])
         memo[n] = per_row
     return memo[n]
-
-
-_RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.flatten.using_ints,
-             aten.unflatten.int}
 
 
 def _band_alias(n: torch.fx.Node, seg: RowSegment) -> bool:
@@ -374,14 +325,11 @@ def _band_alias(n: torch.fx.Node, seg: RowSegment) -> bool:
     splitting the row dim copies a band narrowed out of a wider buffer."""
     memo = seg.memo.setdefault("alias", {})
     if n not in memo:
-        from passes.dims import _view_groups
-        from passes.memory import _returns_alias
-
         x = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
-        alias = x is not None and x in seg.row_dim and _returns_alias(n, x)
-        if alias and n.target in _RESHAPES:
+        alias = x is not None and x in seg.row_dim and returns_alias(n, x)
+        if alias and ops.of(n).family == "reshape":
             d = seg.row_dim[x]
-            groups = _view_groups(shape(x), shape(n)) or []
+            groups = view_groups(shape(x), shape(n)) or []
             alias = any(d in gi and [i for i in gi if shape(x)[i] != 1] == [d]
                         and len([o for o in gj if shape(n)[o] != 1]) == 1 for gi, gj in groups)
         memo[n] = alias
@@ -526,7 +474,7 @@ class _PassBuilder:
 
         post = None
         nbytes = (hi - lo) * _row_bytes(n, seg)
-        if n.target in CONV_OPS:
+        if ops.of(n).family == "conv":
             prm = conv_params(n)
             x = n.args[0]
             _, _, top, bot = reqs[x].needed(lo, hi, seg.rows[x])
@@ -541,11 +489,11 @@ class _PassBuilder:
                              (xin.length + top + bot) * _row_bytes(x, seg)))
                 xin = Band(tmp, None)
             bias = prm["bias"]
-            fn = aten.convolution.default
+            fn = ops.CONVOLUTION
             args = (xin, mapped(n.args[1]), mapped(bias) if isinstance(bias, torch.fx.Node) else None,
                     prm["stride"], padding, prm["dilation"], False, [0] * len(padding), prm["groups"])
             kwargs = {}
-        elif n.target in UPSAMPLE_OPS:
+        elif ops.of(n).family == "upsample":
             x = n.args[0]
             r = reqs[x]
             pa, pb, _, _ = r.needed(lo, hi, seg.rows[x])
@@ -559,10 +507,10 @@ class _PassBuilder:
             nbytes = (pb - pa) * r.factor * _row_bytes(n, seg)
             if lo - pa * r.factor or hi - lo != (pb - pa) * r.factor:
                 post = (d, lo - pa * r.factor, hi - lo)
-        elif n.target is GROUP_NORM:
+        elif n.target is ops.GROUP_NORM:
             x, groups = n.args[0], n.args[1]
-            w, bias = _arg(n, 2, "weight"), _arg(n, 3, "bias")
-            eps = _arg(n, 4, "eps", 1e-5)
+            w, bias = arg(n, 2, "weight"), arg(n, 3, "bias")
+            eps = arg(n, 4, "eps", 1e-5)
             fn = group_norm_rows
             args = (band(x), Stats(self.norm_key[n]), groups,
                     mapped(w) if isinstance(w, torch.fx.Node) else None,
@@ -571,8 +519,8 @@ class _PassBuilder:
         else:
             args, kwargs = sliced_args(n, SliceAxis(d, 1), hi - lo)
             fn = n.target
-            if fn in (aten.view.default, aten._unsafe_view.default):
-                fn = aten.reshape.default  # a band narrowed out of a wider one is strided: view may not apply
+            if fn in (ops.VIEW, ops.UNSAFE_VIEW):
+                fn = ops.RESHAPE  # a band narrowed out of a wider one is strided: view may not apply
             args = torch.fx.node.map_arg(args, mapped)
             kwargs = torch.fx.node.map_arg(kwargs, mapped)
             if _band_alias(n, seg):
@@ -610,7 +558,7 @@ class _PassBuilder:
             if s in keep:
                 n, offset, length = keep[s]
                 c = self.new_slot()
-                out.append(("op", c, aten.clone.default, (Band(s, self.seg.row_dim[n], offset, length),), {}, None,
+                out.append(("op", c, ops.CLONE, (Band(s, self.seg.row_dim[n], offset, length),), {}, None,
                             length * _row_bytes(n, self.seg)))
                 self.carry[n] = c
         out.append(("free", dead))
@@ -729,11 +677,11 @@ def band_bytes(seg: RowSegment, j: int, bounds: list[tuple[int, int]], s: int, h
             if b > a:
                 rows = b - a
                 transient = 0
-                if n.target in CONV_OPS and isinstance(r, RowReq):
+                if ops.of(n).family == "conv" and isinstance(r, RowReq):
                     pa, pb, top, bot = r.needed(a, b, seg.rows[x])
                     if top != bot:
                         transient = (pb - pa + top + bot) * _row_bytes(x, seg)
-                if n.target in UPSAMPLE_OPS and isinstance(r, RowReq):
+                if ops.of(n).family == "upsample" and isinstance(r, RowReq):
                     pa, pb, _, _ = r.needed(a, b, seg.rows[x])
                     rows = (pb - pa) * r.factor
                 made = 0 if x is seg.input and _band_alias(n, seg) else rows * rb  # a view of the input

@@ -23,7 +23,8 @@ from fxstream.runtime.sliced import SlicedCall, SlicedInput, SlicedOutput, Slice
 from passes.chains import OperatorGroup
 from passes.dims import REDUCED, WHOLE, SliceAxis, sliced_args, val
 from passes.meta import node_info
-from passes.reductions import COMBINE, fuse_group_norms
+from passes import ops
+from passes.reductions import fuse_group_norms
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[torch.fx.Node, torch.fx.Node]]:
@@ -240,7 +241,7 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
         for o in slots:
             a, v = g.axes[o], val(o)
             if a is REDUCED:
-                slot_specs.append(SlicedOutput(tuple(v.shape), v.dtype, None, combine=COMBINE[o.target]))
+                slot_specs.append(SlicedOutput(tuple(v.shape), v.dtype, None, combine=ops.info(o.target).combine))
             else:
                 slot_specs.append(SlicedOutput(tuple(v.shape), v.dtype, a.dim, a.unit))
         target = "sliced_" + "".join(c if c.isalnum() else "_" for c in g.name)

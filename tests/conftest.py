@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests plan from scratch: the on-disk plan cache (fxstream.plan_cache) is off unless a test turns it on.
+os.environ["FXSTREAM_PLAN_CACHE"] = "0"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from fxstream.capture import capture
 from fxstream.runtime.sliced import slice_bounds
-from passes.reductions import APPLY_OP, PARTIAL_OP, combine_partials, group_norm_apply, group_norm_partial, split_group_norms
+from fxstream.runtime.ops import APPLY_OP, PARTIAL_OP, combine_partials, group_norm_apply, group_norm_partial
+from passes.reductions import split_group_norms
 
 
 def sliced_group_norm(x, groups, weight, bias, eps, chunks, dim, exact=True):

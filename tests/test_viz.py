@@ -20,7 +20,7 @@ from fxstream import cli, models, viz  # noqa: E402
 from fxstream.capture import capture, normalize_inputs  # noqa: E402
 from passes import pipeline  # noqa: E402
 from passes.chains import find_groups  # noqa: E402
-from passes.chains import module_path  # noqa: E402
+from passes.meta import module_path  # noqa: E402
 from passes.memory import MemoryTimeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,0 +1,168 @@
+"""A Plan is a recipe: ``compile(plan=...)`` replays it without planning, in this process or another; a plan
+that does not fit raises PlanMismatchError; the on-disk plan cache makes a second process skip planning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxstream
+from fxstream import models
+from fxstream.errors import PlanMismatchError
+from passes import pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sample(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.sample
+
+
+def _no_planning(*args, **kwargs):
+    raise AssertionError("planned, where the saved plan should have been replayed")
+
+
+@pytest.fixture(scope="module")
+def decoder_plan(tmp_path_factory):
+    """The tiny SVD decoder at its minimum (row-streamed tail), compiled once: its plan, output and input."""
+    m = models.build("svd-vae-decoder", "tiny")
+    compiled = fxstream.compile(m.module)
+    with torch.no_grad():
+        out = _sample(compiled(*m.args, **m.kwargs))
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    compiled.plan.to_json(path)
+    assert any(g.kind == "rows" for g in compiled.plan.groups)
+    return m, compiled, out, path
+
+
+def test_a_saved_plan_replays_in_a_new_process_exactly_without_planning(decoder_plan, tmp_path):
+    m, compiled, out, path = decoder_plan
+    torch.save({"out": out, "z": m.args[0], "kwargs": m.kwargs}, tmp_path / "ref.pt")
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        import fxstream
+        from fxstream import models
+        from passes import pipeline
+        def no_planning(*a, **k):
+            raise AssertionError("planned")
+        pipeline.plan = no_planning
+        torch.set_num_threads(1)
+        m = models.build("svd-vae-decoder", "tiny")
+        ref = torch.load({str(tmp_path / 'ref.pt')!r})
+        c = fxstream.compile(m.module, plan={str(path)!r})
+        with torch.no_grad():
+            out = c(ref["z"], **ref["kwargs"])
+        out = out if isinstance(out, torch.Tensor) else out.sample
+        print(torch.equal(out, ref["out"]), c.compiled.compile_seconds)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    equal, seconds = result.stdout.split()
+    assert equal == "True"
+    print(f"\nplanned in {compiled.compiled.compile_seconds:.1f} s; replayed in a new process in {float(seconds):.1f} s")
+
+
+def test_replayed_groups_and_slices_are_the_planned_ones(monkeypatch):
+    m = models.build("svd", "tiny")
+    first = fxstream.compile(m.module, chunks=3)
+    with torch.no_grad():
+        ref = first(*m.args, **m.kwargs).sample
+    saved = fxstream.Plan.from_json(first.plan.to_json())
+    monkeypatch.setattr(pipeline, "plan", _no_planning)
+    import fxstream.module as module_mod
+    monkeypatch.setattr(module_mod, "plan_graph", _no_planning)
+    again = fxstream.compile(m.module, plan=saved)
+    with torch.no_grad():
+        out = again(*m.args, **m.kwargs).sample
+    assert torch.equal(out, ref)
+    assert again.plan.to_dict() == first.plan.to_dict()
+    assert again.compiled.planned.activation_peak_bytes == first.compiled.planned.activation_peak_bytes
+
+
+def test_a_plan_for_other_inputs_raises_plan_mismatch(decoder_plan):
+    m, _, _, path = decoder_plan
+    other = models.build("svd-vae-decoder", "tiny", frames=2)
+    compiled = fxstream.compile(other.module, plan=path)
+    with pytest.raises(PlanMismatchError, match="made for inputs"):
+        compiled(*other.args, **other.kwargs)
+
+
+def test_a_plan_for_another_graph_or_format_raises_plan_mismatch(decoder_plan):
+    m, compiled, _, _ = decoder_plan
+    data = compiled.plan.to_dict()
+    for change, words in (({"fingerprint": "0" * 32}, "another graph"), ({"version": 1}, "format version")):
+        saved = fxstream.Plan.from_dict({**data, **change})
+        with pytest.raises(PlanMismatchError, match=words):
+            fxstream.compile(m.module, plan=saved)(*m.args, **m.kwargs)
+
+
+def test_compile_with_a_plan_takes_no_budget_and_names_a_bad_path(tmp_path):
+    m = models.build("svd-vae-decoder", "tiny")
+    with pytest.raises(ValueError, match="plan"):
+        fxstream.compile(m.module, budget_gb=1, plan=fxstream.Plan.from_dict(_minimal()))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read a saved plan"):
+        fxstream.compile(m.module, plan=tmp_path / "bad.json")
+
+
+def _minimal() -> dict:
+    return dict(groups=[], predicted_peak_bytes=0, predicted_activation_peak_bytes=0, baseline_peak_bytes=0,
+                baseline_activation_peak_bytes=0, weight_bytes=0, budget_bytes=None, peak_node="",
+                peak_module_path="", target="cpu")
+
+
+def test_the_plan_cache_makes_a_second_compile_and_plan_skip_planning(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXSTREAM_PLAN_CACHE", "1")
+    monkeypatch.setenv("FXSTREAM_CACHE_DIR", str(tmp_path))
+    m = models.build("svd", "tiny")
+    first = fxstream.compile(m.module, chunks=2)
+    with torch.no_grad():
+        ref = first(*m.args, **m.kwargs).sample
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    import fxstream.module as module_mod
+    monkeypatch.setattr(module_mod, "plan_graph", _no_planning)
+    second = fxstream.compile(m.module, chunks=2)  # a new module, as in a second process
+    with torch.no_grad():
+        assert torch.equal(second(*m.args, **m.kwargs).sample, ref)
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("captured")
+
+    monkeypatch.setattr(module_mod, "capture", no_capture)
+    answer = fxstream.plan(m.module, *m.args, chunks=2, **m.kwargs)  # from the cache, without capturing
+    assert answer.to_dict() == first.plan.to_dict()
+    assert answer.details.baseline.activation_peak_bytes == first.compiled.baseline.activation_peak_bytes
+
+
+def test_a_stale_cache_entry_is_planned_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXSTREAM_PLAN_CACHE", "1")
+    monkeypatch.setenv("FXSTREAM_CACHE_DIR", str(tmp_path))
+    m = models.build("svd-vae-decoder", "tiny")
+    fxstream.compile(m.module, chunks=2)(*m.args, **m.kwargs)
+    (entry,) = tmp_path.glob("*.json")
+    data = json.loads(entry.read_text())
+    data["plan"]["fingerprint"] = "0" * 32  # as if the module's code had changed under the same class and config
+    entry.write_text(json.dumps(data))
+    compiled = fxstream.compile(m.module, chunks=2)
+    with torch.no_grad():
+        out = _sample(compiled(*m.args, **m.kwargs))
+        ref = _sample(m.module(*m.args, **m.kwargs))
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert json.loads(entry.read_text())["plan"]["fingerprint"] != "0" * 32  # re-planned and written again
+
+
+def test_the_plan_cache_is_off_with_its_switch(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXSTREAM_PLAN_CACHE", "0")
+    monkeypatch.setenv("FXSTREAM_CACHE_DIR", str(tmp_path))
+    m = models.build("svd-vae-decoder", "tiny")
+    fxstream.compile(m.module, chunks=2)(*m.args, **m.kwargs)
+    assert not list(tmp_path.iterdir())
