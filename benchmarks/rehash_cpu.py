@@ -104,7 +104,7 @@ def run_model(name: str, seeds: int) -> tuple[list[dict], dict]:
             "method": k,
             "cache point": "-" if methods[k] in (None, "off") else (
                 cal.recommended.path if methods[k].cache_point != "deepcache" else
-                unets[k].plan.rehash["cache_point"] + " (input of last up block)"),
+                unets[k].plan.rehash.cache_point + " (input of last up block)"),
             "full steps": f"{full_counts[k]}/{STEPS}",
             "UNet s (median)": f"{t:.3f}",
             "speedup": f"{base_t / t:.2f}x",

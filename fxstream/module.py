@@ -111,7 +111,7 @@ def build_plan(
 
 def request_of(plan: Plan) -> dict:
     """The planning options a saved Plan was made with, as :func:`build_plan` takes them."""
-    rehash = RehashConfig.from_dict(plan.rehash["config"]) if plan.rehash is not None else None
+    rehash = plan.rehash.config if plan.rehash is not None else None
     return dict(budget_bytes=plan.budget_bytes, target=plan.target, rehash=rehash)
 
 

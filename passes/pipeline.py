@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -34,7 +34,7 @@ from passes.budget import BudgetResult, forced_chunks, plan_chunks
 from passes.chains import OperatorGroup, find_groups
 from passes.meta import tensor_bytes
 from passes.memory import MemoryTimeline, analyze_memory, format_bytes
-from passes.plan import PLAN_VERSION, GroupPlan, Plan
+from passes.plan import PLAN_VERSION, GroupPlan, Plan, RehashPlan
 from passes.rows import RowAnalysis, RowChoice, choose_tail, outline, segment_estimate
 from passes.slicing import apply_plan, copy_graph_module
 
@@ -91,14 +91,14 @@ def plan(gm: torch.fx.GraphModule, request: PlanRequest, *, cache: FeatureCache 
         gm = rehash_pass.full_graph(gm, point.node, cache)
         p_groups, p_result, p_streamed, _, _ = _slice_or_whole(partial_gm, request)
         partial = PartialGraph(p_result.graph_module, p_result.timeline, dict(p_result.chunks))
-        rehash_info = dict(
+        rehash_info = RehashPlan(
             cache_point=point.path, module_class=point.module_class, node=point.node,
             skipped_fraction=point.skipped_fraction, cached_bytes=point.nbytes,
             flops_full=point.flops_full, flops_partial=point.flops_partial,
             partial_predicted_activation_peak_bytes=p_result.timeline.activation_peak_bytes,
             partial_sliced_groups=sum(1 for k in p_result.chunks.values() if k > 1),
-            partial_groups=[asdict(g) for g in _decisions(p_groups, p_result, p_streamed)],
-            config=request.rehash.to_dict(),
+            config=request.rehash,
+            partial_groups=_decisions(p_groups, p_result, p_streamed),
         )
     groups, result, streamed, notes, grouped = _slice_or_whole(gm, request)
     if streamed:  # planned on a copy: its split GroupNorms, and those the row segments compute in passes
@@ -184,12 +184,11 @@ def replay(gm: torch.fx.GraphModule, decided: Plan, request: PlanRequest, *,
     if decided.rehash is not None:
         from passes import rehash as rehash_pass
 
-        config = RehashConfig.from_dict(decided.rehash["config"])
-        point = rehash_pass.resolve(gm, config.cache_point)
+        point = rehash_pass.resolve(gm, decided.rehash.config.cache_point)
         cache = cache if cache is not None else FeatureCache()
         partial_gm = rehash_pass.partial_graph(gm, point.node, cache)
         gm = rehash_pass.full_graph(gm, point.node, cache)
-        p_result = _rebuild(partial_gm, [GroupPlan(**g) for g in decided.rehash.get("partial_groups", [])], request)
+        p_result = _rebuild(partial_gm, decided.rehash.partial_groups, request)
         partial = PartialGraph(p_result.graph_module, p_result.timeline, dict(p_result.chunks))
     result = _rebuild(gm, decided.groups, request)
     decided.details = None

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from fxstream.runtime.rehash import RehashConfig
+
 
 # The format replay understands; a Plan of another version is planned again (or refused by replay).
 PLAN_VERSION = 2
@@ -47,6 +49,39 @@ class GroupPlan:
 
 
 @dataclass
+class RehashPlan:
+    """The Step Rehash decision: the cache point (module path, class, graph node), the fraction of the graph's
+    FLOPs a rehash step skips, the cached feature's bytes, the FLOPs of the full and partial graphs, the
+    partial graph's predicted activation peak and its sliced groups (replayed as ``partial_groups``), and the
+    :class:`~fxstream.RehashConfig` (cache point and schedule)."""
+
+    cache_point: str
+    module_class: str
+    node: str
+    skipped_fraction: float
+    cached_bytes: int
+    flops_full: int
+    flops_partial: int
+    partial_predicted_activation_peak_bytes: int
+    partial_sliced_groups: int
+    config: RehashConfig
+    partial_groups: list[GroupPlan] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["config"] = self.config.to_dict()
+        data["partial_groups"] = [asdict(g) for g in self.partial_groups]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RehashPlan:
+        data = dict(data)
+        data["config"] = RehashConfig.from_dict(data["config"])
+        data["partial_groups"] = [GroupPlan(**g) for g in data.get("partial_groups", [])]
+        return cls(**data)
+
+
+@dataclass
 class Plan:
     """What was decided, and the memory it predicts (bytes; peaks include resident weights)."""
 
@@ -64,10 +99,7 @@ class Plan:
     candidate_groups: int = 0
     split_reductions: int = 0
     notes: list[str] = field(default_factory=list)
-    # Step Rehash, when on: the cache point (module path, class, node), the fraction of FLOPs a rehash step
-    # skips, the cached feature's bytes, FLOPs of the full and partial graphs, the partial graph's predicted
-    # activation peak, and the RehashConfig (cache point and schedule) as a dict.
-    rehash: dict | None = None
+    rehash: RehashPlan | None = None  # Step Rehash, when on
     version: int = PLAN_VERSION
     fingerprint: str = ""  # of the captured graph, its input signature and target (passes.pipeline.fingerprint)
     # What the planner worked with, while this Plan is fresh (never saved): the graph that runs it and the
@@ -82,7 +114,9 @@ class Plan:
         return {g.name: g.slices for g in self.groups}
 
     def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "details"}
+        data = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in ("details", "rehash")}
+        data["rehash"] = self.rehash.to_dict() if self.rehash is not None else None
+        return data
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
@@ -95,6 +129,8 @@ class Plan:
         data = dict(data)
         data.setdefault("version", 1)  # written before plans were versioned
         data["groups"] = [GroupPlan(**g) for g in data["groups"]]
+        if data.get("rehash") is not None:
+            data["rehash"] = RehashPlan.from_dict(data["rehash"])
         return cls(**data)
 
     @classmethod

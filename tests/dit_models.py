@@ -3,7 +3,7 @@
 For "never crash" tests: every model here runs eagerly in well under a second on one CPU core and is captured by
 ``torch.export`` (non-strict). Nothing is downloaded; weights are random, seeded.
 
-    from tests.dit_models import NAMES, build
+    from dit_models import NAMES, build        # tests/ on the path, as pytest puts it
     b = build("wan-transformer")
     out = b.module(*b.args, **b.kwargs)
 

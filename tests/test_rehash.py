@@ -107,7 +107,7 @@ def test_full_steps_stay_exact_with_slicing_under_a_budget(model, calibration, r
     model.sample(steps=STEPS, seed=0, unet=rec)
     assert compiled.plan.sliced_groups, "the budget must force slicing"
     assert compiled.plan.predicted_peak_bytes <= budget * 2**30
-    assert compiled.plan.rehash["partial_predicted_activation_peak_bytes"] > 0
+    assert compiled.plan.rehash.partial_predicted_activation_peak_bytes > 0
     assert compiled.rehash.full_steps_run == list(calibration.schedule.full_steps)
     assert rec.worst <= RTOL
 
@@ -120,7 +120,7 @@ def test_flops_at_13_of_25_full_steps(all_full, rehashed):
     # the plan's per-graph counts predict the same ratio (both runs use the same sliced graphs; slicing itself
     # can add FLOPs where a group recomputes its prefix in a second pass)
     info = rehash_run.compiled.plan.rehash
-    predicted = STEPS * info["flops_full"] / (FULL * info["flops_full"] + (STEPS - FULL) * info["flops_partial"])
+    predicted = STEPS * info.flops_full / (FULL * info.flops_full + (STEPS - FULL) * info.flops_partial)
     assert measured == pytest.approx(predicted, rel=0.02)
 
 
@@ -143,8 +143,8 @@ def test_plan_stores_the_rehash_config_for_reuse(model, calibration, rehashed, t
     path = tmp_path / "plan.json"
     compiled.plan.to_json(path)
     info = Plan.from_json(path).rehash
-    assert info["cache_point"] == calibration.recommended.path
-    assert 0 < info["flops_partial"] < info["flops_full"]
+    assert info.cache_point == calibration.recommended.path
+    assert 0 < info.flops_partial < info.flops_full
     again = fxstream.compile(model.unet, rehash=str(path))
     assert again.rehash.config.cache_point == calibration.recommended.path
     assert again.rehash.config.schedule == calibration.schedule
@@ -154,5 +154,5 @@ def test_deepcache_style_cut_runs_through_the_same_machinery(model):
     compiled = fxstream.compile(model.unet, rehash=RehashConfig("deepcache", Schedule.interval(2)))
     video = model.sample(steps=STEPS, seed=0, unet=compiled)
     assert torch.isfinite(video).all()
-    assert compiled.plan.rehash["cache_point"] == "up_blocks.0"
+    assert compiled.plan.rehash.cache_point == "up_blocks.0"
     assert len(compiled.rehash.full_steps_run) == FULL

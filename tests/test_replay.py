@@ -166,3 +166,18 @@ def test_the_plan_cache_is_off_with_its_switch(monkeypatch, tmp_path):
     m = models.build("svd-vae-decoder", "tiny")
     fxstream.compile(m.module, chunks=2)(*m.args, **m.kwargs)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_step_rehash_plan_replays_its_schedule_and_both_graphs(monkeypatch, tmp_path):
+    from fxstream import reference as ref
+
+    model = ref.load("svd")
+    first = fxstream.compile(model.unet, chunks=2, rehash="auto")
+    video = model.sample(steps=4, seed=0, unet=first)
+    assert first.plan.rehash is not None and first.plan.rehash.partial_groups
+    first.plan.to_json(tmp_path / "plan.json")
+    import fxstream.module as module_mod
+    monkeypatch.setattr(module_mod, "plan_graph", _no_planning)
+    again = fxstream.compile(model.unet, plan=tmp_path / "plan.json")
+    assert torch.equal(model.sample(steps=4, seed=0, unet=again), video)
+    assert again.rehash.history == first.rehash.history and not all(full for _, full in again.rehash.history)
