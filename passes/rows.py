@@ -795,6 +795,11 @@ def chain(analysis: RowAnalysis, start: torch.fx.Node, cuts: list[torch.fx.Node]
     points = list(dict.fromkeys(points))
     choices: dict[tuple[int, int], RowChoice | None] = {}
 
+    def boundary(i: int, j: int) -> int:
+        """A lower bound of any choice's bytes from ``points[i]`` to ``points[j]``: the two full-size tensors
+        it reads and writes (``RowChoice.boundary_bytes``), known without building the segment."""
+        return tensor_bytes(val(points[i])) + tensor_bytes(val(points[j]))
+
     def option(i: int, j: int, g: int | None) -> RowChoice | None:
         key = (i, j, g)
         if key not in choices:
@@ -809,8 +814,8 @@ def chain(analysis: RowAnalysis, start: torch.fx.Node, cuts: list[torch.fx.Node]
         worst[0] = 0
         for j in range(1, len(points)):
             for i in range(j):
-                if worst[i] == inf:
-                    continue
+                if worst[i] == inf or max(worst[i], boundary(i, j)) >= worst[j]:
+                    continue  # it cannot lower the maximum: no need to estimate it
                 c = option(i, j, None)
                 if c is not None:
                     worst[j] = min(worst[j], max(worst[i], c.bytes))
@@ -822,8 +827,8 @@ def chain(analysis: RowAnalysis, start: torch.fx.Node, cuts: list[torch.fx.Node]
     cost[0] = 0.0
     for j in range(1, len(points)):
         for i in range(j):
-            if cost[i] == float("inf"):
-                continue
+            if cost[i] == float("inf") or boundary(i, j) > goal:
+                continue  # it cannot fit the goal
             c = option(i, j, goal)
             if c is not None and cost[i] + c.cost < cost[j]:
                 cost[j], prev[j] = cost[i] + c.cost, (i, c)

@@ -26,10 +26,10 @@ def test_plan_is_what_compile_decides_without_running_the_module():
 
     seen = []
     handle = m.module.register_forward_hook(lambda mod, inputs, out: seen.append(type(out)))
-    plan = fxstream.plan(m.module, *m.args, **m.kwargs)
+    plan = fxstream.plan(m.module, *m.args, chunks=2, **m.kwargs)
     handle.remove()
     assert seen and all(issubclass(t, FakeTensor) for t in seen)  # traced on fake tensors, never run
-    compiled = fxstream.compile(m.module)
+    compiled = fxstream.compile(m.module, chunks=2)
     compiled(*m.args, **m.kwargs)
     assert plan.to_dict() == compiled.plan.to_dict()
     assert plan.details.baseline.activation_peak_bytes == plan.baseline_activation_peak_bytes
@@ -55,7 +55,8 @@ def test_the_planner_never_changes_the_captured_graph():
     m = _svd_decoder()
     gm = capture(m.module, *m.args, **m.kwargs)
     before = [(n.name, n.target) for n in gm.graph.nodes]
-    pipeline.plan(gm, PlanRequest())
+    planned = pipeline.plan(gm, PlanRequest(chunks=2))
+    assert planned.plan.split_reductions  # grouping split GroupNorms, on its own copy
     assert [(n.name, n.target) for n in gm.graph.nodes] == before
 
 
