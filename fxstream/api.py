@@ -12,10 +12,8 @@ from torch import nn
 
 from fxstream import plan_cache
 from fxstream.capture import normalize_inputs
-from fxstream.module import StreamlinedModule, build_plan, request_of
+from fxstream.module import StreamlinedModule, build_plan, request_for, request_of
 from fxstream.runtime.rehash import as_config
-from fxstream.module import target_of, describe_signature
-from passes.pipeline import PlanRequest
 from passes.plan import Plan
 
 _TARGETS = ("cpu", "cuda")
@@ -114,8 +112,7 @@ def plan(
     flat, extra = normalize_inputs(module, args, kwargs)
     config = as_config(rehash)
     if plan_cache.enabled():  # the answer an earlier process found, without capturing (see fxstream.plan_cache)
-        request = PlanRequest(budget_bytes=budget_bytes, chunks=chunks, target=target or target_of(flat),
-                              signature=describe_signature(flat), rehash=config)
+        request = request_for(flat, budget_bytes=budget_bytes, chunks=chunks, target=target, rehash=config)
         stored = plan_cache.load(plan_cache.key(module, flat, extra, request))
         if stored is not None:
             saved, baseline, planned = stored

@@ -84,8 +84,7 @@ def build_plan(
     """
     start = time.perf_counter()
     kwargs = kwargs or {}
-    request = PlanRequest(budget_bytes=budget_bytes, chunks=chunks, target=target or target_of(args),
-                          signature=describe_signature(args), rehash=rehash)
+    request = request_for(args, budget_bytes=budget_bytes, chunks=chunks, target=target, rehash=rehash)
     cache_key = None
     stored = replay
     if replay is None and plan_cache.enabled():
@@ -107,6 +106,13 @@ def build_plan(
             plan_cache.save(cache_key, planned.plan, planned.baseline, planned.planned)
     return CompiledEntry(planned.graph_module, planned.plan, planned.baseline, planned.planned,
                          time.perf_counter() - start, planned.partial)
+
+
+def request_for(args: tuple, *, budget_bytes: int | None, chunks: int | None, target: str | None,
+                rehash: RehashConfig | None) -> PlanRequest:
+    """The planner's request for a call with normalised ``args`` (target: the inputs' device if None)."""
+    return PlanRequest(budget_bytes=budget_bytes, chunks=chunks, target=target or target_of(args),
+                       signature=describe_signature(args), rehash=rehash)
 
 
 def request_of(plan: Plan) -> dict:

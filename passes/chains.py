@@ -168,7 +168,7 @@ class _Grouper:
                     return None
                 inside = True
             else:
-                if r is not WHOLE and (r.dim >= len(shape(p) or ()) or shape(p)[r.dim] != length * r.unit):
+                if r is not WHOLE and not _spans({p: r}, length):
                     return None  # every sliced tensor of a group spans the group's axis exactly
                 if reqs.get(p, r) != r:
                     return None

@@ -505,10 +505,6 @@ def group_norm_apply(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
 # the entry points: the rules are read from the op table (passes/ops.py)
 
 
-def has_rule(node: torch.fx.Node) -> bool:
-    return _ops.of(node).dims is not None
-
-
 def input_axes(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     """The input slices that produce the output of ``node`` sliced along ``axis``, or None (barrier).
 
