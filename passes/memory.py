@@ -170,16 +170,8 @@ def analyze_memory(
     if lifetime == "eager":
         _extend_for_eager(nodes, step, storages)
 
-    delta = [0] * (len(nodes) + 1)
-    for s in storages:
-        if s.kind == "activation":
-            delta[s.first] += s.nbytes
-            delta[s.last + 1] -= s.nbytes
     workspace = [_workspace_bytes(n, target, sdpa_backend) for n in nodes]
-    live_bytes, running = [], 0
-    for i in range(len(nodes)):
-        running += delta[i]
-        live_bytes.append(running + workspace[i])
+    live_bytes = live_curve(((s.first, s.last, s.nbytes) for s in storages if s.kind == "activation"), workspace)
 
     peak = max(range(len(nodes)), key=live_bytes.__getitem__)
     peak_node = nodes[peak]
@@ -209,6 +201,22 @@ def analyze_memory(
         target=target,
         sdpa_backend=sdpa_backend,
     )
+
+
+def live_curve(spans: Iterable[tuple[int, int, int]], transient: list[int]) -> list[int]:
+    """The liveness computation every memory prediction of fxstream goes through (graphs, sliced bodies,
+    row programs): bytes live at each step, for storages live from step ``first`` to step ``last`` (both
+    included: a step's inputs and outputs are live together), plus ``transient[i]`` bytes only while step
+    ``i`` runs (a workspace)."""
+    delta = [0] * (len(transient) + 1)
+    for first, last, nbytes in spans:
+        delta[first] += nbytes
+        delta[last + 1] -= nbytes
+    live, running = [], 0
+    for i, extra in enumerate(transient):
+        running += delta[i]
+        live.append(running + extra)
+    return live
 
 
 def check_options(*, lifetime: str, target: str | None, sdpa_backend: str | None) -> None:

@@ -41,7 +41,7 @@ from fxstream.runtime.rows import Band, Ext, RowStream, Stats, group_norm_rows
 from fxstream.runtime.sliced import slice_bounds
 from passes import ops
 from passes.dims import WHOLE, SliceAxis, SplitReduction, arg, input_axes, shape, sliced_args, val, view_groups
-from passes.memory import returns_alias
+from passes.memory import live_curve, returns_alias
 from passes.meta import aliases_input, module_path, node_info, tensor_bytes
 from passes.ops import conv_params
 
@@ -138,6 +138,7 @@ class RowSegment:
     length: int  # band positions: every node's rows are a multiple of it
     norms: list[torch.fx.Node] = field(default_factory=list)
     memo: dict[str, dict] = field(default_factory=dict, repr=False)  # per-node facts the planner reuses
+    shared: dict = field(default_factory=dict, repr=False)  # facts shared by the segments of one analysis
 
     @property
     def num_passes(self) -> int:
@@ -173,6 +174,16 @@ class RowAnalysis:
         self.graph_output = tensors[0] if len(tensors) == 1 else None
         self._down: dict[torch.fx.Node, set[torch.fx.Node]] = {}
         self._segments: dict[tuple[str, str], RowSegment | None] = {}
+        self._shared: dict = {}  # segment_estimate's statistics passes, shared by segments from one input
+        self._rules: dict[tuple[torch.fx.Node, int], dict | None] = {}
+        self._cuts: list[torch.fx.Node] | None = None
+
+    def rule(self, n: torch.fx.Node, d: int) -> dict[torch.fx.Node, object] | None:
+        """:func:`row_rule`, memoised (every segment through ``n`` asks it)."""
+        key = (n, d)
+        if key not in self._rules:
+            self._rules[key] = row_rule(n, d)
+        return self._rules[key]
 
     def downstream(self, c: torch.fx.Node) -> set[torch.fx.Node]:
         if c not in self._down:
@@ -190,7 +201,9 @@ class RowAnalysis:
     def segment(self, c_in: torch.fx.Node, c_out: torch.fx.Node) -> RowSegment | None:
         key = (c_in.name, c_out.name)
         if key not in self._segments:
-            self._segments[key] = self._build(c_in, c_out)
+            seg = self._segments[key] = self._build(c_in, c_out)
+            if seg is not None:
+                seg.shared = self._shared
         return self._segments[key]
 
     def _build(self, c_in: torch.fx.Node, c_out: torch.fx.Node, limit: bool = True) -> RowSegment | None:
@@ -224,7 +237,7 @@ class RowAnalysis:
             ins = n.all_input_nodes
             found = None
             for d in range(2, len(shape(n) or ())):
-                r = row_rule(n, d)
+                r = self.rule(n, d)
                 if r is None or any(p not in r for p in ins if isinstance(val(p), torch.Tensor)):
                     continue
                 ok = True
@@ -268,7 +281,7 @@ class RowAnalysis:
         if n.op != "call_function" or not isinstance(val(n), torch.Tensor) or val(n).dim() < 3:
             return False
         for d in range(2, val(n).dim()):
-            r = row_rule(n, d)
+            r = self.rule(n, d)
             if r is not None and not any(a is WHOLE and p.op != "get_attr" and isinstance(val(p), torch.Tensor)
                                          and val(p).dim() >= 3 for p, a in r.items()):
                 return False
@@ -278,6 +291,11 @@ class RowAnalysis:
         """Tensors from which the rest of the graph can be row-streamed, in graph order: after the last node
         no band can pass, the graph's inputs and the last such tensor of each block (module path to depth 3),
         skipping views."""
+        if self._cuts is None:
+            self._cuts = self._cut_points()
+        return list(self._cuts)
+
+    def _cut_points(self) -> list[torch.fx.Node]:
         if self.graph_output is None:
             return []
         first = 0
@@ -372,6 +390,30 @@ def _buffer_starts(seg: RowSegment, order, before: dict, now: dict) -> dict[torc
     return start
 
 
+def _family(n: torch.fx.Node, seg: RowSegment) -> str | None:
+    memo = seg.memo.setdefault("family", {})
+    if n not in memo:
+        memo[n] = ops.of(n).family
+    return memo[n]
+
+
+def _conv_params(n: torch.fx.Node, seg: RowSegment) -> dict:
+    memo = seg.memo.setdefault("conv", {})
+    if n not in memo:
+        memo[n] = conv_params(n)
+    return memo[n]
+
+
+def _banded_inputs(n: torch.fx.Node, seg: RowSegment) -> list[torch.fx.Node]:
+    """The inputs ``n`` reads as bands, its first argument first (the base a view shares)."""
+    memo = seg.memo.setdefault("banded", {})
+    if n not in memo:
+        ins = [p for p, r in seg.reqs[n].items() if isinstance(r, RowReq)]
+        x = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+        memo[n] = ([x] if x in ins else []) + [p for p in ins if p is not x]
+    return memo[n]
+
+
 # Work units (multiply-adds) the planner charges per instruction a band runs: Python dispatch, so that a
 # segment does not take bands it does not need.
 INSTRUCTION_COST = 1e6
@@ -382,8 +424,10 @@ class _PassBuilder:
     (line-buffered streaming): rows a convolution needs from above its band were computed by the previous
     band and are kept (a few rows per convolution input), never recomputed."""
 
-    def __init__(self, seg: RowSegment, j: int, bounds: list[tuple[int, int]], ext_index, norm_key):
+    def __init__(self, seg: RowSegment, j: int, bounds: list[tuple[int, int]], ext_index, norm_key,
+                 emit: bool = True):
         self.seg, self.j, self.bounds = seg, j, bounds
+        self.emit = emit  # False: the instructions carry their slots and bytes only (for the planner's trials)
         self.targets = seg.stats_targets(j)
         self.final = j == seg.num_passes - 1
         self.ext_index, self.norm_key = ext_index, norm_key
@@ -460,7 +504,9 @@ class _PassBuilder:
         return self._with_frees(prog, keep)
 
     def _compute(self, n, lo, hi, rows_of, prog) -> int:
-        """Emit the instructions computing rows ``[lo, hi)`` of ``n``; return the slot holding them."""
+        """Emit the instruction computing rows ``[lo, hi)`` of ``n`` (and a padding before a convolution at an
+        image edge); return the slot holding them. Without ``emit``, an instruction's arguments are only the
+        bands it reads (its base first), which is all :func:`simulate` reads: the same slots and bytes."""
         seg = self.seg
         d = seg.row_dim[n]
         reqs = seg.reqs[n]
@@ -472,14 +518,16 @@ class _PassBuilder:
         def mapped(p):
             return band(p) if isinstance(reqs.get(p), RowReq) else Ext(self.ext_index[p])
 
-        post = None
+        fn, kwargs, post = None, {}, None
         nbytes = (hi - lo) * _row_bytes(n, seg)
-        if ops.of(n).family == "conv":
-            prm = conv_params(n)
+        family = _family(n, seg)
+        reads = [band(p) for p in _banded_inputs(n, seg)]
+        if family == "conv":
+            prm = _conv_params(n, seg)
             x = n.args[0]
             _, _, top, bot = reqs[x].needed(lo, hi, seg.rows[x])
             padding = list(prm["padding"])
-            xin = band(x)
+            xin = reads[0]
             if top == bot:
                 padding[d - 2] = top
             else:
@@ -487,44 +535,48 @@ class _PassBuilder:
                 tmp = self.new_slot()
                 prog.append(("op", tmp, F.pad, (xin, _pad_spec(len(shape(n)), d, top, bot)), {}, None,
                              (xin.length + top + bot) * _row_bytes(x, seg)))
-                xin = Band(tmp, None)
-            bias = prm["bias"]
-            fn = ops.CONVOLUTION
-            args = (xin, mapped(n.args[1]), mapped(bias) if isinstance(bias, torch.fx.Node) else None,
-                    prm["stride"], padding, prm["dilation"], False, [0] * len(padding), prm["groups"])
-            kwargs = {}
-        elif ops.of(n).family == "upsample":
+                xin = reads[0] = Band(tmp, None)
+            if self.emit:
+                bias = prm["bias"]
+                fn = ops.CONVOLUTION
+                args = (xin, mapped(n.args[1]), mapped(bias) if isinstance(bias, torch.fx.Node) else None,
+                        prm["stride"], padding, prm["dilation"], False, [0] * len(padding), prm["groups"])
+        elif family == "upsample":
             x = n.args[0]
             r = reqs[x]
             pa, pb, _, _ = r.needed(lo, hi, seg.rows[x])
-            args = list(torch.fx.node.map_arg(n.args, mapped))
-            size = n.args[1]
-            if size is not None:
-                size = list(size)
-                size[d - 2] = (pb - pa) * r.factor
-                args[1] = size
-            fn, args, kwargs = n.target, tuple(args), dict(n.kwargs)
             nbytes = (pb - pa) * r.factor * _row_bytes(n, seg)
-            if lo - pa * r.factor or hi - lo != (pb - pa) * r.factor:
-                post = (d, lo - pa * r.factor, hi - lo)
+            if self.emit:
+                args = list(torch.fx.node.map_arg(n.args, mapped))
+                size = n.args[1]
+                if size is not None:
+                    size = list(size)
+                    size[d - 2] = (pb - pa) * r.factor
+                    args[1] = size
+                fn, args, kwargs = n.target, tuple(args), dict(n.kwargs)
+                if lo - pa * r.factor or hi - lo != (pb - pa) * r.factor:
+                    post = (d, lo - pa * r.factor, hi - lo)
         elif n.target is ops.GROUP_NORM:
-            x, groups = n.args[0], n.args[1]
-            w, bias = arg(n, 2, "weight"), arg(n, 3, "bias")
-            eps = arg(n, 4, "eps", 1e-5)
-            fn = group_norm_rows
-            args = (band(x), Stats(self.norm_key[n]), groups,
-                    mapped(w) if isinstance(w, torch.fx.Node) else None,
-                    mapped(bias) if isinstance(bias, torch.fx.Node) else None, eps)
-            kwargs = {}
+            if self.emit:
+                x, groups = n.args[0], n.args[1]
+                w, bias = arg(n, 2, "weight"), arg(n, 3, "bias")
+                eps = arg(n, 4, "eps", 1e-5)
+                fn = group_norm_rows
+                args = (reads[0], Stats(self.norm_key[n]), groups,
+                        mapped(w) if isinstance(w, torch.fx.Node) else None,
+                        mapped(bias) if isinstance(bias, torch.fx.Node) else None, eps)
         else:
-            args, kwargs = sliced_args(n, SliceAxis(d, 1), hi - lo)
-            fn = n.target
-            if fn in (ops.VIEW, ops.UNSAFE_VIEW):
-                fn = ops.RESHAPE  # a band narrowed out of a wider one is strided: view may not apply
-            args = torch.fx.node.map_arg(args, mapped)
-            kwargs = torch.fx.node.map_arg(kwargs, mapped)
             if _band_alias(n, seg):
                 nbytes = -1  # a view of its input's storage
+            if self.emit:
+                args, kwargs = sliced_args(n, SliceAxis(d, 1), hi - lo)
+                fn = n.target
+                if fn in (ops.VIEW, ops.UNSAFE_VIEW):
+                    fn = ops.RESHAPE  # a band narrowed out of a wider one is strided: view may not apply
+                args = torch.fx.node.map_arg(args, mapped)
+                kwargs = torch.fx.node.map_arg(kwargs, mapped)
+        if not self.emit:
+            args = tuple(reads)
         slot = self.new_slot()
         prog.append(("op", slot, fn, tuple(args), dict(kwargs), post, nbytes))
         return slot
@@ -588,12 +640,16 @@ def _pad_spec(ndim: int, d: int, top: int, bot: int) -> list[int]:
 
 
 def simulate(program: list[tuple]) -> int:
-    """Peak bytes a program holds (its instructions carry the bytes each allocates; views share)."""
+    """Peak bytes a program holds: its instructions carry the bytes each allocates (views share their base's
+    storage, a free releases a storage with its last holder, statistics copy a band for one step), put through
+    the one liveness computation of :func:`passes.memory.live_curve`."""
     owner: dict[int, int] = {}  # slot -> the slot whose storage it holds
     holders: dict[int, int] = {}
+    first: dict[int, int] = {}
     size: dict[int, int] = {}
-    live = peak = 0
-    for ins in program:
+    spans: list[tuple[int, int, int]] = []
+    transient = [0] * len(program)
+    for i, ins in enumerate(program):
         if ins[0] == "op":
             slot, nbytes = ins[1], ins[6]
             base = next((a.slot for a in ins[3] if isinstance(a, Band)), None) if nbytes == -1 else None
@@ -601,11 +657,9 @@ def simulate(program: list[tuple]) -> int:
                 owner[slot] = owner[base]
                 holders[owner[slot]] += 1
             else:
-                owner[slot], holders[slot], size[slot] = slot, 1, max(nbytes, 0)
-                live += size[slot]
-            peak = max(peak, live)
+                owner[slot], holders[slot], first[slot], size[slot] = slot, 1, i, max(nbytes, 0)
         elif ins[0] == "stats":
-            peak = max(peak, live + ins[4])  # the band's statistics reshape a strided band: a copy
+            transient[i] = ins[4]  # the band's statistics reshape a strided band: a copy
         elif ins[0] == "free":
             for s in ins[1]:
                 o = owner.pop(s, None)
@@ -613,118 +667,36 @@ def simulate(program: list[tuple]) -> int:
                     continue
                 holders[o] -= 1
                 if holders[o] == 0:
-                    live -= size.pop(o)
-    return peak
-
-
-def _first_inputs(seg: RowSegment) -> dict:
-    """Per node: its first argument if it is a node, and how that is read."""
-    memo = seg.memo.get("first")
-    if memo is None:
-        memo = seg.memo["first"] = {}
-        for n in seg.nodes:
-            x = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
-            memo[n] = (x, seg.reqs[n].get(x))
-    return memo
-
-
-def band_bytes(seg: RowSegment, j: int, bounds: list[tuple[int, int]], s: int, hi) -> int:
-    """Peak bytes band ``s`` of pass ``j`` holds (rows kept from the previous band included), worked out from
-    row counts without building the band's instructions: what :func:`simulate` would find on its program, for
-    the planner's many trials. ``hi(s)`` is :func:`computed_rows` for band ``s`` ({} before the first)."""
-    before, now = hi(s - 1), hi(s)
-    order = [n for n in seg.nodes if n in now]
-    start = _buffer_starts(seg, order, before, now)
-    nxt = _buffer_starts(seg, order, now, hi(s + 1)) if s + 1 < len(bounds) else None
-    targets = {g.args[0] for g in seg.stats_targets(j)}
-    readers: dict[torch.fx.Node, int] = {n: 0 for n in order}
-    for n in order:
-        if now[n] > before.get(n, 0):
-            for p, r in seg.reqs[n].items():
-                if isinstance(r, RowReq) and p is not seg.input:
-                    readers[p] += 1
-    live = sum(max(0, before.get(n, 0) - start[n]) * _row_bytes(n, seg) for n in order)
-    peak = live
-    owner: dict[torch.fx.Node, torch.fx.Node] = {}
-    holds: dict[torch.fx.Node, int] = {}
-    size: dict[torch.fx.Node, int] = {}
-    sharing: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-
-    def release(o):
-        nonlocal live, peak
-        holds[o] -= 1
-        if holds[o] > 0:
-            return
-        if nxt is not None:
-            for m in sharing[o]:
-                if nxt[m] < now[m]:
-                    live += (now[m] - nxt[m]) * _row_bytes(m, seg)
-                    peak = max(peak, live)
-        live -= size.pop(o)
-
-    first = _first_inputs(seg)
-    for n in order:
-        a, b = before.get(n, 0), now[n]
-        rb = _row_bytes(n, seg)
-        carried = max(0, a - start[n]) * rb
-        x, r = first[n]
-        if b > a and _band_alias(n, seg) and not carried and x in owner and holds.get(owner[x], 0) > 0:
-            o = owner[n] = owner[x]
-            holds[o] += readers[n]
-            sharing[o].append(n)
-        else:
-            made = 0
-            if b > a:
-                rows = b - a
-                transient = 0
-                if ops.of(n).family == "conv" and isinstance(r, RowReq):
-                    pa, pb, top, bot = r.needed(a, b, seg.rows[x])
-                    if top != bot:
-                        transient = (pb - pa + top + bot) * _row_bytes(x, seg)
-                if ops.of(n).family == "upsample" and isinstance(r, RowReq):
-                    pa, pb, _, _ = r.needed(a, b, seg.rows[x])
-                    rows = (pb - pa) * r.factor
-                made = 0 if x is seg.input and _band_alias(n, seg) else rows * rb  # a view of the input
-                live += made
-                peak = max(peak, live + transient)
-            if carried and made:  # joined with the rows kept from the previous band
-                live += (b - start[n]) * rb
-                peak = max(peak, live)
-                live -= carried + made
-                made = (b - start[n]) * rb
-            elif carried:
-                made = carried
-            owner[n] = n
-            holds[n] = readers[n] or 0
-            size[n] = made
-            sharing[n] = [n]
-        if n in targets and b > a and start[n] < a:
-            peak = max(peak, live + (b - a) * rb)  # band statistics copy a band narrowed out of its buffer
-        if b > a:
-            for p, rq in seg.reqs[n].items():
-                if isinstance(rq, RowReq) and p is not seg.input and p in owner:
-                    release(owner[p])
-        if owner[n] is n and holds[n] == 0:
-            holds[n] = 1
-            release(n)
-    return peak
+                    spans.append((first.pop(o), i - 1, size.pop(o)))
+    spans.extend((first[o], len(program) - 1, size[o]) for o in first)
+    return max(live_curve(spans, transient), default=0)
 
 
 def segment_estimate(seg: RowSegment, bands: int) -> tuple[int, float]:
-    """(workspace bytes, work) of running ``seg`` in ``bands`` bands: the workspace from the first two bands
-    of each pass (rows kept between bands reach their steady state in the second), the work from every row
-    once per pass plus a charge per instruction."""
+    """(workspace bytes, work) of running ``seg`` in ``bands`` bands. The workspace is :func:`simulate` on the
+    first two bands of each pass, built without their arguments: bands are largest first and the rows kept
+    between bands reach their steady state in the second, so this is the peak of the whole programs
+    (``tests/test_rows.py`` holds it equal). The work: every row once per pass plus a charge per instruction."""
     memo = seg.memo.setdefault("estimates", {})
     if bands not in memo:
         bounds = slice_bounds(seg.length, bands)
+        norm_key = {g: i for i, g in enumerate(seg.norms)}
         ws, work = 0, 0.0
         for j in _passes(seg):
-            hi = _PassBuilder(seg, j, bounds, {}, {}).hi
-            for s in range(min(2, len(bounds))):
-                ws = max(ws, band_bytes(seg, j, bounds, s, hi))
-            order = hi(0)
-            work += sum(seg.rows[n] * _row_cost(n, seg) for n in order)
-            work += 2 * len(order) * len(bounds) * INSTRUCTION_COST
+            # A statistics pass runs the same program in every segment from this input whose GroupNorms at
+            # its depth are the same: what it computes is upstream of them (same rows, dims and bytes).
+            key = None if j == seg.num_passes - 1 else \
+                ("pass", seg.input, seg.row_dim[seg.input], seg.length, bands, frozenset(seg.stats_targets(j)))
+            done = seg.shared.get(key) if key is not None else None
+            if done is None:
+                builder = _PassBuilder(seg, j, bounds, {}, norm_key, emit=False)
+                peak = simulate([ins for s in range(min(2, len(bounds))) for ins in builder.band(s)])
+                order = builder.hi(0)
+                done = (peak, sum(seg.rows[n] * _row_cost(n, seg) for n in order)
+                        + 2 * len(order) * len(bounds) * INSTRUCTION_COST)
+                if key is not None:
+                    seg.shared[key] = done
+            ws, work = max(ws, done[0]), work + done[1]
         memo[bands] = (ws, work)
     return memo[bands]
 
@@ -892,7 +864,7 @@ def outline(gm: torch.fx.GraphModule, choices: list[RowChoice]) -> torch.fx.Grap
         call.meta["nn_module_stack"] = seg.output.meta.get("nn_module_stack", {})
         info = node_info(call)
         info.group = f"rows:{seg.name}"
-        # the programs that will run, simulated (the planner's trials used the row-count model)
+        # the programs that will run, simulated (the planner's trials simulated their first two bands)
         info.workspace_bytes = max((simulate(p) for p in programs), default=c.workspace_bytes)
         seg.output.replace_all_uses_with(call)
         replaced[seg.output] = call
@@ -905,4 +877,4 @@ def outline(gm: torch.fx.GraphModule, choices: list[RowChoice]) -> torch.fx.Grap
 
 
 __all__ = ["RowAnalysis", "RowSegment", "RowChoice", "RowReq", "row_rule", "computed_rows", "simulate",
-           "segment_estimate", "band_bytes", "build_programs", "chain", "choose_tail", "outline", "best_bands"]
+           "segment_estimate", "build_programs", "chain", "choose_tail", "outline", "best_bands"]

@@ -18,7 +18,9 @@ from fxstream.measure import measure
 from fxstream.runtime.rows import RowStream
 from passes.budget import plan_chunks
 from passes.chains import find_groups
-from passes.rows import RowAnalysis, RowReq, best_bands, build_programs, chain, outline, segment_estimate
+from fxstream.runtime.sliced import slice_bounds
+from passes.rows import (RowAnalysis, RowReq, best_bands, build_programs, chain, outline, segment_estimate,
+                         simulate)
 from passes.slicing import copy_graph_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,6 +170,51 @@ def test_more_bands_need_less_workspace():
     work = [segment_estimate(seg, k)[1] for k in (2, 8)]
     assert work[1] > work[0]
     assert best_bands(seg, None).workspace_bytes <= ws[2]
+
+
+@pytest.mark.parametrize("rows", [8, 13])
+def test_estimate_is_the_simulated_programs(rows):
+    """One memory engine: the planner's workspace estimate of a segment (the first two bands of each pass,
+    built without arguments) is the simulated peak of the whole programs that will run, for every segment
+    between cut points and even and uneven bands."""
+    torch.manual_seed(0)
+    gm = _captured(Tail(), torch.randn(6, 8, rows, 8))
+    analysis = RowAnalysis(gm)
+    cuts = analysis.cut_points()
+    points = cuts + [analysis.graph_output]
+    checked = 0
+    for i, c in enumerate(cuts):
+        for end in points[i + 1:]:
+            seg = analysis.segment(c, end)
+            if seg is None:
+                continue
+            for bands in (2, 3, 5, 8):
+                if bands > seg.length:
+                    continue
+                programs, _ = build_programs(seg, bands)
+                assert segment_estimate(seg, bands)[0] == max(simulate(p) for p in programs), (seg.name, bands)
+                checked += 1
+    assert checked >= 10
+
+
+def test_memory_only_programs_match_the_emitted_ones():
+    """The planner's trials build bands without arguments; their slots, bytes and reads are the real ones."""
+    from passes.rows import _PassBuilder, _reads
+
+    torch.manual_seed(0)
+    gm = _captured(Tail(), torch.randn(6, 8, 13, 8))
+    analysis = RowAnalysis(gm)
+    seg = analysis.segment(analysis.cut_points()[0], analysis.graph_output)
+    bounds = slice_bounds(seg.length, 3)
+    ext = {p: i for i, p in enumerate(seg.externals)}
+    keys = {g: i for i, g in enumerate(seg.norms)}
+    for j in range(seg.num_passes):
+        full, light = _PassBuilder(seg, j, bounds, ext, keys), _PassBuilder(seg, j, bounds, ext, keys, emit=False)
+        for s in range(len(bounds)):
+            a, b = full.band(s), light.band(s)
+            assert [(i[0], i[1] if i[0] != "stats" else None, i[-1] if i[0] != "out" else None) for i in a] == \
+                   [(i[0], i[1] if i[0] != "stats" else None, i[-1] if i[0] != "out" else None) for i in b]
+            assert [sorted(_reads(i)) for i in a] == [sorted(_reads(i)) for i in b]
 
 
 def test_programs_cover_every_output_row_once():
