@@ -116,9 +116,13 @@ def _reads_list_from_outside(req: dict, members) -> bool:
 
 
 class _Grouper:
-    def __init__(self, gm: torch.fx.GraphModule, banned: set[tuple[str, str]] | None = None):
+    def __init__(self, gm: torch.fx.GraphModule, banned: set[tuple[str, str]] | None = None,
+                 seeds: dict | None = None):
         self.gm = gm
         self.banned = banned or set()  # (node, seed of a group) pairs: the node may not join that group
+        # look-ahead scores and seed axes: facts of the graph alone (a score looks only at nodes the walk has
+        # not reached), shared by the walks over one unchanged graph
+        self.seeds: dict = {} if seeds is None else seeds
         self.seed: dict[int, torch.fx.Node] = {}
         self.order = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.order)}
@@ -210,6 +214,12 @@ class _Grouper:
     # -- seeding -----------------------------------------------------------------------------------------------
     def _score(self, seed: torch.fx.Node, axis: SliceAxis) -> float:
         """Bytes a group seeded here would cover in the next few nodes."""
+        key = ("score", seed, axis)
+        if key not in self.seeds:
+            self.seeds[key] = self._look_ahead(seed, axis)
+        return self.seeds[key]
+
+    def _look_ahead(self, seed: torch.fx.Node, axis: SliceAxis) -> float:
         length = shape(seed)[axis.dim] // axis.unit
         members = {seed: axis}
         reqs: dict = {}
@@ -232,6 +242,12 @@ class _Grouper:
     def _best_seed(self, node: torch.fx.Node) -> tuple[SliceAxis, float, bool] | None:
         """The axis a group seeded at ``node`` should take, its look-ahead score, and whether the node must
         first be split (a GroupNorm whose best axis is one it reduces over)."""
+        key = ("seed", node)
+        if key not in self.seeds:
+            self.seeds[key] = self._seed_axis(node)
+        return self.seeds[key]
+
+    def _seed_axis(self, node: torch.fx.Node) -> tuple[SliceAxis, float, bool] | None:
         if _layout(node):
             # a layout op has nothing to slice; the first compute op after it picks the axis (a reshape that
             # merges (B, pixels) can only be cut along the wrong axis, frames, while its users can take pixels)
@@ -655,13 +671,15 @@ def find_groups(gm: torch.fx.GraphModule, *, split_reductions: bool = True) -> l
     With ``split_reductions`` (the default), GroupNorms that stop a group along one of their reduced dims are
     rewritten into exact split form (``passes/reductions.py``), in place, and the graph is grouped again.
     """
-    grouper = _Grouper(gm)
+    seeds: dict = {}
+    grouper = _Grouper(gm, seeds=seeds)
     grouper.run()
     if split_reductions and grouper.split_candidates:
         from passes.reductions import split_group_norms
 
         split_group_norms(gm, grouper.split_candidates)
-        grouper = _Grouper(gm)
+        seeds = {}  # the graph changed
+        grouper = _Grouper(gm, seeds=seeds)
         grouper.run()
     banned: set[tuple[str, str]] = set()
     for _ in range(TAIL_ROUNDS):
@@ -669,7 +687,7 @@ def find_groups(gm: torch.fx.GraphModule, *, split_reductions: bool = True) -> l
         if not new:
             break
         banned |= new
-        grouper = _Grouper(gm, banned)
+        grouper = _Grouper(gm, banned, seeds=seeds)
         grouper.run()
     return grouper.groups()
 

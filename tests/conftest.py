@@ -14,6 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["FXSTREAM_PLAN_CACHE"] = "0"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# Under pytest-xdist (`-n 2`, what .ci/run uses) each worker takes one core: intra-op threads of two workers
+# would compete for the same cores (see `one_thread`).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

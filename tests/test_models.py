@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import time
 
 import pytest
 import torch
@@ -96,9 +95,7 @@ def test_tiny_forward_and_capture_match_eager(name):
     assert torch.isfinite(eager).all()
     assert eager.std() > 1e-3  # random weights give a non-trivial output
 
-    t0 = time.perf_counter()
     gm = capture(m.module, *m.args, **m.kwargs)
-    assert time.perf_counter() - t0 < 30
     args, kwargs = normalize_inputs(m.module, m.args, m.kwargs)
     with torch.no_grad():
         out = gm(*args, **kwargs)
@@ -108,10 +105,7 @@ def test_tiny_forward_and_capture_match_eager(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_full_builds_on_meta_with_real_param_count(name):
-    t0 = time.perf_counter()
     m = models.build(name, "full")
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 30, f"full build took {elapsed:.1f}s"
     assert m.size == "full"
     params = list(m.module.parameters())
     assert all(p.device.type == "meta" for p in params)
