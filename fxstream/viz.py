@@ -1,7 +1,6 @@
 """Pictures of what fxstream sees and decides: the grouped graph, the memory timeline, step similarity.
 
-    gm = fxstream.capture(module, *args)
-    groups = passes.chains.find_groups(gm)      # splits GroupNorms in place, as the planner does
+    gm, groups, _ = passes.chains.group_operators(fxstream.capture(module, *args))  # as the planner groups
     graph_figure(gm, groups, entry.plan)        # operator groups coloured by kind, with slice counts
     graph_figure(gm, groups, entry.plan, level="ops", within="down_blocks.0.resnets.0.temporal_res_block")
     memory_timeline_figure(entry.baseline, entry.planned, budget_bytes=..., graph_module=entry.graph_module)
@@ -103,7 +102,7 @@ def group_graph(
     """The graph ``gm`` drawn by :func:`graph_figure`, as a networkx DiGraph of :class:`GraphUnit` s.
 
     Args:
-        gm: the captured GraphModule ``groups`` were found in (:func:`passes.chains.find_groups`).
+        gm: the GraphModule ``groups`` were found in (:func:`passes.chains.group_operators`).
         groups: its operator groups.
         plan: the Plan made for the same model and inputs, or its slice counts by group name (the
             ``chunks`` of :func:`passes.budget.plan_chunks`); groups it does not list run whole. None: nothing

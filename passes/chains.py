@@ -12,7 +12,8 @@ starts a new group, whose axis is chosen by looking a little ahead for the axis 
 (ties go to the outermost dim). Ops without a rule are barriers and belong to no group.
 
 Then, so that groups hand each other as few full-size tensors as possible: GroupNorms that stop a group along
-a dim they reduce over are split (``passes/reductions.py``) and the graph regrouped; a group whose statistics
+a dim they reduce over are split (``passes/reductions.py``, on a copy: :func:`group_operators`; grouping never
+changes its input) and the copy regrouped; a group whose statistics
 pass feeds its own later nodes runs in several passes over the slices (``passes``); group tails that hand over
 more bytes than they read are moved to the next group; small groups of cheap ops are absorbed into the group
 that consumes them; and views handed out of a group are redone outside it, on their base.
@@ -24,6 +25,7 @@ import operator
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -665,20 +667,43 @@ def _dedupe_names(groups: list[OperatorGroup]) -> None:
             g.name = f"{g.name}#{count[g.name]}"
 
 
-def find_groups(gm: torch.fx.GraphModule, *, split_reductions: bool = True) -> list[OperatorGroup]:
-    """Label the graph's homogeneous operator chains and merge them into :class:`OperatorGroup` s.
+class Grouping(NamedTuple):
+    """What :func:`group_operators` returns: the graph the groups are made of (the input itself, or a
+    rewritten copy when GroupNorms were split), its groups, and the names of the GroupNorms split."""
 
-    With ``split_reductions`` (the default), GroupNorms that stop a group along one of their reduced dims are
-    rewritten into exact split form (``passes/reductions.py``), in place, and the graph is grouped again.
-    """
+    graph_module: torch.fx.GraphModule
+    groups: list[OperatorGroup]
+    split: list[str]
+
+
+def find_groups(gm: torch.fx.GraphModule) -> list[OperatorGroup]:
+    """Label the graph's homogeneous operator chains and merge them into :class:`OperatorGroup` s. An analysis:
+    ``gm`` is not changed (GroupNorms that stop a group stay whole: see :func:`group_operators`)."""
+    return _walk(gm, None, {})
+
+
+def group_operators(gm: torch.fx.GraphModule) -> Grouping:
+    """Operator grouping with its one rewrite: GroupNorms that stop a group along one of their reduced dims
+    are split into exact statistics + apply form (``passes/reductions.py``) on a copy of ``gm``, which is
+    grouped again. ``gm`` itself is never changed."""
     seeds: dict = {}
-    grouper = _Grouper(gm, seeds=seeds)
-    grouper.run()
-    if split_reductions and grouper.split_candidates:
-        from passes.reductions import split_group_norms
+    first = _Grouper(gm, seeds=seeds)
+    first.run()
+    if not first.split_candidates:
+        return Grouping(gm, _walk(gm, first, seeds), [])
+    from passes.reductions import split_group_norms
+    from passes.slicing import copy_graph_module
 
-        split_group_norms(gm, grouper.split_candidates)
-        seeds = {}  # the graph changed
+    work, mapping = copy_graph_module(gm)
+    norms = [mapping[n] for n in dict.fromkeys(first.split_candidates)]
+    split_group_norms(work, norms)
+    return Grouping(work, _walk(work, None, {}), [n.name for n in norms])
+
+
+def _walk(gm: torch.fx.GraphModule, grouper: _Grouper | None, seeds: dict) -> list[OperatorGroup]:
+    """The walk (unless ``grouper`` already made it), then the tail rounds: a node that made a group end in a
+    small tail is banned from it and the graph walked again (``seeds``: the look-ahead facts they share)."""
+    if grouper is None:
         grouper = _Grouper(gm, seeds=seeds)
         grouper.run()
     banned: set[tuple[str, str]] = set()
@@ -692,4 +717,4 @@ def find_groups(gm: torch.fx.GraphModule, *, split_reductions: bool = True) -> l
     return grouper.groups()
 
 
-__all__ = ["OperatorGroup", "find_groups", "REDUCED", "WHOLE"]
+__all__ = ["OperatorGroup", "Grouping", "find_groups", "group_operators", "REDUCED", "WHOLE"]

@@ -31,7 +31,7 @@ from fxstream.runtime.rehash import FeatureCache, RehashConfig
 from fxstream.runtime.sliced import slice_bounds
 from passes import ops
 from passes.budget import BudgetResult, forced_chunks, plan_chunks
-from passes.chains import OperatorGroup, find_groups
+from passes.chains import OperatorGroup, group_operators
 from passes.meta import tensor_bytes
 from passes.memory import MemoryTimeline, analyze_memory, format_bytes
 from passes.plan import PLAN_VERSION, GroupPlan, Plan, RehashPlan
@@ -224,7 +224,8 @@ def _rebuild(gm: torch.fx.GraphModule, decisions: list[GroupPlan], request: Plan
                                         "match this graph: plan again")
             choices.append(RowChoice(seg, g.slices, *segment_estimate(seg, g.slices)))
         outline(work, choices)
-    groups = {g.name: g for g in find_groups(work)}
+    work, found, _ = group_operators(work)
+    groups = {g.name: g for g in found}
     chunks = {}
     for g in decisions:
         if g.kind == "rows":
@@ -249,14 +250,13 @@ def _axis_text(group: OperatorGroup) -> str:
 
 def _slice_or_whole(gm: torch.fx.GraphModule, request: PlanRequest
                     ) -> tuple[list[OperatorGroup], BudgetResult, list, list[str], torch.fx.GraphModule]:
-    """:func:`_slice` on a copy of ``gm`` (grouping rewrites GroupNorms in place; ``gm`` is never changed), or
-    ``gm`` whole (exact) with a note when a pass fails on a pattern it does not know. The last value is the
-    grouped copy. A user problem (the budget) still raises.
+    """:func:`_slice` (``gm`` is never changed), or ``gm`` whole (exact) with a note when a pass fails on a
+    pattern it does not know. The last value is the graph the groups were found in. A user problem (the
+    budget) still raises.
     """
-    work = copy_graph_module(gm)[0]
     try:
-        groups, result, streamed = _slice(work, request.budget_bytes, request.chunks, request.target)
-        return groups, result, streamed, [], work
+        groups, result, streamed, grouped = _slice(gm, request.budget_bytes, request.chunks, request.target)
+        return groups, result, streamed, [], grouped
     except FxStreamError:
         raise
     except Exception as e:  # noqa: BLE001 - the net under every pass: leave the graph whole, never crash
@@ -282,22 +282,22 @@ def _failing_frame(e: BaseException) -> str:
 
 
 def _slice(gm: torch.fx.GraphModule, budget_bytes: int | None, chunks: int | None,
-           target: str, rows: bool = True) -> tuple[list[OperatorGroup], BudgetResult, list]:
-    """Group ``gm``'s operators (in place) and choose slice counts: ``chunks`` everywhere, or for the budget.
+           target: str, rows: bool = True) -> tuple[list[OperatorGroup], BudgetResult, list, torch.fx.GraphModule]:
+    """Group ``gm``'s operators and choose slice counts: ``chunks`` everywhere, or for the budget.
 
     When the budget is out of reach of operator groups alone (or for the minimum), the graph's tail is
-    row-streamed (:mod:`passes.rows`) where that lowers the peak; the third value lists the streamed segments.
+    row-streamed (:mod:`passes.rows`) where that lowers the peak; the third value lists the streamed segments,
+    the fourth is the graph the groups were found in. ``gm`` is not changed.
     """
-    pristine = copy_graph_module(gm)[0] if rows and chunks is None else None
-    groups = find_groups(gm)
+    grouped, groups, _ = group_operators(gm)
     if chunks is not None:
-        return groups, forced_chunks(gm, groups, chunks, target=target), []
+        return groups, forced_chunks(grouped, groups, chunks, target=target), [], grouped
     try:
-        result, error = plan_chunks(gm, groups, budget_bytes, target=target), None
+        result, error = plan_chunks(grouped, groups, budget_bytes, target=target), None
     except BudgetError as e:
         result, error = None, e
-    if pristine is not None and (result is None or budget_bytes is None):
-        streamed = stream_tail(pristine, budget_bytes, target, result)
+    if rows and chunks is None and (result is None or budget_bytes is None):
+        streamed = stream_tail(gm, budget_bytes, target, result)
         if streamed is not None:
             return streamed
         if result is None:
@@ -314,11 +314,11 @@ def _slice(gm: torch.fx.GraphModule, budget_bytes: int | None, chunks: int | Non
                 ) from error
     if result is None:
         raise error
-    return groups, result, []
+    return groups, result, [], grouped
 
 
 def stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str,
-                base: BudgetResult | None) -> tuple[list[OperatorGroup], BudgetResult, list] | None:
+                base: BudgetResult | None) -> tuple[list[OperatorGroup], BudgetResult, list, torch.fx.GraphModule] | None:
     """Plan a copy of ``gm`` with its tail row-streamed (:mod:`passes.rows`); None when that does not help.
 
     Under a budget, first the streamed tail with the least recomputation that fits, then the lowest-memory
@@ -329,8 +329,8 @@ def stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str,
     if not analysis.cut_points():
         return None
     if base is None:
-        probe = copy_graph_module(gm)[0]
-        base = plan_chunks(probe, find_groups(probe), None, target=target)
+        probe, probe_groups, _ = group_operators(gm)
+        base = plan_chunks(probe, probe_groups, None, target=target)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     at = [0] * (len(order) + 1)  # the base plan's peak live bytes at each original position
     position = 0
@@ -348,15 +348,15 @@ def stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str,
         if choices is None:
             continue
         outline(work, choices)
-        groups = find_groups(work)
+        grouped, groups, _ = group_operators(work)
         try:
-            result = plan_chunks(work, groups, budget_bytes, target=target)
+            result = plan_chunks(grouped, groups, budget_bytes, target=target)
         except BudgetError:
             continue
         if budget_bytes is None and (result.timeline.activation_peak_bytes
                                      >= base.timeline.activation_peak_bytes * (1 - ROW_GAIN)):
             return None
-        return groups, result, choices
+        return groups, result, choices, grouped
     return None
 
 

@@ -9,12 +9,12 @@ from blocks import SpatialBlock, VideoBlock
 from fxstream.capture import capture
 from fxstream.errors import BudgetError
 from passes.budget import forced_chunks, plan_chunks
-from passes.chains import find_groups
+from passes.chains import group_operators
 
 
 def planned(module, x):
-    gm = capture(module, x)
-    return gm, find_groups(gm)
+    gm, groups, _ = group_operators(capture(module, x))
+    return gm, groups
 
 
 def test_minimum_budget_is_no_higher_than_any_forced_slicing():

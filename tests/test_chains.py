@@ -8,7 +8,7 @@ from torch import nn
 
 from blocks import SpatialBlock, TemporalBlock, VideoBlock
 from fxstream.capture import capture
-from passes.chains import find_groups
+from passes.chains import find_groups, group_operators
 from passes.dims import REDUCED, SliceAxis
 from passes.reductions import APPLY_OP, PARTIAL_OP
 
@@ -17,7 +17,7 @@ aten = torch.ops.aten
 
 def test_spatial_block_is_one_group_along_frames():
     gm = capture(SpatialBlock(), torch.randn(6, 8, 5, 5))
-    groups = find_groups(gm)
+    gm, groups, _ = group_operators(gm)
     convs = [n for n in gm.graph.nodes if n.target is aten.conv2d.default]
     group = next(g for g in groups if convs[0] in g.nodes)
     assert all(c in group.nodes for c in convs)
@@ -27,7 +27,7 @@ def test_spatial_block_is_one_group_along_frames():
 
 def test_temporal_block_groups_along_rows_with_split_group_norms_in_passes():
     gm = capture(TemporalBlock(), torch.randn(1, 8, 3, 6, 5))
-    groups = find_groups(gm)
+    gm, groups, _ = group_operators(gm)
     targets = [n.target for n in gm.graph.nodes]
     assert aten.group_norm.default not in targets  # both norms span (T, H, W): split
     convs = [n for n in gm.graph.nodes if n.target is aten.conv3d.default]
@@ -41,9 +41,23 @@ def test_temporal_block_groups_along_rows_with_split_group_norms_in_passes():
     assert max(group.passes[a] for a in applies) == group.num_passes - 1
 
 
+def test_grouping_never_changes_its_input():
+    """Grouping is an analysis; its one rewrite (splitting GroupNorms) is made on a copy it returns."""
+    gm = capture(TemporalBlock(), torch.randn(1, 8, 3, 6, 5))
+    before = gm.code
+    grouped, groups, split = group_operators(gm)
+    assert gm.code == before and aten.group_norm.default in [n.target for n in gm.graph.nodes]
+    assert grouped is not gm and len(split) == 2
+    assert {n.name for n in grouped.graph.nodes if n.target is aten.group_norm.default}.isdisjoint(split)
+    assert all(n.graph is grouped.graph for g in groups for n in g.nodes)
+    assert find_groups(gm) and gm.code == before  # the analysis alone: the GroupNorms stay whole
+    plain = capture(SpatialBlock(), torch.randn(6, 8, 5, 5))
+    assert group_operators(plain).graph_module is plain  # nothing to split: no copy
+
+
 def test_axis_change_between_frames_and_pixels_is_a_group_boundary():
     gm = capture(VideoBlock(), torch.randn(6, 8, 5, 5))
-    groups = find_groups(gm)
+    gm, groups, _ = group_operators(gm)
     conv2d = next(n for n in gm.graph.nodes if n.target is aten.conv2d.default)
     conv3d = next(n for n in gm.graph.nodes if n.target is aten.conv3d.default)
     g2 = next(g for g in groups if conv2d in g.nodes)
@@ -67,7 +81,7 @@ def test_groups_are_convex_so_outlining_makes_no_cycle():
             return self.b(h) + side
 
     gm = capture(Diamond(), torch.randn(8, 4))
-    groups = find_groups(gm)
+    gm, groups, _ = group_operators(gm)
     cumsum = next(n for n in gm.graph.nodes if n.target is aten.cumsum.default)
     for g in groups:
         members = set(g.nodes)
@@ -78,7 +92,7 @@ def test_groups_are_convex_so_outlining_makes_no_cycle():
 
 def test_group_boundary_lists_inputs_and_outputs():
     gm = capture(SpatialBlock(), torch.randn(6, 8, 5, 5))
-    groups = find_groups(gm)
+    gm, groups, _ = group_operators(gm)
     g = max(groups, key=lambda g: len(g.nodes))
     x = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("x"))
     assert g.inputs[x] == SliceAxis(0)
@@ -122,7 +136,7 @@ def _list_nodes(gm):
 def test_a_list_never_crosses_a_group_boundary():
     for module, args in ((_RopeSplit(), (torch.randn(2, 12, 16),)), (_Modulation(), (torch.randn(1, 12, 8), torch.randn(1, 8)))):
         gm = capture(module.eval(), *args)
-        groups = find_groups(gm)
+        gm, groups, _ = group_operators(gm)
         assert _list_nodes(gm)
         for g in groups:
             members = set(g.nodes)
@@ -135,7 +149,7 @@ def test_a_list_never_crosses_a_group_boundary():
 
 def test_split_is_sliced_along_another_dim_never_the_split_dim():
     gm = capture(_RopeSplit().eval(), torch.randn(2, 12, 16))
-    groups = find_groups(gm)
+    gm, groups, _ = group_operators(gm)
     split = next(n for n in gm.graph.nodes if n.target is aten.split_with_sizes.default)
     group = next(g for g in groups if split in g.nodes)
     assert group.axes[split].dim != 2  # the split dim is a barrier

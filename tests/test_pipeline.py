@@ -75,7 +75,7 @@ def test_a_pass_that_fails_leaves_the_graph_whole_exactly(monkeypatch):
     def broken(*args, **kwargs):
         raise IndexError("a pattern no rule foresaw")
 
-    monkeypatch.setattr(pipeline, "find_groups", broken)
+    monkeypatch.setattr(pipeline, "group_operators", broken)
     net = _Net().eval().requires_grad_(False)
     x = torch.randn(64, 8)
     compiled = fxstream.compile(net, chunks=3)

@@ -17,7 +17,7 @@ from fxstream.capture import capture, normalize_inputs
 from fxstream.measure import measure
 from fxstream.runtime.rows import RowStream
 from passes.budget import plan_chunks
-from passes.chains import find_groups
+from passes.chains import group_operators
 from fxstream.runtime.sliced import slice_bounds
 from passes.rows import (RowAnalysis, RowReq, best_bands, build_programs, chain, outline, segment_estimate,
                          simulate)
@@ -235,8 +235,8 @@ def test_programs_cover_every_output_row_once():
 def test_decoder_minimum_streams_rows_exactly_and_memory_is_as_predicted(name):
     built = models.build(name, "tiny", frames=4 if name == "svd-vae-decoder" else None)
     flat, kw = normalize_inputs(built.module, built.args, built.kwargs)
-    gm = capture(built.module, *flat, **kw)
-    groups_only = plan_chunks(gm, find_groups(gm), None)
+    gm, groups, _ = group_operators(capture(built.module, *flat, **kw))
+    groups_only = plan_chunks(gm, groups, None)
     compiled = fxstream.compile(built.module)
     with torch.no_grad():
         ref = built.module(*built.args, **built.kwargs)
@@ -257,8 +257,8 @@ def test_decoder_minimum_streams_rows_exactly_and_memory_is_as_predicted(name):
 def test_a_budget_only_rows_reach_is_met_exactly():
     built = models.build("svd-vae-decoder", "tiny", frames=4)
     flat, kw = normalize_inputs(built.module, built.args, built.kwargs)
-    gm = capture(built.module, *flat, **kw)
-    groups_only = plan_chunks(gm, find_groups(gm), None)
+    gm, groups, _ = group_operators(capture(built.module, *flat, **kw))
+    groups_only = plan_chunks(gm, groups, None)
     floor = groups_only.weight_bytes + groups_only.timeline.activation_peak_bytes
     budget = int(floor * 0.9)
     compiled = fxstream.compile(built.module, budget / 2**30)

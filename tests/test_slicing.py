@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from blocks import SpatialBlock, TemporalBlock, VideoBlock
 from fxstream.capture import capture
 from fxstream.runtime.sliced import SlicedCall, slice_bounds
-from passes.chains import find_groups
+from passes.chains import group_operators
 from passes.meta import node_info
 from passes.slicing import PlanningView, apply_plan
 
@@ -40,7 +40,7 @@ def test_sliced_graph_equals_eager(module, shape, chunks):
     x = torch.randn(shape)
     ref = module(x)
     gm = capture(module, x)
-    groups = find_groups(gm)
+    gm, groups, _ = group_operators(gm)
     sliced = apply_plan(gm, groups, {g.name: chunks for g in groups})
     calls = [m for m in sliced.modules() if isinstance(m, SlicedCall)]
     assert calls, "nothing was sliced"
@@ -62,7 +62,7 @@ def test_outputs_are_written_into_preallocated_buffers_not_concatenated():
     module = SpatialBlock()
     x = torch.randn(6, 8, 5, 5)
     gm = capture(module, x)
-    groups = find_groups(gm)
+    gm, groups, _ = group_operators(gm)
     sliced = apply_plan(gm, groups, {g.name: 3 for g in groups})
     with OpLog() as log:
         sliced(x)
@@ -74,7 +74,7 @@ def test_multi_pass_group_recomputes_instead_of_keeping_full_tensors():
     module = TemporalBlock()
     x = torch.randn(1, 8, 3, 7, 5)
     gm = capture(module, x)
-    groups = find_groups(gm)
+    gm, groups, _ = group_operators(gm)
     sliced = apply_plan(gm, groups, {g.name: 3 for g in groups})
     call = next(m for m in sliced.modules() if isinstance(m, SlicedCall) and len(m.pass_specs) > 1)
     assert len(call.pass_specs) >= 2
@@ -86,7 +86,7 @@ def test_planning_view_records_workspace_without_building_bodies():
     module = VideoBlock(frames=3)
     x = torch.randn(6, 8, 7, 5)
     gm = capture(module, x)
-    groups = find_groups(gm)
+    gm, groups, _ = group_operators(gm)
     view = apply_plan(gm, groups, {g.name: 2 for g in groups}, planning=True)
     assert isinstance(view, PlanningView)
     calls = [n for n in view.graph.nodes if n.op == "call_module"

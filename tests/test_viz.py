@@ -19,7 +19,7 @@ import fxstream.module  # noqa: E402
 from fxstream import cli, models, viz  # noqa: E402
 from fxstream.capture import capture, normalize_inputs  # noqa: E402
 from passes import pipeline  # noqa: E402
-from passes.chains import find_groups  # noqa: E402
+from passes.chains import group_operators  # noqa: E402
 from passes.meta import module_path  # noqa: E402
 from passes.memory import MemoryTimeline  # noqa: E402
 
@@ -39,17 +39,16 @@ def tiny(one_thread):
     args, kwargs = normalize_inputs(built.module, built.args, built.kwargs)
     seen = []
 
-    def recording_find_groups(gm, **options):
-        groups = find_groups(gm, **options)
-        seen.append((gm, groups))
-        return groups
+    def recording_group_operators(gm):
+        grouping = group_operators(gm)
+        seen.append(grouping[:2])
+        return grouping
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "find_groups", recording_find_groups)
+        patch.setattr(pipeline, "group_operators", recording_group_operators)
         entry = fxstream.plan(built.module, *args, budget_gb=BUDGET_BYTES / 2**30, **kwargs).details
     if len(seen) != 1:  # the planner changed how it groups: capture again rather than guess
-        gm = capture(built.module, *args, **kwargs)
-        seen = [(gm, find_groups(gm))]
+        seen = [group_operators(capture(built.module, *args, **kwargs))[:2]]
     gm, groups = seen[0]
     return entry, gm, groups
 
