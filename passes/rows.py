@@ -515,13 +515,16 @@ class _PassBuilder:
             pa, pb, _, _ = reqs[p].needed(lo, hi, seg.rows[p])
             return rows_of(p, pa, pb)
 
-        def mapped(p):
-            return band(p) if isinstance(reqs.get(p), RowReq) else Ext(self.ext_index[p])
-
         fn, kwargs, post = None, {}, None
         nbytes = (hi - lo) * _row_bytes(n, seg)
         family = _family(n, seg)
-        reads = [band(p) for p in _banded_inputs(n, seg)]
+        inputs = _banded_inputs(n, seg)
+        reads = [band(p) for p in inputs]
+        banded = dict(zip(inputs, reads))
+
+        def mapped(p):
+            return banded[p] if p in banded else Ext(self.ext_index[p])
+
         if family == "conv":
             prm = _conv_params(n, seg)
             x = n.args[0]
