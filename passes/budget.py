@@ -1,6 +1,6 @@
 """Choose how many slices each operator group gets so that the predicted peak fits a memory budget.
 
-Input: a captured GraphModule (already grouped by :func:`passes.chains.find_groups`), its groups, and a budget
+Input: a captured GraphModule (already grouped by :func:`passes.chains.group_operators`), its groups, and a budget
 in bytes (weights + activations), or None for "as little memory as slicing can reach".
 Output: a :class:`BudgetResult` with the chunk count per group, the sliced GraphModule and its predicted
 memory timeline (the "graph" lifetime model: a compiled GraphModule frees each value after its last use).

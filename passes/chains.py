@@ -12,8 +12,8 @@ starts a new group, whose axis is chosen by looking a little ahead for the axis 
 (ties go to the outermost dim). Ops without a rule are barriers and belong to no group.
 
 Then, so that groups hand each other as few full-size tensors as possible: GroupNorms that stop a group along
-a dim they reduce over are split (``passes/reductions.py``, on a copy: :func:`group_operators`; grouping never
-changes its input) and the copy regrouped; a group whose statistics
+a dim they reduce over are split (``passes/reductions.py``; :func:`group_operators` works on a copy, its input
+never changes) and the copy regrouped; a group whose statistics
 pass feeds its own later nodes runs in several passes over the slices (``passes``); group tails that hand over
 more bytes than they read are moved to the next group; small groups of cheap ops are absorbed into the group
 that consumes them; and views handed out of a group are redone outside it, on their base.
@@ -668,36 +668,32 @@ def _dedupe_names(groups: list[OperatorGroup]) -> None:
 
 
 class Grouping(NamedTuple):
-    """What :func:`group_operators` returns: the graph the groups are made of (the input itself, or a
-    rewritten copy when GroupNorms were split), its groups, and the names of the GroupNorms split."""
+    """What :func:`group_operators` returns: the graph the groups are made of (a copy of the input, rewritten),
+    its groups, and the names of the GroupNorms split."""
 
     graph_module: torch.fx.GraphModule
     groups: list[OperatorGroup]
     split: list[str]
 
 
-def find_groups(gm: torch.fx.GraphModule) -> list[OperatorGroup]:
-    """Label the graph's homogeneous operator chains and merge them into :class:`OperatorGroup` s. An analysis:
-    ``gm`` is not changed (GroupNorms that stop a group stay whole: see :func:`group_operators`)."""
-    return _walk(gm, None, {})
-
-
 def group_operators(gm: torch.fx.GraphModule) -> Grouping:
-    """Operator grouping with its one rewrite: GroupNorms that stop a group along one of their reduced dims
-    are split into exact statistics + apply form (``passes/reductions.py``) on a copy of ``gm``, which is
-    grouped again. ``gm`` itself is never changed."""
-    seeds: dict = {}
-    first = _Grouper(gm, seeds=seeds)
-    first.run()
-    if not first.split_candidates:
-        return Grouping(gm, _walk(gm, first, seeds), [])
+    """Operator grouping, on a copy of ``gm`` (``gm`` itself is never changed) with its two rewrites:
+    GroupNorms that stop a group along one of their reduced dims are split into exact statistics + apply form
+    (``passes/reductions.py``) and the copy grouped again; views a group hands out are redone outside it, on
+    their base."""
     from passes.reductions import split_group_norms
     from passes.slicing import copy_graph_module
 
-    work, mapping = copy_graph_module(gm)
-    norms = [mapping[n] for n in dict.fromkeys(first.split_candidates)]
+    work = copy_graph_module(gm)[0]
+    seeds: dict = {}
+    first = _Grouper(work, seeds=seeds)
+    first.run()
+    if not first.split_candidates:
+        return Grouping(work, _walk(work, first, seeds), [])
+    norms = list(dict.fromkeys(first.split_candidates))
+    names = [n.name for n in norms]
     split_group_norms(work, norms)
-    return Grouping(work, _walk(work, None, {}), [n.name for n in norms])
+    return Grouping(work, _walk(work, None, {}), names)
 
 
 def _walk(gm: torch.fx.GraphModule, grouper: _Grouper | None, seeds: dict) -> list[OperatorGroup]:
@@ -717,4 +713,4 @@ def _walk(gm: torch.fx.GraphModule, grouper: _Grouper | None, seeds: dict) -> li
     return grouper.groups()
 
 
-__all__ = ["OperatorGroup", "Grouping", "find_groups", "group_operators", "REDUCED", "WHOLE"]
+__all__ = ["OperatorGroup", "Grouping", "group_operators", "REDUCED", "WHOLE"]

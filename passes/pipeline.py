@@ -301,7 +301,7 @@ def _slice(gm: torch.fx.GraphModule, budget_bytes: int | None, chunks: int | Non
         if streamed is not None:
             return streamed
         if result is None:
-            lowest = stream_tail(pristine, None, target, None)
+            lowest = stream_tail(gm, None, target, None)
             if lowest is not None:  # the floor the error reports is the one row streaming reaches
                 t = lowest[1]
                 floor = t.weight_bytes + t.timeline.activation_peak_bytes
