@@ -296,7 +296,7 @@ def _slice(gm: torch.fx.GraphModule, budget_bytes: int | None, chunks: int | Non
         result, error = plan_chunks(grouped, groups, budget_bytes, target=target), None
     except BudgetError as e:
         result, error = None, e
-    if rows and chunks is None and (result is None or budget_bytes is None):
+    if rows and (result is None or budget_bytes is None):
         streamed = stream_tail(gm, budget_bytes, target, result)
         if streamed is not None:
             return streamed

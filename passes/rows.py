@@ -561,7 +561,7 @@ class _PassBuilder:
                     post = (d, lo - pa * r.factor, hi - lo)
         elif n.target is ops.GROUP_NORM:
             if self.emit:
-                x, groups = n.args[0], n.args[1]
+                groups = n.args[1]
                 w, bias = arg(n, 2, "weight"), arg(n, 3, "bias")
                 eps = arg(n, 4, "eps", 1e-5)
                 fn = group_norm_rows
