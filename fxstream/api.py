@@ -12,11 +12,12 @@ from torch import nn
 
 from fxstream import plan_cache
 from fxstream.capture import normalize_inputs
-from fxstream.module import StreamlinedModule, build_plan, request_for, request_of
+from fxstream.module import StreamlinedModule, build_plan, refuse_torch_compiled, request_for, request_of
 from fxstream.runtime.rehash import as_config
 from passes.plan import Plan
 
 _TARGETS = ("cpu", "cuda")
+_BACKENDS = (None, "inductor")
 
 
 def compile(  # noqa: A001 - mirrors torch.compile
@@ -27,6 +28,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     target: str | None = None,
     rehash: Any = None,
     plan: Plan | str | Path | None = None,
+    backend: str | None = None,
 ) -> StreamlinedModule:
     """Compile ``module`` so that it runs within ``budget_gb`` GiB (weights + activations), exactly.
 
@@ -46,6 +48,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
         plan: a saved :class:`~fxstream.Plan` (or the path of its JSON, from ``plan.to_json(path)``): replayed
             on the first call without planning; its budget, target and Step Rehash config are used. A call
             with other inputs than the plan's raises PlanMismatchError.
+        backend: None runs the planned graph as it is (eager ATen ops). ``"inductor"``: each sliced group's
+            body is compiled by torch's Inductor once per distinct slice shape, each slice its own call (so the
+            plan's memory bound holds); the rest runs eager. Compiling takes a while on the first call.
 
     Returns:
         A :class:`~fxstream.module.StreamlinedModule`, called exactly like ``module``. It compiles on its first
@@ -58,11 +63,13 @@ def compile(  # noqa: A001 - mirrors torch.compile
         fxstream.errors.PlanMismatchError: on the first call, when ``plan`` was made for another graph or inputs.
     """
     budget_bytes = _check(module, budget_gb, chunks, target)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if isinstance(module, StreamlinedModule):
         module = module.original
     if plan is None:
         return StreamlinedModule(module, budget_bytes=budget_bytes, chunks=chunks, target=target,
-                                 rehash=as_config(rehash))
+                                 rehash=as_config(rehash), backend=backend)
     if budget_gb is not None or chunks is not None or target is not None:
         raise ValueError("plan: a saved plan brings its own budget, slice counts and target; pass budget_gb, "
                          "chunks and target only without it")
@@ -70,7 +77,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     options = request_of(saved)
     config = options["rehash"] if rehash is None else as_config(rehash)
     return StreamlinedModule(module, budget_bytes=options["budget_bytes"], chunks=None, target=options["target"],
-                             rehash=config, replay=saved)
+                             rehash=config, replay=saved, backend=backend)
 
 
 def _load_plan(plan: Any) -> Plan:
@@ -139,6 +146,7 @@ def _check(module: Any, budget_gb: Any, chunks: Any, target: Any) -> int | None:
     """The budget in bytes, after checking every option; ValueError naming the first bad one."""
     if not isinstance(module, nn.Module):
         raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
+    refuse_torch_compiled(module, "module")
     if budget_gb is not None and (
         isinstance(budget_gb, bool) or not isinstance(budget_gb, numbers.Real) or not budget_gb > 0
         or not math.isfinite(budget_gb)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import threading
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,9 @@ TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 # Side-effect-only checks that export inserts around dtype conversions. They would hold their operand whole
 # (and so block slicing through every ``.to(dtype)``); static export already fixed what they check.
 _CHECK_OPS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+# torch.export is not thread-safe (two captures at once fail popping each other's modes): one at a time.
+_CAPTURE_LOCK = threading.RLock()
 
 
 def normalize_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -49,6 +53,21 @@ def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device | None:
         if isinstance(value, torch.Tensor):
             return value.device
     return None
+
+
+@contextlib.contextmanager
+def _plain_call(module: nn.Module) -> Iterator[None]:
+    """Calls of ``module`` run its own forward while it is captured: the slot ``nn.Module.compile()`` and
+    ``fxstream.optimize`` install their compiled call in (``_compiled_call_impl``) is emptied meanwhile."""
+    installed = module.__dict__.get("_compiled_call_impl")
+    if installed is None:
+        yield
+        return
+    module.__dict__["_compiled_call_impl"] = None
+    try:
+        yield
+    finally:
+        module.__dict__["_compiled_call_impl"] = installed
 
 
 @contextlib.contextmanager
@@ -95,7 +114,7 @@ def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModul
         CaptureError: naming the submodule that was running and the operation that failed.
     """
     args, kwargs = normalize_inputs(module, args, kwargs)
-    with _module_stack(module) as stack:
+    with _CAPTURE_LOCK, _plain_call(module), _module_stack(module) as stack:
         try:
             exported = torch.export.export(module, args, kwargs, strict=False)
         except Exception as e:  # export raises many unrelated types; all mean "could not capture"

@@ -43,3 +43,13 @@ class PlanningWarning(UserWarning):
 
 class PlanMismatchError(FxStreamError):
     """A saved Plan was replayed on a graph, input signature, target or plan format it was not made for."""
+
+
+class EagerFallbackWarning(UserWarning):
+    """A compiled module runs its original module instead of its graph (exact, but without fxstream's memory
+    savings): gradients are required, or the module keeps changing. The message says which."""
+
+
+class InterleavedGenerationError(FxStreamError):
+    """Two generations ran through one compiled module with Step Rehash at once (from two threads): its cached
+    feature belongs to one generation. Compile one module per concurrent generation."""

@@ -133,9 +133,10 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
     if controller is not None:
         full = controller.full_steps_run
         total = len(controller.history)
+        decision = optimization.component("unet").module.plan.rehash
         print(f"rehash: {len(full)} of {total} steps full (steps {', '.join(map(str, full))}); cache point "
-              f"{pipe.unet.plan.rehash.cache_point}, {pipe.unet.plan.rehash.skipped_fraction:.0%} of the "
-              "UNet's FLOPs skipped on the other steps")
+              f"{decision.cache_point}, {decision.skipped_fraction:.0%} of the UNet's FLOPs skipped on the "
+              "other steps")
     note = "" if written == out else f" (no ffmpeg for {out}: pip install imageio-ffmpeg)"
     print(f"wrote {written}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}{note}")
     return 0

@@ -28,8 +28,8 @@ downloaded.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ from torch import nn
 
 from fxstream.api import _TARGETS
 from fxstream.errors import BudgetError, UnsupportedModelError
-from fxstream.module import StreamlinedModule
+from fxstream.module import StreamlinedModule, install, refuse_torch_compiled, uninstall
 from passes.memory import format_bytes
 
 if TYPE_CHECKING:
@@ -89,8 +89,8 @@ class CompiledComponent:
     """One compiled component of a pipeline.
 
     path: where it sits, from the pipeline (``"unet"``, ``"vae.decoder"``).
-    module: the compiled module now at ``path``.
-    original: the module it replaced (shares its parameters).
+    module: the compiled module installed on the component: calls of the component run it.
+    original: the component itself, still at ``path`` (the compiled module shares its parameters).
     weight_bytes: the component's own parameters and buffers.
     other_weight_bytes: the weights of every other resident component of the pipeline.
     budget_bytes: what the component was compiled for: the pipeline budget minus ``other_weight_bytes``
@@ -198,31 +198,10 @@ class PipelineOptimization:
         if scheduler is not None:
             scheduler.__dict__.pop("set_timesteps", None)
             self._scheduler = None
-        self._swap(to_original=True)
+        for c in self.components:
+            uninstall(c.original)
         self.components.clear()
-        self.pipeline.__dict__.pop("save_pretrained", None)
         self.pipeline.__dict__.pop("_fxstream_optimization", None)
-
-    def _swap(self, *, to_original: bool) -> None:
-        for c in reversed(self.components):
-            _set_path(self.pipeline, c.path, c.original if to_original else c.module)
-
-    def _save_originals(self, save: Callable[..., Any]) -> Callable[..., Any]:
-        """``pipe.save_pretrained`` that saves the original components.
-
-        diffusers saves a component only when its class is one it knows (a compiled UNet would be dropped and
-        recorded as missing), and a compiled VAE decoder's weights are named ``decoder.original.*``.
-        """
-
-        @functools.wraps(save)
-        def save_pretrained(*args: Any, **kwargs: Any) -> Any:
-            self._swap(to_original=True)
-            try:
-                return save(*args, **kwargs)
-            finally:
-                self._swap(to_original=False)
-
-        return save_pretrained
 
 
 def optimize(
@@ -248,9 +227,12 @@ def optimize(
             device the components run on).
 
     Returns:
-        A :class:`PipelineOptimization` listing the compiled components; the pipeline itself is modified in
-        place and is called exactly as before. Each component compiles on its first call per input shape.
-        Calling ``optimize`` again recompiles from the original modules.
+        A :class:`PipelineOptimization` listing the compiled components; the pipeline is called exactly as
+        before. Each component stays the very module it was (``pipe.unet`` is still the UNet: its class, its
+        state_dict, diffusers' LoRA and switch APIs and ``save_pretrained`` see it as before); only calling it
+        runs the compiled graph, guarded (:mod:`fxstream.guards`): a LoRA loaded or a switch set afterwards
+        takes effect exactly as without fxstream. Each component compiles on its first call per input
+        signature. Calling ``optimize`` again recompiles from the original modules.
 
     Raises:
         fxstream.errors.UnsupportedModelError: for a pipeline of another kind (the message lists the supported
@@ -264,8 +246,9 @@ def optimize(
     rehash_config = as_config(rehash)
     if budget_gb is not None and (
         isinstance(budget_gb, bool) or not isinstance(budget_gb, numbers.Real) or not budget_gb > 0
+        or not math.isfinite(budget_gb)
     ):
-        raise ValueError(f"budget_gb must be a positive number of GiB, got {budget_gb!r}")
+        raise ValueError(f"budget_gb must be a positive, finite number of GiB, got {budget_gb!r}")
     if target is not None and target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     paths = _component_paths(pipe)
@@ -277,8 +260,9 @@ def optimize(
     shares = []
     for path in paths:
         original = _get_path(pipe, path)
-        if isinstance(original, StreamlinedModule):  # compiled by an earlier optimize: use the original
+        if isinstance(original, StreamlinedModule):  # compiled with fxstream.compile: use the original
             original = original.original
+        refuse_torch_compiled(original, path)
         own = _storages(original)
         own_bytes = sum(own.values())
         other_bytes = sum(size for key, size in resident.items() if key not in own)
@@ -302,14 +286,14 @@ def optimize(
                                            pipeline=type(pipe).__name__, budget=budget_bytes,
                                            other_weight_bytes=other_bytes,
                                            rehash=rehash_config if path == "unet" else None)
-        _set_path(pipe, path, compiled)
+        if _get_path(pipe, path) is not original:
+            _set_path(pipe, path, original)
+        install(original, compiled)
         result.components.append(CompiledComponent(path, compiled, original, own_bytes, other_bytes, share))
     if rehash_config is not None:
         result._hook_scheduler()
-    # Instance attributes, not pipeline components: a second optimize finds this one and undoes it first.
+    # An instance attribute, not a pipeline component: a second optimize finds this one and undoes it first.
     object.__setattr__(pipe, "_fxstream_optimization", result)
-    save = type(pipe).save_pretrained.__get__(pipe)
-    object.__setattr__(pipe, "save_pretrained", result._save_originals(save))
     return result
 
 

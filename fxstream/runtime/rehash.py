@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from fxstream.errors import InterleavedGenerationError
 
 
 class FeatureCache:
@@ -260,6 +263,7 @@ class RehashController:
         self._counting = False  # steps supplied by begin_generation: one call per step
         self.num_steps: int | None = None
         self.history: list[tuple[int, bool]] = []  # (step, full) of the current generation
+        self._thread: int | None = None  # the thread whose generation this is (see next_call)
 
     # -- steps -------------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -274,6 +278,7 @@ class RehashController:
         self._explicit = None
         self._last_timestep = None
         self.history = []
+        self._thread = None
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Use another schedule from the next generation on (the cache point, and so the compiled graphs, stay)."""
@@ -310,6 +315,13 @@ class RehashController:
             step = self.step + 1 if later else 0
         if step == 0 and self.history:
             self._new_generation()
+        thread = threading.get_ident()
+        if step > 0 and self._thread is not None and thread != self._thread:
+            raise InterleavedGenerationError(
+                f"Step Rehash: step {step} of a generation started by another thread was called from this one; "
+                "its cached feature belongs to that generation. Compile one module per concurrent generation "
+                "(fxstream.compile / fxstream.optimize on each pipeline)")
+        self._thread = thread
         self.step, self._last_timestep = step, t
         last = self.num_steps is not None and step >= self.num_steps - 1
         full = (self.config.schedule.is_full(step) or last or self.cache.value is None
