@@ -29,6 +29,40 @@ def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
+def commit() -> str:
+    """The checkout's commit (with "+dirty" when the tree has uncommitted changes), or "unknown"."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+PEAK_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def peak_rss_bytes(fn) -> int:
+    """Extra resident memory at the peak of ``fn()``, read from the kernel (Linux ``VmHWM``, reset first): an
+    independent check of fxstream's dispatch-level count, which cannot see inside compiled kernels. Run with
+    ``PEAK_RSS_ENV`` set at process start (large blocks mmapped, so freed memory leaves the resident set)."""
+    import re
+
+    def status(key: str) -> int:
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -56,6 +90,6 @@ def mib(n: float | None) -> str:
 def write_results(path: str | Path, title: str, sections: list[str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = [f"# {title}", "", f"- command: `{command()}`", f"- machine: {machine()}",
+    text = [f"# {title}", "", f"- command: `{command()}`", f"- commit: {commit()}", f"- machine: {machine()}",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
     path.write_text("\n".join(text + sections) + "\n")

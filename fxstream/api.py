@@ -147,13 +147,19 @@ def _check(module: Any, budget_gb: Any, chunks: Any, target: Any) -> int | None:
     if not isinstance(module, nn.Module):
         raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
     refuse_torch_compiled(module, "module")
+    budget_bytes = budget_bytes_of(budget_gb)
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+        raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
+    if target is not None and target not in _TARGETS:
+        raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
+    return budget_bytes
+
+
+def budget_bytes_of(budget_gb: Any) -> int | None:
+    """``budget_gb`` in bytes (None stays None); ValueError unless it is a positive, finite number of GiB."""
     if budget_gb is not None and (
         isinstance(budget_gb, bool) or not isinstance(budget_gb, numbers.Real) or not budget_gb > 0
         or not math.isfinite(budget_gb)
     ):
         raise ValueError(f"budget_gb must be a positive, finite number of GiB, got {budget_gb!r}")
-    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
-        raise ValueError(f"chunks must be a positive integer, got {chunks!r}")
-    if target is not None and target not in _TARGETS:
-        raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     return None if budget_gb is None else int(budget_gb * 2**30)

@@ -28,15 +28,13 @@ downloaded.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from fxstream.api import _TARGETS
+from fxstream.api import _TARGETS, budget_bytes_of
 from fxstream.errors import BudgetError, UnsupportedModelError
 from fxstream.module import StreamlinedModule, install, refuse_torch_compiled, uninstall
 from passes.memory import format_bytes
@@ -44,7 +42,6 @@ from passes.memory import format_bytes
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-GIB = 2**30
 
 # Pipeline class name -> dotted paths (from the pipeline) of the components compiled in it.
 SUPPORTED_PIPELINES: dict[str, tuple[str, ...]] = {
@@ -244,15 +241,10 @@ def optimize(
     from fxstream.runtime.rehash import as_config
 
     rehash_config = as_config(rehash)
-    if budget_gb is not None and (
-        isinstance(budget_gb, bool) or not isinstance(budget_gb, numbers.Real) or not budget_gb > 0
-        or not math.isfinite(budget_gb)
-    ):
-        raise ValueError(f"budget_gb must be a positive, finite number of GiB, got {budget_gb!r}")
+    budget_bytes = budget_bytes_of(budget_gb)
     if target is not None and target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     paths = _component_paths(pipe)
-    budget_bytes = None if budget_gb is None else int(budget_gb * GIB)
 
     # Every share is checked before anything is replaced: a budget error leaves the pipeline as it was.
     resident = _storages(*_pipeline_modules(pipe))
