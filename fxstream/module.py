@@ -320,9 +320,7 @@ class StreamlinedModule(nn.Module):
         key = signature_of(flat) + signature_of(tuple(extra.items()))
         with self._fx_lock:
             entry = self._entry(key, flat, extra)
-        if entry is None:
-            return self._run_original(args, kwargs)
-        if entry.runs_original:
+        if entry is None or entry.runs_original:
             return self._run_original(args, kwargs)
         if self._fx_rehash is None or entry.partial is None:
             out = entry.graph_module(*flat, **extra)

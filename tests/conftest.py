@@ -14,6 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["FXSTREAM_PLAN_CACHE"] = "0"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# diffusers switches every model to its PEFT backend when peft is importable, and its forwards then run about
+# 25% slower on the tiny models the suite is made of; only the LoRA test needs the backend, and it runs it in a
+# process of its own (tests/test_guards.py). A None entry makes peft unimportable here, for diffusers too.
+if "peft" not in sys.modules:
+    sys.modules["peft"] = None
 # Under pytest-xdist (`-n 2`, what .ci/run uses) each worker takes one core: intra-op threads of two workers
 # would compete for the same cores (see `one_thread`).
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -13,9 +13,12 @@ import functools
 import gc
 import io
 import pickle
+import subprocess
+import sys
 import threading
 import warnings
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 RTOL = 1e-5
 FRAMES = 3
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _assert_exact(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -352,6 +356,15 @@ def _unet_call(pipe, frames: int = 2) -> torch.Tensor:
 
 
 def test_lora_after_optimize_matches_the_plain_pipeline(animatediff):
+    # with peft importable, which the suite's processes are not (tests/conftest.py)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch; torch.set_num_threads(1); "
+            f"from tests.test_guards import check_lora_after_optimize; check_lora_after_optimize({animatediff!r})")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def check_lora_after_optimize(animatediff: str) -> None:
+    """LoRA (load, scale, disable, fuse, unload) through the pipeline after optimize, against the plain one."""
     plain, pipe = _pipe(animatediff), _pipe(animatediff)
     result = fxstream.optimize(pipe)
     assert pipe.unet is result.component("unet").original and installed(pipe.unet) is not None
