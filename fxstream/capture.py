@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxstream import hooks
 from fxstream.errors import CaptureError
+from passes.functional import functionalize
 
 # Parameter names whose python-number values are turned into 0-d tensors before export. A python number
 # would be specialised into a guard (``timestep == 500``) and the graph would be valid for one step only.
@@ -114,7 +116,7 @@ def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModul
         CaptureError: naming the submodule that was running and the operation that failed.
     """
     args, kwargs = normalize_inputs(module, args, kwargs)
-    with _CAPTURE_LOCK, _plain_call(module), _module_stack(module) as stack:
+    with _CAPTURE_LOCK, _plain_call(module), hooks.traced_as_graph(module), _module_stack(module) as stack:
         try:
             exported = torch.export.export(module, args, kwargs, strict=False)
         except Exception as e:  # export raises many unrelated types; all mean "could not capture"
@@ -129,6 +131,7 @@ def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModul
             ) from e
     gm = exported.module()
     strip_checks(gm)
+    functionalize(gm)
     return gm
 
 

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 PROG = "fxstream"
 DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
+STORAGE_DTYPES = {"fp8": "float8_e4m3fn", "fp8-e5m2": "float8_e5m2"}
 TARGETS = ("cuda", "cpu")
 SIZES = ("full", "medium", "tiny")
 DEFAULT_MODEL = "svd-xt"
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--width", type=_pixels, metavar="W", help="video width in pixels (default: model's)")
     plan.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
                       help="weights and activations (default: %(default)s)")
+    plan.add_argument("--layerwise-casting", choices=tuple(STORAGE_DTYPES), metavar="FP8",
+                      help="store the weights in float8 (fp8: e4m3, fp8-e5m2) and cast each layer to --dtype as "
+                      "it runs, as diffusers' enable_layerwise_casting does; weights count at their stored size")
     plan.add_argument("--no-cfg", dest="cfg", action="store_false",
                       help="no classifier-free guidance (UNet batch 1 instead of 2)")
     plan.add_argument("--target", choices=TARGETS, default="cuda",
@@ -240,6 +244,11 @@ def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
     with progress(f"building {label}"):
         built = models.build(args.model, args.size, frames=args.frames, height=args.height, width=args.width,
                              cfg=args.cfg, dtype=getattr(torch, DTYPES[args.dtype]))
+    if args.layerwise_casting:
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(built.module, storage_dtype=getattr(torch, STORAGE_DTYPES[args.layerwise_casting]),
+                                compute_dtype=built.dtype)
     flat, keyword_only = normalize_inputs(built.module, built.args, built.kwargs)
     if keyword_only:  # the estimate takes positional arguments only; never silently drop one
         raise ValueError(f"{args.model}: keyword-only arguments {sorted(keyword_only)} cannot be planned")
@@ -356,7 +365,9 @@ def _plan_text(args: argparse.Namespace, argv: list[str], built: BuiltModel, bas
     out = [
         f"{built.name}: diffusers {built.spec.module_class}, {built.num_parameters:,} parameters, "
         f"size {built.size}",
-        f"{built.frames} frames {built.height}x{built.width}, {dtype}, {cfg}, target {args.target}",
+        f"{built.frames} frames {built.height}x{built.width}, {dtype}, {cfg}, target {args.target}"
+        + (f"; weights stored as {STORAGE_DTYPES[args.layerwise_casting]}, each layer cast to {dtype} as it runs "
+           "(layerwise casting)" if getattr(args, "layerwise_casting", None) else ""),
         f"captured {len(baseline.nodes)} nodes; graph inputs {format_bytes(baseline.input_bytes)} "
         "(held by the caller, not in the totals)",
         "",
@@ -409,6 +420,7 @@ def _write_json(path: str, args: argparse.Namespace, built: BuiltModel, baseline
             "cfg": built.cfg,
             "target": args.target,
             "parameters": built.num_parameters,
+            "storage_dtype": STORAGE_DTYPES.get(getattr(args, "layerwise_casting", None) or ""),
         },
         "budget_bytes": None if args.budget_gb is None else int(args.budget_gb * 2**30),
         "chunks": args.chunks,

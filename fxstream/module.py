@@ -40,7 +40,7 @@ from fxstream.capture import TIMESTEP_NAMES, capture, normalize_inputs
 from fxstream.runtime.rehash import FeatureCache, RehashConfig, RehashController
 from passes.memory import MemoryTimeline, format_bytes
 from fxstream import plan_cache
-from fxstream import guards
+from fxstream import guards, hooks
 from fxstream.errors import CaptureError, EagerFallbackWarning, PlanMismatchError
 from passes.pipeline import PartialGraph, PlanRequest
 from passes.pipeline import plan as plan_graph
@@ -134,6 +134,10 @@ def build_plan(
         planned = plan_graph(gm, request, cache=cache)
         if cache_key is not None and not planned.plan.notes:
             plan_cache.save(cache_key, planned.plan, planned.baseline, planned.planned)
+    # group offloading: the planned graphs move each group in just before its weights are read, out after
+    hooks.place_moves(planned.graph_module, module)
+    if planned.partial is not None:
+        hooks.place_moves(planned.partial.graph_module, module)
     return CompiledEntry(planned.graph_module, planned.plan, planned.baseline, planned.planned,
                          time.perf_counter() - start, planned.partial)
 
@@ -315,6 +319,8 @@ class StreamlinedModule(nn.Module):
             with self._fx_lock:
                 self._fx_check_guard()  # graphs of weights that changed are dropped even when not run
             return self._run_original(args, kwargs)
+        # model CPU offload moves the component in before its forward: the guard sees it where it computes
+        args, kwargs = hooks.before_call(self.original, args, kwargs)
         flat, extra = normalize_inputs(self.original, args, kwargs)
         flat, as_tuple = self._canonical(flat)
         key = signature_of(flat) + signature_of(tuple(extra.items()))
@@ -329,6 +335,7 @@ class StreamlinedModule(nn.Module):
             full = self._fx_rehash.next_call(timestep, key)
             graph_module = entry.graph_module if full else entry.partial.graph_module
             out = graph_module(*flat, **extra)
+        out = hooks.after_call(self.original, out)
         if not as_tuple:
             return out
         if hasattr(out, "to_tuple"):

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fxstream import hooks
 from fxstream.api import _TARGETS, budget_bytes_of
 from fxstream.errors import BudgetError, UnsupportedModelError
 from fxstream.module import StreamlinedModule, install, refuse_torch_compiled, uninstall
@@ -157,7 +158,7 @@ class PipelineOptimization:
                              len(entry.plan.sliced_groups)])
         budget = "minimum" if self.budget_bytes is None else format_bytes(self.budget_bytes)
         head = (f"pipeline budget {budget}; resident weights {format_bytes(self.resident_weight_bytes)} "
-                "(every component)")
+                "(every component not offloaded while idle)")
         table = tabulate(rows, headers=["component", "input signature", "baseline peak", "planned peak",
                                         "sliced groups"], tablefmt="github")
         return f"{head}\n{table}"
@@ -213,8 +214,10 @@ def optimize(
     Args:
         pipe: a ``StableVideoDiffusionPipeline``, ``AnimateDiffPipeline`` or ``TextToVideoSDPipeline``.
         budget_gb: GiB for the whole pipeline: every component's weights plus the activations of the component
-            that runs. Each compiled component gets this minus the weights of all the other components. None:
-            as little memory as slicing can reach.
+            that runs. Each compiled component gets this minus the weights of all the other components that stay
+            on the device (components under ``enable_model_cpu_offload`` or group offloading to another device
+            are not counted while idle: enable those before ``optimize``). Weights count at their stored size
+            (``enable_layerwise_casting``: float8). None: as little memory as slicing can reach.
         rehash: Step Rehash for the UNet (off by default: it changes the output, by design): ``"auto"``, a
             :class:`~fxstream.RehashConfig` (from :func:`fxstream.calibrate`) or anything
             :func:`fxstream.compile` takes. Each pipeline call starts a new generation: when the pipeline sets
@@ -247,8 +250,12 @@ def optimize(
     paths = _component_paths(pipe)
 
     # Every share is checked before anything is replaced: a budget error leaves the pipeline as it was.
-    resident = _storages(*_pipeline_modules(pipe))
-    resident_bytes = sum(resident.values())
+    modules = _pipeline_modules(pipe)
+    resident = _storages(*modules)
+    # components offloaded while idle (model CPU offload, group offloading to another device) hold nothing on
+    # the compute device while another component runs
+    away = {key for m in modules if hooks.away_while_idle(m) for key in _storages(m)}
+    resident_bytes = sum(size for key, size in resident.items() if key not in away)
     shares = []
     for path in paths:
         original = _get_path(pipe, path)
@@ -257,7 +264,7 @@ def optimize(
         refuse_torch_compiled(original, path)
         own = _storages(original)
         own_bytes = sum(own.values())
-        other_bytes = sum(size for key, size in resident.items() if key not in own)
+        other_bytes = sum(size for key, size in resident.items() if key not in own and key not in away)
         share = None if budget_bytes is None else budget_bytes - other_bytes
         if share is not None and share <= own_bytes:
             raise BudgetError(

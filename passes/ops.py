@@ -25,6 +25,12 @@ One :class:`OpInfo` per overload, read by every pass; an op missing from the tab
     ``"unflatten"`` (the sizes the dim is unflattened into).
 ``combine``
     for a reduction fxstream inserts (GroupNorm statistics): how per-slice results combine exactly.
+``value_of``
+    for an in-place op (``copy_``, ``fill_``, ``add_``...): its out-of-place twin, same arguments, which
+    returns the written value (:mod:`passes.functional` rewrites writes with it).
+``write_back``
+    for a view op a write may go through: the op that puts a new value of the view back into its base
+    (``slice`` -> ``slice_scatter``), or ``SAME`` for views of the whole tensor (``alias``, ``detach``).
 
 Modelled on ``torch.distributed.tensor._ops._view_ops``: a declarative table, shape-only rules, testable
 without a graph.
@@ -65,7 +71,12 @@ class OpInfo:
     family: str | None = None
     sizes: str | None = None
     combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    value_of: Any = None
+    write_back: Any = None
 
+
+# ``write_back`` of a view that is its whole base: the view's new value is the base's
+SAME = "same"
 
 TABLE: dict[Any, OpInfo] = {}
 
@@ -94,7 +105,7 @@ _add([aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.contiguous.defau
      alias=Alias.CONVERT)
 _add([aten.to.other], alias=Alias.CONVERT)
 _add([aten.type_as.default], dims=d.same(0))  # the second operand gives only its dtype
-_add([aten.alias.default, aten.detach.default], dims=d.pointwise, alias=Alias.VIEW, layout=True)
+_add([aten.alias.default, aten.detach.default], dims=d.pointwise, alias=Alias.VIEW, layout=True, write_back=SAME)
 _add([aten.dropout.default], dims=d.dropout, alias=Alias.DROPOUT)
 
 _add([aten.linear.default], dims=d.linear, anchor=True)
@@ -121,8 +132,8 @@ _add([aten.unsqueeze.default], dims=d.unsqueeze, alias=Alias.VIEW, layout=True)
 _add([aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default], dims=d.squeeze, alias=Alias.VIEW, layout=True)
 _add([aten.expand.default], dims=d.expand, alias=Alias.VIEW, layout=True, sizes="shape")
 _add([aten.broadcast_to.default], dims=d.expand, alias=Alias.VIEW, sizes="shape")
-_add([aten.select.int], dims=d.select, alias=Alias.VIEW, layout=True)
-_add([aten.slice.Tensor], dims=d.slice_rule, alias=Alias.VIEW, layout=True)
+_add([aten.select.int], dims=d.select, alias=Alias.VIEW, layout=True, write_back=aten.select_scatter.default)
+_add([aten.slice.Tensor], dims=d.slice_rule, alias=Alias.VIEW, layout=True, write_back=aten.slice_scatter.default)
 _add([aten.expand_as.default, aten.narrow.default, aten.as_strided.default, aten.view_as.default,
       aten.movedim.int, aten.diagonal.default, aten.unfold.default], alias=Alias.VIEW)
 _add([aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default], dims=d.split_like, alias=Alias.VIEWS)
@@ -136,6 +147,20 @@ _add([aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default, aten.upsampl
 _add([aten.upsample_bilinear2d.vec], dims=d.upsample)
 _add([aten.repeat_interleave.self_int], dims=d.repeat_interleave)
 _add([aten.constant_pad_nd.default, aten.pad.default], dims=d.pad)
+
+# In-place writes (no slice rule: passes/functional.py rewrites them into their out-of-place twins, which are
+# barriers unless they have rules of their own) and the ops those rewrites insert.
+_INPLACE = {
+    aten.copy_.default: aten.copy.default, aten.fill_.Tensor: aten.fill.Tensor, aten.fill_.Scalar: aten.fill.Scalar,
+    aten.add_.Tensor: aten.add.Tensor, aten.add_.Scalar: aten.add.Scalar, aten.sub_.Tensor: aten.sub.Tensor,
+    aten.mul_.Tensor: aten.mul.Tensor, aten.mul_.Scalar: aten.mul.Scalar, aten.div_.Tensor: aten.div.Tensor,
+    aten.div_.Scalar: aten.div.Scalar, aten.clamp_.default: aten.clamp.default,
+    aten.clamp_min_.default: aten.clamp_min.default, aten.relu_.default: aten.relu.default,
+    aten.silu_.default: aten.silu.default, aten.masked_fill_.Scalar: aten.masked_fill.Scalar,
+    aten.masked_fill_.Tensor: aten.masked_fill.Tensor, aten.zero_.default: aten.zeros_like.default,
+}
+for _op, _twin in _INPLACE.items():
+    TABLE[_op] = OpInfo(value_of=_twin)
 
 # the ops fxstream inserts: GroupNorm split into statistics (a reduction, combined across slices) and apply
 _add([PARTIAL_OP], dims=d.group_norm_partial, combine=combine_partials)

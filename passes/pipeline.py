@@ -32,6 +32,7 @@ from fxstream.runtime.sliced import slice_bounds
 from passes import ops
 from passes.budget import BudgetResult, forced_chunks, plan_chunks
 from passes.chains import OperatorGroup, group_operators
+from passes.functional import mutations
 from passes.meta import tensor_bytes
 from passes.memory import MemoryTimeline, analyze_memory, format_bytes
 from passes.plan import PLAN_VERSION, GroupPlan, Plan, RehashPlan
@@ -255,6 +256,10 @@ def _slice_or_whole(gm: torch.fx.GraphModule, request: PlanRequest
     budget) still raises.
     """
     try:
+        written = mutations(gm)
+        if written:  # a write functionalize could not turn into a value: no pass may move a reader across it
+            raise _Unsliceable(f"{written[0].name} ({written[0].target}) writes in place into "
+                               f"{written[0].args[0]}")
         groups, result, streamed, grouped = _slice(gm, request.budget_bytes, request.chunks, request.target)
         return groups, result, streamed, [], grouped
     except FxStreamError:
@@ -273,6 +278,10 @@ def _slice_or_whole(gm: torch.fx.GraphModule, request: PlanRequest
             min_peak_bytes=whole.predicted_peak_bytes, bounding_node=timeline.peak_node,
         )
     return [], whole, [], [note], gm
+
+
+class _Unsliceable(Exception):
+    """A graph no pass may rewrite; the note says why."""
 
 
 def _failing_frame(e: BaseException) -> str:

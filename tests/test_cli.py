@@ -87,7 +87,8 @@ def test_baseline_json(full_baseline):
     _, out, _, data = full_baseline
     assert set(data) == {"fxstream", "model", "budget_bytes", "chunks", "baseline", "plan", "planned"}
     assert data["model"] == {"name": "sd-vae-decoder", "size": "full", "frames": 2, "height": 64, "width": 64,
-                             "dtype": "float16", "cfg": False, "target": "cuda", "parameters": 49_490_179}
+                             "dtype": "float16", "cfg": False, "target": "cuda", "parameters": 49_490_179,
+                             "storage_dtype": None}
     assert data["plan"] is None and data["planned"] is None and data["budget_bytes"] is None
     baseline = MemoryTimeline.from_dict(data["baseline"])
     assert baseline.lifetime == "eager" and baseline.target == "cuda"
@@ -95,6 +96,18 @@ def test_baseline_json(full_baseline):
     assert baseline.activation_peak_bytes == max(baseline.live_bytes) > 0
     assert baseline.peak_node in baseline.nodes and baseline.peak_module_path
     assert "\nwrote " in out
+
+
+def test_layerwise_casting_counts_the_weights_at_their_stored_size(full_baseline, tmp_path):
+    code, out, _, data = _run_once([*FULL_SMALL, "--layerwise-casting", "fp8"], tmp_path / "fp8.json")
+    assert code == 0 and "weights stored as float8_e4m3fn" in out
+    assert data["model"]["storage_dtype"] == "float8_e4m3fn"
+    plain = MemoryTimeline.from_dict(full_baseline[3]["baseline"])
+    cast = MemoryTimeline.from_dict(data["baseline"])
+    # the decoder's convolutions store 1 byte per weight instead of 2 (its norms stay float16)
+    assert 0.5 * plain.weight_bytes <= cast.weight_bytes < 0.6 * plain.weight_bytes
+    # the transient float16 copy of a layer's weights shows as an activation, no more than the largest layer
+    assert cast.activation_peak_bytes >= plain.activation_peak_bytes
 
 
 def test_budget_plans_beside_baseline(tiny_budget):

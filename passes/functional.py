@@ -1,0 +1,157 @@
+"""In-place writes turned into values: the graph every other pass reads has no mutation in it.
+
+torch.export's graph keeps the in-place writes a forward makes through views: FreeU's
+``hidden[:, :half] = hidden[:, :half] * b1`` is ``copy_(slice(slice(hidden)), mul)`` and its Fourier mask
+``mask[..., a:b, c:d] = scale`` is ``fill_(slice(slice(mask)), scale)``. Every pass reasons about values (a
+node's result is what its users read), so a write through a view would be invisible to them: a group that
+recomputes ``mask`` per slice would not see the ``fill_``. :func:`functionalize` rewrites each such write into
+the value it produces, as torch's functionalization does: the written view's new value (``aten.copy`` /
+``aten.fill``, the out-of-place twins), scattered back through the view chain (``slice_scatter``,
+``select_scatter``) into a new value of the base tensor; every later reader of the base, or of a view of it,
+reads the new value (views are re-derived from it). The results are the same numbers.
+
+Handled: the in-place ops of the op table (``value_of``: ``copy_``, ``fill_``, ``add_``, ``mul_``...) through
+the views it knows how to write back through (``write_back``: ``slice``, ``select``, ``alias``), or none, into a
+tensor the graph computed.
+Anything else (a write into an input or a weight, through another view, another in-place op) stays, and
+:func:`mutations` names it: the planner then leaves the graph whole (exact).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from passes import ops
+
+
+def is_mutation(node: torch.fx.Node) -> bool:
+    """Whether ``node`` writes into one of its arguments (an ATen op whose schema marks an argument written)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def mutations(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The writes left in ``gm`` (those :func:`functionalize` does not rewrite)."""
+    return [n for n in gm.graph.nodes if is_mutation(n)]
+
+
+def functionalize(gm: torch.fx.GraphModule) -> int:
+    """Rewrite ``gm``'s in-place writes through views into values (see the module docstring), in place;
+    returns how many were rewritten."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    rewritten = 0
+    for node in list(graph.nodes):
+        twin = ops.of(node).value_of
+        if twin is None:
+            continue
+        chain, base = _view_chain(node.args[0])
+        if base is None:
+            continue
+        with graph.inserting_after(node):
+            value = graph.call_function(twin, tuple(node.args), dict(node.kwargs))
+        _propagate(value)
+        last = value
+        for view in reversed(chain):  # scatter the new value up the chain, into the (old) parent
+            write_back = ops.of(view).write_back
+            if write_back is ops.SAME:
+                continue  # a view of the whole parent: its new value is the parent's
+            with graph.inserting_after(last):
+                last = graph.call_function(write_back, (view.args[0], last, *view.args[1:]), dict(view.kwargs))
+            _propagate(last)
+        new_base = last
+        # every later reader of the base, or of a view of it taken before the write, reads the new value
+        renamed = {base: new_base}
+        position = order[node]
+        anchor = new_base
+        for alias in _views_of(base, order, position):
+            parent = renamed.get(alias.args[0])
+            if parent is None or not any(order.get(u, -1) > position for u in alias.users):
+                continue
+            with graph.inserting_after(anchor):
+                redone = graph.call_function(alias.target, (parent, *alias.args[1:]), dict(alias.kwargs))
+            _propagate(redone)
+            renamed[alias] = anchor = redone
+        created = {value, new_base, *renamed.values()}
+        for old, new in renamed.items():
+            if old is new:
+                continue
+            for user in list(old.users):
+                if user not in created and order.get(user, -1) > position:
+                    user.replace_input_with(old, new)
+                    _repropagate_views(user)
+        for user in list(node.users):  # copy_ returns its (written) first argument
+            user.replace_input_with(node, renamed.get(node.args[0], value))
+        graph.erase_node(node)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        rewritten += 1
+    if rewritten:
+        graph.lint()
+        gm.recompile()
+    return rewritten
+
+
+def _view_chain(dst: object) -> tuple[list[torch.fx.Node], torch.fx.Node | None]:
+    """The slice/select views from a base tensor down to ``dst`` (base first), and the base; None for the
+    base when the written tensor is not a computed value reached through such views only."""
+    chain = []
+    v = dst
+    while isinstance(v, torch.fx.Node) and ops.of(v).write_back is not None:
+        chain.append(v)
+        v = v.args[0]
+    if not isinstance(v, torch.fx.Node) or v.op != "call_function" or _may_alias_its_input(v):
+        return [], None  # an input, a weight, or a view of one by another op: not rewritten
+    return list(reversed(chain)), v
+
+
+def _may_alias_its_input(node: torch.fx.Node) -> bool:
+    return ops.of(node).alias is not ops.Alias.NONE or is_mutation(node)
+
+
+def _views_of(base: torch.fx.Node, order: dict, position: int) -> list[torch.fx.Node]:
+    """Nodes before ``position`` that are views of ``base`` through view ops (in graph order), for re-deriving."""
+    out, frontier = [], [base]
+    seen = {base}
+    while frontier:
+        n = frontier.pop()
+        for user in n.users:
+            if user in seen or order.get(user, len(order)) >= position:
+                continue
+            if ops.of(user).alias is ops.Alias.VIEW:
+                seen.add(user)
+                out.append(user)
+                frontier.append(user)
+    return sorted(out, key=order.__getitem__)
+
+
+def _propagate(node: torch.fx.Node) -> None:
+    """``node.meta["val"]`` from its inputs' fake values (a fresh fake storage, or a view of its input's, as
+    eager would give), and the module path of the node it stands in for."""
+    from torch._guards import detect_fake_mode
+
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
+    source = node.args[0]
+    node.meta["nn_module_stack"] = source.meta.get("nn_module_stack", {})
+    mode = detect_fake_mode(_tensors((args, kwargs)))
+    if mode is None:
+        node.meta["val"] = node.target(*args, **kwargs)
+        return
+    with mode:
+        node.meta["val"] = node.target(*args, **kwargs)
+
+
+def _tensors(tree: object) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    torch.fx.node.map_aggregate(tree, lambda x: out.append(x) if isinstance(x, torch.Tensor) else None)
+    return out
+
+
+def _repropagate_views(node: torch.fx.Node) -> None:
+    """A view that now reads a rewritten value shares that value's (fake) storage: its value and its views'
+    values are derived again."""
+    if node.op != "call_function" or ops.of(node).alias is not ops.Alias.VIEW:
+        return
+    _propagate(node)
+    for user in node.users:
+        _repropagate_views(user)

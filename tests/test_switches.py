@@ -1,0 +1,269 @@
+"""diffusers' switches and weight-memory tools with fxstream.optimize: each behaves as on the plain pipeline.
+
+A representative slice of diffusers' own pipeline checks, on the tiny AnimateDiff pipeline, each against a
+plain copy given the same calls: FreeU on and off, fused QKV projections, an attention processor swap,
+layerwise casting (float8 storage), group offloading (block and leaf level) and model CPU offload, and a
+save/load round trip. The LoRA adapter API is covered in tests/test_guards.py.
+
+On this CPU-only machine offloading moves nothing (compute and offload device are both the CPU), so the offload
+tests make it visible: every weight a group offloads is replaced by NaNs until the group is onloaded again. A
+graph that read any weight outside its group's onload window would return NaNs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxstream
+from fxstream import hooks, pipelines
+from fxstream.module import installed
+
+RTOL = 1e-5
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def animatediff(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("animatediff")
+    pipelines.build("animatediff").save_pretrained(folder)
+    return str(folder)
+
+
+def _pipe(folder: str):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _unet_call(pipe, frames: int = 2, size: int = 8) -> torch.Tensor:
+    unet = pipe.unet
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, unet.config.in_channels, frames, size, size, generator=g)
+    text = torch.randn(frames, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(sample, torch.tensor(500), encoder_hidden_states=text, return_dict=False)[0]
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def _compiled_unet(pipe):
+    compiled = installed(pipe.unet)
+    assert compiled is not None and compiled._fx_cache, "the compiled UNet did not run"
+    return compiled
+
+
+def _switch_takes_effect(folder: str, switch, *, moves: bool = True):
+    """optimize, call, switch both pipelines, call: the compiled output follows the plain one exactly.
+    Returns (plain, compiled) pipelines, switched."""
+    plain, pipe = _pipe(folder), _pipe(folder)
+    fxstream.optimize(pipe)
+    before = _unet_call(plain)
+    assert _rel(_unet_call(pipe), before) <= RTOL
+    switch(plain)
+    switch(pipe)
+    ref = _unet_call(plain)
+    if moves:
+        assert _rel(ref, before) > 1e3 * RTOL, "the switch had no effect on the plain pipeline"
+    assert _rel(_unet_call(pipe), ref) <= RTOL
+    compiled = _compiled_unet(pipe)
+    assert compiled.plan.sliced_groups and compiled._fx_recompiles, "not sliced, or not recompiled"
+    return plain, pipe
+
+
+# -- switches --------------------------------------------------------------------------------------------------
+
+def test_freeu_on_and_off_after_optimize(animatediff):
+    # FreeU writes into slices of the hidden states and builds a Fourier mask in place (passes/functional.py)
+    plain, pipe = _switch_takes_effect(animatediff, lambda p: p.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4))
+    recompiles = len(_compiled_unet(pipe)._fx_recompiles)
+    for p in (plain, pipe):
+        p.disable_freeu()
+    assert _rel(_unet_call(pipe), _unet_call(plain)) <= RTOL
+    assert len(_compiled_unet(pipe)._fx_recompiles) == recompiles + 1
+
+
+def test_fused_qkv_projections_after_optimize(animatediff):
+    # the same numbers through fused weights: the check is that the compiled UNet runs the fused modules
+    _, pipe = _switch_takes_effect(animatediff, lambda p: p.fuse_qkv_projections(), moves=False)
+    graph = _compiled_unet(pipe).compiled.graph_module
+    assert any("to_qkv" in str(n.target) for n in graph.graph.nodes if n.op == "get_attr"), "unfused graph"
+
+
+class _Doubled(nn.Module):
+    """An attention processor that doubles the attention output (a visible swap)."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.inner = AttnProcessor2_0()
+
+    def __call__(self, *args, **kwargs):
+        return 2 * self.inner(*args, **kwargs)
+
+
+def test_attention_processor_swap_after_optimize(animatediff):
+    _switch_takes_effect(animatediff, lambda p: p.unet.set_attn_processor(_Doubled()))
+
+
+# -- layerwise casting -----------------------------------------------------------------------------------------
+
+def _cast(pipe) -> None:
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_layerwise_casting_keeps_float8_weights_and_the_output(animatediff, when):
+    plain, pipe = _pipe(animatediff), _pipe(animatediff)
+    _cast(plain)
+    if when == "before":
+        _cast(pipe)
+        result = fxstream.optimize(pipe)
+    else:
+        result = fxstream.optimize(pipe)
+        uncast = result.resident_weight_bytes
+        _unet_call(pipe, 4, 16)
+        _cast(pipe)
+    # 4 frames of 16x16 latents: large enough that activations, not the weights' transient float32 copies,
+    # make the peak (at 2 frames of 8x8 the minimum plan slices nothing)
+    ref = _unet_call(plain, 4, 16)
+    assert _rel(_unet_call(pipe, 4, 16), ref) <= RTOL
+    compiled = _compiled_unet(pipe)
+    assert compiled.plan.sliced_groups
+    stored = {p.dtype for p in pipe.unet.parameters()}
+    assert torch.float8_e4m3fn in stored  # still stored in float8 after the compiled calls
+    # the graph holds the float8 Parameters themselves and casts each layer's copy inside
+    graph = compiled.compiled.graph_module
+    values = [functools.reduce(getattr, n.target.split("."), graph) for n in graph.graph.nodes if n.op == "get_attr"]
+    held = [v for v in values if isinstance(v, torch.Tensor)]
+    unet_params = {id(p) for p in pipe.unet.parameters()}
+    assert any(t.dtype == torch.float8_e4m3fn for t in held) and all(id(t) in unet_params for t in held
+                                                                       if t.dtype == torch.float8_e4m3fn)
+    casts = [n for m in graph.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+             if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor) and n.args
+             and isinstance(n.args[0], torch.fx.Node) and n.meta["val"].dtype == torch.float32
+             and getattr(n.args[0].meta.get("val"), "dtype", None) == torch.float8_e4m3fn]
+    float8_layers = [m for m in pipe.unet.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+                     and m.weight.dtype == torch.float8_e4m3fn]
+    assert len(casts) >= len(float8_layers) > 0, "the weights are not cast inside the graph"
+    # the memory model counts the weights at their storage size
+    assert compiled.plan.weight_bytes < sum(p.numel() for p in pipe.unet.parameters()) * 4
+    if when == "after":
+        assert fxstream.optimize(pipe).resident_weight_bytes < uncast
+
+
+# -- offloading ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def visible_offload(monkeypatch):
+    """Group offloading on the CPU, made visible: an offloaded group's floating weights read as NaN."""
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    saved: dict[int, torch.Tensor] = {}
+
+    def tensors(group):
+        out = [t for m in group.modules for t in (*m.parameters(), *m.buffers())]
+        return out + list(group.parameters) + list(group.buffers)
+
+    def offload(self):
+        for t in tensors(self):
+            if t.is_floating_point() and id(t) not in saved:
+                saved[id(t)] = t.data
+                t.data = torch.full_like(t.data, math.nan)
+
+    def onload(self):
+        for t in tensors(self):
+            data = saved.pop(id(t), None)
+            if data is not None:
+                t.data = data
+
+    monkeypatch.setattr(ModuleGroup, "offload_", offload)
+    monkeypatch.setattr(ModuleGroup, "onload_", onload)
+    return saved
+
+
+@pytest.mark.parametrize("level", ["block_level", "leaf_level"])
+def test_group_offloading_moves_each_group_around_its_own_nodes(animatediff, visible_offload, level):
+    plain, pipe = _pipe(animatediff), _pipe(animatediff)
+    ref = _unet_call(plain)
+    options = dict(onload_device=CPU, offload_device=CPU, offload_type=level)
+    if level == "block_level":
+        options["num_blocks_per_group"] = 1
+    plain.unet.enable_group_offload(**options)
+    assert _rel(_unet_call(plain), ref) <= RTOL  # diffusers' own hooks, as the baseline
+    pipe.unet.enable_group_offload(**options)
+    fxstream.optimize(pipe)
+    offloaded = len(visible_offload)
+    assert offloaded > 0
+    out = _unet_call(pipe)
+    assert not out.isnan().any(), "a weight was read while its group was offloaded"
+    assert _rel(out, ref) <= RTOL
+    assert len(visible_offload) == offloaded, "a group stayed onloaded after the call"
+    compiled = _compiled_unet(pipe)
+    assert compiled.plan.sliced_groups
+    moves = [m for m in compiled.compiled.graph_module.modules() if isinstance(m, hooks.GroupMove)]
+    groups = hooks.offload_groups(pipe.unet)
+    assert len(moves) == 2 * len(groups) and len(groups) > 1
+    assert _rel(_unet_call(pipe), ref) <= RTOL  # and again: no recompile for the weights' moves
+    assert not compiled._fx_recompiles
+
+
+def test_model_cpu_offload_runs_its_hook_around_the_compiled_call(animatediff, monkeypatch):
+    from accelerate.hooks import CpuOffload
+
+    calls = []
+    original = CpuOffload.pre_forward
+
+    def spy(self, module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return original(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(CpuOffload, "pre_forward", spy)
+    plain, pipe = _pipe(animatediff), _pipe(animatediff)
+    for p in (plain, pipe):
+        p.enable_model_cpu_offload(device="cpu")
+    fxstream.optimize(pipe)
+    ref = _unet_call(plain)
+    calls.clear()
+    assert _rel(_unet_call(pipe), ref) <= RTOL
+    assert calls == ["UNetMotionModel"]
+    assert _compiled_unet(pipe).plan.sliced_groups
+
+
+def test_save_and_load_round_trip_after_optimize(animatediff, tmp_path):
+    pipe = _pipe(animatediff)
+    fxstream.optimize(pipe)
+    ref = _unet_call(pipe)
+    pipe.save_pretrained(tmp_path)
+    loaded = _pipe(str(tmp_path))
+    assert installed(loaded.unet) is None
+    assert _rel(_unet_call(loaded), ref) <= RTOL
+    fxstream.optimize(loaded)
+    assert _rel(_unet_call(loaded), ref) <= RTOL
+
+
+def test_components_offloaded_while_idle_do_not_count_against_the_others(animatediff):
+    from accelerate import cpu_offload_with_hook
+
+    pipe = _pipe(animatediff)
+    before = fxstream.optimize(pipe, budget_gb=1.0)
+    unet_bytes = before.component("unet").weight_bytes
+    decoder_before = before.component("vae.decoder")
+    before.restore()
+    # model CPU offload towards an accelerator: the UNet leaves it while the VAE decodes (not called here)
+    cpu_offload_with_hook(pipe.unet, "cuda")
+    assert hooks.away_while_idle(pipe.unet) and not hooks.away_while_idle(pipe.vae)
+    after = fxstream.optimize(pipe, budget_gb=1.0)
+    decoder = after.component("vae.decoder")
+    assert decoder.other_weight_bytes == decoder_before.other_weight_bytes - unet_bytes
+    assert decoder.budget_bytes == decoder_before.budget_bytes + unet_bytes
+    assert after.resident_weight_bytes == before.resident_weight_bytes - unet_bytes
