@@ -65,11 +65,6 @@ def offload_groups(module: nn.Module) -> list[Any]:
     return groups
 
 
-def has_movement_hooks(module: nn.Module) -> bool:
-    """Whether calls of ``module`` move weights (group offloading, or accelerate's hook on it)."""
-    return _accelerate_hook(module) is not None or bool(offload_groups(module))
-
-
 def away_while_idle(module: nn.Module) -> bool:
     """Whether ``module``'s weights leave the compute device while other components run: accelerate's model
     offload hook with an execution device other than the CPU, or group offloading to another device."""

@@ -19,6 +19,8 @@ Anything else (a write into an input or a weight, through another view, another 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
@@ -49,6 +51,9 @@ def functionalize(gm: torch.fx.GraphModule) -> int:
         chain, base = _view_chain(node.args[0])
         if base is None:
             continue
+        views = _views_of(base, order, order[node])
+        if views is None:
+            continue  # another alias of the base is read after the write: left as it is (the graph runs whole)
         with graph.inserting_after(node):
             value = graph.call_function(twin, tuple(node.args), dict(node.kwargs))
         _propagate(value)
@@ -65,7 +70,7 @@ def functionalize(gm: torch.fx.GraphModule) -> int:
         renamed = {base: new_base}
         position = order[node]
         anchor = new_base
-        for alias in _views_of(base, order, position):
+        for alias in views:
             parent = renamed.get(alias.args[0])
             if parent is None or not any(order.get(u, -1) > position for u in alias.users):
                 continue
@@ -109,8 +114,10 @@ def _may_alias_its_input(node: torch.fx.Node) -> bool:
     return ops.of(node).alias is not ops.Alias.NONE or is_mutation(node)
 
 
-def _views_of(base: torch.fx.Node, order: dict, position: int) -> list[torch.fx.Node]:
-    """Nodes before ``position`` that are views of ``base`` through view ops (in graph order), for re-deriving."""
+def _views_of(base: torch.fx.Node, order: dict, position: int) -> list[torch.fx.Node] | None:
+    """Nodes before ``position`` that are views of ``base`` through view ops (in graph order), for re-deriving;
+    None when another kind of alias of it (a reshape that may be a view, a split, an eval-mode dropout) is read
+    after ``position``: what it reads after the write is not known from the graph."""
     out, frontier = [], [base]
     seen = {base}
     while frontier:
@@ -118,11 +125,25 @@ def _views_of(base: torch.fx.Node, order: dict, position: int) -> list[torch.fx.
         for user in n.users:
             if user in seen or order.get(user, len(order)) >= position:
                 continue
-            if ops.of(user).alias is ops.Alias.VIEW:
+            alias = ops.of(user).alias
+            if alias is ops.Alias.VIEW:
                 seen.add(user)
                 out.append(user)
                 frontier.append(user)
+            elif alias is not ops.Alias.NONE and _read_after(user, order, position):
+                return None
     return sorted(out, key=order.__getitem__)
+
+
+def _read_after(node: torch.fx.Node, order: dict, position: int) -> bool:
+    """Whether ``node``'s value, or an alias of it, is read after ``position``."""
+    for user in node.users:
+        if order.get(user, len(order)) > position:
+            return True
+        if ops.of(user).alias is not ops.Alias.NONE or user.target is operator.getitem:
+            if _read_after(user, order, position):
+                return True
+    return False
 
 
 def _propagate(node: torch.fx.Node) -> None:

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
+# Generates a GraphModule's Python code on its first call, not on every rewrite: the planner copies and rewrites
+# graphs (and builds slice bodies for plans it then discards) far more often than it runs them.
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fxstream.runtime.sliced import SlicedCall, SlicedInput, SlicedOutput, SlicePass, slice_bounds
 from passes.chains import OperatorGroup
@@ -36,7 +39,7 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, d
     graph.output(out)
     for old, new in mapping.items():
         new.meta = dict(old.meta)
-    new_gm = torch.fx.GraphModule(gm, graph)
+    new_gm = _LazyGraphModule(gm, graph)
     return new_gm, mapping
 
 
@@ -138,7 +141,7 @@ def _body(group: OperatorGroup, inputs: list[torch.fx.Node], n: int, layout: _Pa
     if not with_vals:  # a body to run (not to analyse): statistics computed on this slice alone fuse back
         fuse_group_norms(graph)
     graph.lint()
-    return torch.fx.GraphModule(torch.nn.Module(), graph, class_name="SliceBody")
+    return _LazyGraphModule(torch.nn.Module(), graph, class_name="SliceBody")
 
 
 def _slice_val(v, axis, n: int):
