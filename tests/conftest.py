@@ -36,3 +36,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def animatediff(tmp_path_factory) -> str:
+    """A folder holding the tiny AnimateDiff pipeline, saved with ``save_pretrained`` (load it with
+    ``tests.pipes.load``)."""
+    from fxstream import pipelines
+
+    folder = tmp_path_factory.mktemp("animatediff")
+    pipelines.build("animatediff").save_pretrained(folder)
+    return str(folder)

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 import fxstream
-from fxstream import guards, models, pipelines
+from fxstream import guards, models
 from fxstream.errors import EagerFallbackWarning, InterleavedGenerationError
 from fxstream.module import MAX_RECOMPILES, MAX_SIGNATURES, StreamlinedModule, installed
 from tests.blocks import VideoBlock
+from tests.pipes import load, unet_call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -315,21 +316,6 @@ def test_the_compiled_signatures_are_bounded():
 
 # -- diffusers' switches through the pipeline, after optimize ---------------------------------------------------
 
-@pytest.fixture(scope="module")
-def animatediff(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("animatediff")
-    pipelines.build("animatediff").save_pretrained(folder)
-    return str(folder)
-
-
-def _pipe(folder: str):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _lora_state_dict(unet: nn.Module) -> dict:
     """A random LoRA on the attention projections, in the format ``load_lora_weights`` reads."""
     from peft import LoraConfig
@@ -346,15 +332,6 @@ def _lora_state_dict(unet: nn.Module) -> dict:
     return {f"unet.{k}": v for k, v in state.items()}
 
 
-def _unet_call(pipe, frames: int = 2) -> torch.Tensor:
-    unet = pipe.unet
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, unet.config.in_channels, frames, 8, 8, generator=g)
-    text = torch.randn(frames, 77, unet.config.cross_attention_dim, generator=g)  # one per frame, as the zoo
-    with torch.no_grad():
-        return unet(sample, torch.tensor(500), encoder_hidden_states=text, return_dict=False)[0]
-
-
 def test_lora_after_optimize_matches_the_plain_pipeline(animatediff):
     # with peft importable, which the suite's processes are not (tests/conftest.py)
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch; torch.set_num_threads(1); "
@@ -365,11 +342,11 @@ def test_lora_after_optimize_matches_the_plain_pipeline(animatediff):
 
 def check_lora_after_optimize(animatediff: str) -> None:
     """LoRA (load, scale, disable, fuse, unload) through the pipeline after optimize, against the plain one."""
-    plain, pipe = _pipe(animatediff), _pipe(animatediff)
+    plain, pipe = load(animatediff), load(animatediff)
     result = fxstream.optimize(pipe)
     assert pipe.unet is result.component("unet").original and installed(pipe.unet) is not None
-    _assert_exact(_unet_call(pipe), _unet_call(plain))
-    base = _unet_call(plain)
+    _assert_exact(unet_call(pipe), unet_call(plain))
+    base = unet_call(plain)
     lora = _lora_state_dict(plain.unet)
     steps = [
         ("load", lambda p: p.load_lora_weights(dict(lora), adapter_name="style")),
@@ -381,8 +358,8 @@ def check_lora_after_optimize(animatediff: str) -> None:
     for what, step in steps:
         step(plain)
         step(pipe)
-        ref = _unet_call(plain)
-        _assert_exact(_unet_call(pipe), ref)
+        ref = unet_call(plain)
+        _assert_exact(unet_call(pipe), ref)
         if what in ("load", "scale", "fuse"):
             assert (ref - base).abs().max() > 1e3 * RTOL * base.abs().max(), f"{what}: LoRA had no effect"
     assert pipe.get_list_adapters() == plain.get_list_adapters()
@@ -391,16 +368,16 @@ def check_lora_after_optimize(animatediff: str) -> None:
 
 
 def test_free_noise_after_optimize_matches_the_plain_pipeline(animatediff):
-    plain, pipe = _pipe(animatediff), _pipe(animatediff)
+    plain, pipe = load(animatediff), load(animatediff)
     fxstream.optimize(pipe)
     frames = 4
-    _assert_exact(_unet_call(pipe, frames), _unet_call(plain, frames))
-    before = _unet_call(plain, frames)
+    _assert_exact(unet_call(pipe, frames), unet_call(plain, frames))
+    before = unet_call(plain, frames)
     for p in (plain, pipe):
         p.enable_free_noise(context_length=2, context_stride=1)
-    ref = _unet_call(plain, frames)
+    ref = unet_call(plain, frames)
     assert (ref - before).abs().max() > 1e3 * RTOL * before.abs().max(), "FreeNoise had no effect"
-    _assert_exact(_unet_call(pipe, frames), ref)
+    _assert_exact(unet_call(pipe, frames), ref)
 
 
 # -- backend="inductor" ----------------------------------------------------------------------------------------

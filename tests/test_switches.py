@@ -20,35 +20,12 @@ import torch
 from torch import nn
 
 import fxstream
-from fxstream import hooks, pipelines
+from fxstream import hooks
 from fxstream.module import installed
+from tests.pipes import load, unet_call
 
 RTOL = 1e-5
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def animatediff(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("animatediff")
-    pipelines.build("animatediff").save_pretrained(folder)
-    return str(folder)
-
-
-def _pipe(folder: str):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _unet_call(pipe, frames: int = 2, size: int = 8) -> torch.Tensor:
-    unet = pipe.unet
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, unet.config.in_channels, frames, size, size, generator=g)
-    text = torch.randn(frames, 77, unet.config.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        return unet(sample, torch.tensor(500), encoder_hidden_states=text, return_dict=False)[0]
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -64,16 +41,16 @@ def _compiled_unet(pipe):
 def _switch_takes_effect(folder: str, switch, *, moves: bool = True):
     """optimize, call, switch both pipelines, call: the compiled output follows the plain one exactly.
     Returns (plain, compiled) pipelines, switched."""
-    plain, pipe = _pipe(folder), _pipe(folder)
+    plain, pipe = load(folder), load(folder)
     fxstream.optimize(pipe)
-    before = _unet_call(plain)
-    assert _rel(_unet_call(pipe), before) <= RTOL
+    before = unet_call(plain)
+    assert _rel(unet_call(pipe), before) <= RTOL
     switch(plain)
     switch(pipe)
-    ref = _unet_call(plain)
+    ref = unet_call(plain)
     if moves:
         assert _rel(ref, before) > 1e3 * RTOL, "the switch had no effect on the plain pipeline"
-    assert _rel(_unet_call(pipe), ref) <= RTOL
+    assert _rel(unet_call(pipe), ref) <= RTOL
     compiled = _compiled_unet(pipe)
     assert compiled.plan.sliced_groups and compiled._fx_recompiles, "not sliced, or not recompiled"
     return plain, pipe
@@ -87,7 +64,7 @@ def test_freeu_on_and_off_after_optimize(animatediff):
     recompiles = len(_compiled_unet(pipe)._fx_recompiles)
     for p in (plain, pipe):
         p.disable_freeu()
-    assert _rel(_unet_call(pipe), _unet_call(plain)) <= RTOL
+    assert _rel(unet_call(pipe), unet_call(plain)) <= RTOL
     assert len(_compiled_unet(pipe)._fx_recompiles) == recompiles + 1
 
 
@@ -123,7 +100,7 @@ def _cast(pipe) -> None:
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_layerwise_casting_keeps_float8_weights_and_the_output(animatediff, when):
-    plain, pipe = _pipe(animatediff), _pipe(animatediff)
+    plain, pipe = load(animatediff), load(animatediff)
     _cast(plain)
     if when == "before":
         _cast(pipe)
@@ -131,12 +108,12 @@ def test_layerwise_casting_keeps_float8_weights_and_the_output(animatediff, when
     else:
         result = fxstream.optimize(pipe)
         uncast = result.resident_weight_bytes
-        _unet_call(pipe, 4, 16)
+        unet_call(pipe, 4, 16)
         _cast(pipe)
     # 4 frames of 16x16 latents: large enough that activations, not the weights' transient float32 copies,
     # make the peak (at 2 frames of 8x8 the minimum plan slices nothing)
-    ref = _unet_call(plain, 4, 16)
-    assert _rel(_unet_call(pipe, 4, 16), ref) <= RTOL
+    ref = unet_call(plain, 4, 16)
+    assert _rel(unet_call(pipe, 4, 16), ref) <= RTOL
     compiled = _compiled_unet(pipe)
     assert compiled.plan.sliced_groups
     stored = {p.dtype for p in pipe.unet.parameters()}
@@ -193,18 +170,18 @@ def visible_offload(monkeypatch):
 
 @pytest.mark.parametrize("level", ["block_level", "leaf_level"])
 def test_group_offloading_moves_each_group_around_its_own_nodes(animatediff, visible_offload, level):
-    plain, pipe = _pipe(animatediff), _pipe(animatediff)
-    ref = _unet_call(plain)
+    plain, pipe = load(animatediff), load(animatediff)
+    ref = unet_call(plain)
     options = dict(onload_device=CPU, offload_device=CPU, offload_type=level)
     if level == "block_level":
         options["num_blocks_per_group"] = 1
     plain.unet.enable_group_offload(**options)
-    assert _rel(_unet_call(plain), ref) <= RTOL  # diffusers' own hooks, as the baseline
+    assert _rel(unet_call(plain), ref) <= RTOL  # diffusers' own hooks, as the baseline
     pipe.unet.enable_group_offload(**options)
     fxstream.optimize(pipe)
     offloaded = len(visible_offload)
     assert offloaded > 0
-    out = _unet_call(pipe)
+    out = unet_call(pipe)
     assert not out.isnan().any(), "a weight was read while its group was offloaded"
     assert _rel(out, ref) <= RTOL
     assert len(visible_offload) == offloaded, "a group stayed onloaded after the call"
@@ -213,7 +190,7 @@ def test_group_offloading_moves_each_group_around_its_own_nodes(animatediff, vis
     moves = [m for m in compiled.compiled.graph_module.modules() if isinstance(m, hooks.GroupMove)]
     groups = hooks.offload_groups(pipe.unet)
     assert len(moves) == 2 * len(groups) and len(groups) > 1
-    assert _rel(_unet_call(pipe), ref) <= RTOL  # and again: no recompile for the weights' moves
+    assert _rel(unet_call(pipe), ref) <= RTOL  # and again: no recompile for the weights' moves
     assert not compiled._fx_recompiles
 
 
@@ -228,33 +205,33 @@ def test_model_cpu_offload_runs_its_hook_around_the_compiled_call(animatediff, m
         return original(self, module, *args, **kwargs)
 
     monkeypatch.setattr(CpuOffload, "pre_forward", spy)
-    plain, pipe = _pipe(animatediff), _pipe(animatediff)
+    plain, pipe = load(animatediff), load(animatediff)
     for p in (plain, pipe):
         p.enable_model_cpu_offload(device="cpu")
     fxstream.optimize(pipe)
-    ref = _unet_call(plain)
+    ref = unet_call(plain)
     calls.clear()
-    assert _rel(_unet_call(pipe), ref) <= RTOL
+    assert _rel(unet_call(pipe), ref) <= RTOL
     assert calls == ["UNetMotionModel"]
     assert _compiled_unet(pipe).plan.sliced_groups
 
 
 def test_save_and_load_round_trip_after_optimize(animatediff, tmp_path):
-    pipe = _pipe(animatediff)
+    pipe = load(animatediff)
     fxstream.optimize(pipe)
-    ref = _unet_call(pipe)
+    ref = unet_call(pipe)
     pipe.save_pretrained(tmp_path)
-    loaded = _pipe(str(tmp_path))
+    loaded = load(str(tmp_path))
     assert installed(loaded.unet) is None
-    assert _rel(_unet_call(loaded), ref) <= RTOL
+    assert _rel(unet_call(loaded), ref) <= RTOL
     fxstream.optimize(loaded)
-    assert _rel(_unet_call(loaded), ref) <= RTOL
+    assert _rel(unet_call(loaded), ref) <= RTOL
 
 
 def test_components_offloaded_while_idle_do_not_count_against_the_others(animatediff):
     from accelerate import cpu_offload_with_hook
 
-    pipe = _pipe(animatediff)
+    pipe = load(animatediff)
     before = fxstream.optimize(pipe, budget_gb=1.0)
     unet_bytes = before.component("unet").weight_bytes
     decoder_before = before.component("vae.decoder")
