@@ -14,7 +14,7 @@ It stays faithful for the module's whole life:
   the old tensors it held, and the call compiles again (a saved plan is replayed from the plan cache).
   After ``MAX_RECOMPILES`` such changes the module runs the original, with a warning.
 - Where it would not help, it runs the original module itself: a plan that slices nothing while eager fits the
-  budget (no overhead), and calls that need gradients (fxstream's sliced ops have no backward; one warning).
+  budget, or at the least memory where the graph's shorter lifetimes would not save any (no overhead), and calls that need gradients (fxstream's sliced ops have no backward; one warning).
 - Calls that differ only in ``return_dict`` or in the timestep's form (a 1-D timestep of equal values, an
   integer tensor) share one graph, for diffusers models; at most ``MAX_SIGNATURES`` input signatures stay
   compiled (least recently used dropped first).
@@ -62,9 +62,13 @@ class CompiledEntry:
     @property
     def runs_original(self) -> bool:
         """True when calls run the original module instead of the graph: the plan slices nothing, streams
-        nothing and rehashes nothing, and eager fits the budget (the graph would only add overhead)."""
+        nothing and rehashes nothing, and eager fits the budget, or, asked for the least memory, the graph's
+        own lifetimes would not need less than eager (the graph would only add overhead)."""
         plan = self.plan
-        fits = plan.budget_bytes is None or plan.baseline_peak_bytes <= plan.budget_bytes
+        if plan.budget_bytes is None:
+            fits = plan.predicted_peak_bytes >= plan.baseline_peak_bytes
+        else:
+            fits = plan.baseline_peak_bytes <= plan.budget_bytes
         return not plan.sliced_groups and plan.rehash is None and self.partial is None and fits
 
 
@@ -209,6 +213,13 @@ def _return_dict_index(module: nn.Module) -> int | None:
 
 def _is_diffusers(module: nn.Module) -> bool:
     return type(module).__module__.startswith("diffusers.")
+
+
+def _broadcasts_timestep(module: nn.Module) -> bool:
+    """diffusers' UNets turn a 0-d timestep into one per batch item (``timesteps[None].expand(batch)``) and
+    embed it after ``.float()``; the video transformers (Wan, CogVideoX, HunyuanVideo, ...) do not: they
+    assert a 1-D timestep, or use it per token."""
+    return type(module).__module__.startswith("diffusers.models.unets.")
 
 
 # Integers a float32 holds exactly: a timestep in this range converts without rounding.
@@ -414,7 +425,7 @@ class StreamlinedModule(nn.Module):
     def _canonical(self, flat: tuple) -> tuple[tuple, bool]:
         """The call a graph is compiled for, and whether its output is turned into a tuple afterwards:
         ``return_dict=False`` runs the ``return_dict=True`` graph (a diffusers output's ``to_tuple()`` is what
-        the model returns), and a timestep the diffusers models only broadcast and embed becomes one float."""
+        the model returns), and a timestep a diffusers UNet only broadcasts and embeds becomes one float."""
         if not _is_diffusers(self.original):
             return flat, False
         flat, as_tuple = list(flat), False
@@ -422,7 +433,7 @@ class StreamlinedModule(nn.Module):
         if i is not None and i < len(flat) and flat[i] is False and self._fx_tuple_outputs:
             flat[i], as_tuple = True, True
         i = self._fx_timestep_index
-        if i is not None and i < len(flat):
+        if i is not None and i < len(flat) and _broadcasts_timestep(self.original):
             flat[i] = _canonical_timestep(flat[i])
         return tuple(flat), as_tuple
 

@@ -20,7 +20,6 @@ of its output (up to float reordering inside the op's kernel).
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -473,6 +472,42 @@ def pad(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     if axis.dim in padded:
         return None
     return {x: SliceAxis(axis.dim, axis.unit)}
+
+
+def slice_scatter(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    """slice_scatter(input, src, dim, ...): the input with a range of ``dim`` replaced by ``src`` (the value of a
+    write through a slice): parallel along every other dim, both sliced alike."""
+    x, src = node.args[0], node.args[1]
+    d = _norm_dim(arg(node, 2, "dim", 0), len(shape(x)))
+    if axis.dim == d:
+        return None
+    return merge({x: SliceAxis(axis.dim, axis.unit)}, {src: SliceAxis(axis.dim, axis.unit)})
+
+
+def select_scatter(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    """select_scatter(input, src, dim, index): ``src`` (without ``dim``) written at one index of ``dim``."""
+    x, src = node.args[0], node.args[1]
+    d = _norm_dim(node.args[2], len(shape(x)))
+    if axis.dim == d:
+        return None
+    return merge({x: SliceAxis(axis.dim, axis.unit)}, {src: SliceAxis(axis.dim - (axis.dim > d), axis.unit)})
+
+
+def repeat(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    """repeat(x, repeats): a dim repeated once is parallel; dims that ``repeats`` adds in front read x whole."""
+    x, repeats = node.args[0], list(node.args[1])
+    if repeats[axis.dim] != 1:
+        return None
+    i = axis.dim - (len(repeats) - len(shape(x)))
+    return {x: WHOLE if i < 0 else SliceAxis(i, axis.unit)}
+
+
+def outer(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    """outer(a, b)[i, j] = a[i] * b[j] (the rotary tables' angles)."""
+    a, b = node.args[0], node.args[1]
+    if a is b:
+        return None
+    return {a: SliceAxis(0, axis.unit), b: WHOLE} if axis.dim == 0 else {a: WHOLE, b: SliceAxis(0, axis.unit)}
 
 
 # --------------------------------------------------------------------------------------------------------------

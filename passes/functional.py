@@ -11,8 +11,9 @@ the value it produces, as torch's functionalization does: the written view's new
 reads the new value (views are re-derived from it). The results are the same numbers.
 
 Handled: the in-place ops of the op table (``value_of``: ``copy_``, ``fill_``, ``add_``, ``mul_``...) through
-the views it knows how to write back through (``write_back``: ``slice``, ``select``, ``alias``), or none, into a
-tensor the graph computed.
+the views it knows how to write back through (``write_back``: ``slice``, ``select``, ``alias``; a conversion
+that converts nothing, such as HunyuanVideo's ``mask.bool()[:, :, :, 0] = True`` on a bool mask), or none, into
+a tensor the graph computed.
 Anything else (a write into an input or a weight, through another view, another in-place op) stays, and
 :func:`mutations` names it: the planner then leaves the graph whole (exact).
 """
@@ -54,22 +55,24 @@ def functionalize(gm: torch.fx.GraphModule) -> int:
         views = _views_of(base, order, order[node])
         if views is None:
             continue  # another alias of the base is read after the write: left as it is (the graph runs whole)
-        with graph.inserting_after(node):
-            value = graph.call_function(twin, tuple(node.args), dict(node.kwargs))
-        _propagate(value)
+        value, at = _copied_value(graph, node) if twin is ops.COPY and chain else (None, node)
+        if value is None:
+            with graph.inserting_after(node):
+                value = at = graph.call_function(twin, tuple(node.args), dict(node.kwargs))
+            _propagate(value)
         last = value
         for view in reversed(chain):  # scatter the new value up the chain, into the (old) parent
-            write_back = ops.of(view).write_back
+            write_back = _write_back(view)
             if write_back is ops.SAME:
                 continue  # a view of the whole parent: its new value is the parent's
-            with graph.inserting_after(last):
-                last = graph.call_function(write_back, (view.args[0], last, *view.args[1:]), dict(view.kwargs))
+            with graph.inserting_after(at):  # after the write: the parent may be defined after the value
+                last = at = graph.call_function(write_back, (view.args[0], last, *view.args[1:]), dict(view.kwargs))
             _propagate(last)
         new_base = last
         # every later reader of the base, or of a view of it taken before the write, reads the new value
         renamed = {base: new_base}
         position = order[node]
-        anchor = new_base
+        anchor = at
         for alias in views:
             parent = renamed.get(alias.args[0])
             if parent is None or not any(order.get(u, -1) > position for u in alias.users):
@@ -84,8 +87,9 @@ def functionalize(gm: torch.fx.GraphModule) -> int:
                 continue
             for user in list(old.users):
                 if user not in created and order.get(user, -1) > position:
+                    aliased = _shares_storage(user, old)
                     user.replace_input_with(old, new)
-                    _repropagate_views(user)
+                    _repropagate_views(user, aliased)
         for user in list(node.users):  # copy_ returns its (written) first argument
             user.replace_input_with(node, renamed.get(node.args[0], value))
         graph.erase_node(node)
@@ -97,17 +101,63 @@ def functionalize(gm: torch.fx.GraphModule) -> int:
     return rewritten
 
 
+def _copied_value(graph: torch.fx.Graph, node: torch.fx.Node) -> tuple[torch.fx.Node | None, torch.fx.Node]:
+    """The value ``copy_(view, src)`` writes, as ``src`` itself, cast to the view's dtype and expanded to its
+    shape where they differ (the same numbers as ``aten.copy``, without its copy of the view's whole base:
+    see ``copies_storage`` in the op table), and the last node inserted (``node`` when none was); None when
+    ``src`` is not a tensor on the view's device."""
+    dst, src = node.args[0], node.args[1]
+    dv, sv = dst.meta.get("val"), src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+    if not isinstance(dv, torch.Tensor) or not isinstance(sv, torch.Tensor) or dv.device != sv.device:
+        return None, node
+    value, anchor = src, node
+    if sv.dtype != dv.dtype:
+        with graph.inserting_after(anchor):
+            value = anchor = graph.call_function(ops.TO_COPY, (value,), {"dtype": dv.dtype})
+        _propagate(value)
+    if tuple(sv.shape) != tuple(dv.shape):
+        with graph.inserting_after(anchor):
+            value = anchor = graph.call_function(ops.EXPAND, (value, list(dv.shape)))
+        _propagate(value)
+    return value, anchor
+
+
 def _view_chain(dst: object) -> tuple[list[torch.fx.Node], torch.fx.Node | None]:
     """The slice/select views from a base tensor down to ``dst`` (base first), and the base; None for the
     base when the written tensor is not a computed value reached through such views only."""
     chain = []
     v = dst
-    while isinstance(v, torch.fx.Node) and ops.of(v).write_back is not None:
+    while isinstance(v, torch.fx.Node) and _write_back(v) is not None:
         chain.append(v)
         v = v.args[0]
     if not isinstance(v, torch.fx.Node) or v.op != "call_function" or _may_alias_its_input(v):
         return [], None  # an input, a weight, or a view of one by another op: not rewritten
     return list(reversed(chain)), v
+
+
+def _write_back(view: torch.fx.Node) -> object:
+    """How a write into ``view`` reaches its parent: the op table's ``write_back``, or ``SAME`` for a
+    conversion that converts nothing (``.bool()`` of a bool tensor is the tensor itself, as eager returns it)."""
+    if view.op != "call_function":
+        return None
+    info = ops.of(view)
+    if info.write_back is not None:
+        return info.write_back
+    if info.alias is ops.Alias.CONVERT and _converts_nothing(view):
+        return ops.SAME
+    return None
+
+
+def _converts_nothing(node: torch.fx.Node) -> bool:
+    """A dtype / device / layout conversion whose result has its input's dtype, device, sizes and strides, not
+    asked to copy: torch returns the input itself."""
+    src = node.args[0] if node.args else None
+    val = node.meta.get("val")
+    sval = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor) or not isinstance(sval, torch.Tensor) or node.kwargs.get("copy"):
+        return False
+    return (val.dtype == sval.dtype and val.device == sval.device and val.shape == sval.shape
+            and val.stride() == sval.stride())
 
 
 def _may_alias_its_input(node: torch.fx.Node) -> bool:
@@ -126,7 +176,7 @@ def _views_of(base: torch.fx.Node, order: dict, position: int) -> list[torch.fx.
             if user in seen or order.get(user, len(order)) >= position:
                 continue
             alias = ops.of(user).alias
-            if alias is ops.Alias.VIEW:
+            if alias is ops.Alias.VIEW or (user.op == "call_function" and _write_back(user) is ops.SAME):
                 seen.add(user)
                 out.append(user)
                 frontier.append(user)
@@ -168,11 +218,29 @@ def _tensors(tree: object) -> list[torch.Tensor]:
     return out
 
 
-def _repropagate_views(node: torch.fx.Node) -> None:
-    """A view that now reads a rewritten value shares that value's (fake) storage: its value and its views'
-    values are derived again."""
-    if node.op != "call_function" or ops.of(node).alias is not ops.Alias.VIEW:
+def _shares_storage(node: torch.fx.Node, source: torch.fx.Node) -> bool:
+    """Whether ``node``'s fake value shares storage with ``source``'s (a view, or an op that returned its input
+    itself: ``type_as`` or ``to`` of a tensor that has the dtype already)."""
+    a, b = node.meta.get("val"), source.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _same_storage(a, b)
+
+
+def _repropagate_views(node: torch.fx.Node, aliased: bool = False) -> None:
+    """A view (or an op whose value was its input itself, ``aliased``) that now reads a rewritten value
+    shares that value's (fake) storage: its value and its views' values are derived again (the memory model
+    groups storages by these values)."""
+    if node.op != "call_function" or not (aliased or ops.of(node).alias is ops.Alias.VIEW):
         return
+    before = node.meta.get("val")
     _propagate(node)
     for user in node.users:
-        _repropagate_views(user)
+        u = user.meta.get("val")
+        _repropagate_views(user, isinstance(u, torch.Tensor) and isinstance(before, torch.Tensor)
+                           and _same_storage(u, before))  # before: the value it had, its input's storage
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+    except (NotImplementedError, RuntimeError):
+        return False

@@ -31,6 +31,11 @@ One :class:`OpInfo` per overload, read by every pass; an op missing from the tab
 ``write_back``
     for a view op a write may go through: the op that puts a new value of the view back into its base
     (``slice`` -> ``slice_scatter``), or ``SAME`` for views of the whole tensor (``alias``, ``detach``).
+``copies_storage``
+    the result is a copy of the first argument's whole storage, not of its elements (torch's
+    ``clone_preserve_strides``: ``slice_scatter``, ``select_scatter``, ``copy``): on a view of a larger tensor
+    it costs the larger tensor (the fake values the memory model reads have that storage; slice bodies copy a
+    sliced input out first, see ``passes/slicing.py``).
 
 Modelled on ``torch.distributed.tensor._ops._view_ops``: a declarative table, shape-only rules, testable
 without a graph.
@@ -73,6 +78,7 @@ class OpInfo:
     combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     value_of: Any = None
     write_back: Any = None
+    copies_storage: bool = False
 
 
 # ``write_back`` of a view that is its whole base: the view's new value is the base's
@@ -99,7 +105,13 @@ _add([
     aten.lerp.Tensor, aten.maximum.default, aten.minimum.default, aten.eq.Tensor, aten.eq.Scalar,
     aten.ne.Scalar, aten.gt.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.le.Scalar, aten.logical_not.default,
     aten._to_copy.default, aten.clone.default, aten.square.default, aten.floor.default, aten.round.default,
-    aten.sign.default,
+    aten.sign.default, aten.ge.Tensor, aten.gt.Tensor, aten.le.Tensor, aten.lt.Tensor, aten.ne.Tensor,
+    aten.bitwise_and.Tensor, aten.__and__.Tensor, aten.bitwise_or.Tensor, aten.__or__.Tensor,
+    aten.logical_and.default, aten.logical_or.default, aten.pow.Scalar,
+    # the values of in-place writes (passes/functional.py): self's shape, the value broadcast into it
+    aten.fill.Tensor, aten.fill.Scalar,
+    # fresh tensors shaped like their input: a slice of the output is one shaped like the input's slice
+    aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
 ], dims=d.pointwise)
 _add([aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.contiguous.default], dims=d.pointwise,
      alias=Alias.CONVERT)
@@ -115,7 +127,7 @@ _add([aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d
       aten.conv3d.padding, aten.convolution.default], dims=d.conv, anchor=True, family="conv")
 _add([aten.scaled_dot_product_attention.default], dims=d.sdpa, anchor=True, family="sdpa")
 _add([aten.group_norm.default], dims=d.group_norm, family="group_norm")
-_add([aten.layer_norm.default], dims=d.leading(lambda n: len(n.args[1])))
+_add([aten.layer_norm.default, aten.rms_norm.default], dims=d.leading(lambda n: len(n.args[1])))
 _add([aten.softmax.int, aten._softmax.default, aten.log_softmax.int], dims=d.kept_dims(1, "dim", None))
 _add([aten.mean.dim, aten.sum.dim_IntList, aten.amax.default], dims=d.kept_dims(1, "dim", 2))
 _add([aten.var.correction], dims=d.kept_dims(1, "dim", 3))
@@ -146,6 +158,11 @@ _add([aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default, aten.upsampl
       aten.upsample_nearest3d.default], dims=d.upsample, family="upsample")
 _add([aten.upsample_bilinear2d.vec], dims=d.upsample)
 _add([aten.repeat_interleave.self_int], dims=d.repeat_interleave)
+_add([aten.repeat.default], dims=d.repeat)
+_add([aten.outer.default], dims=d.outer)
+_add([aten.copy.default], dims=d.pointwise, copies_storage=True)
+_add([aten.slice_scatter.default], dims=d.slice_scatter, copies_storage=True)
+_add([aten.select_scatter.default], dims=d.select_scatter, copies_storage=True)
 _add([aten.constant_pad_nd.default, aten.pad.default], dims=d.pad)
 
 # In-place writes (no slice rule: passes/functional.py rewrites them into their out-of-place twins, which are
@@ -172,6 +189,9 @@ CONVOLUTION = aten.convolution.default
 VIEW = aten.view.default
 RESHAPE = aten.reshape.default
 CLONE = aten.clone.default
+COPY = aten.copy.default
+TO_COPY = aten._to_copy.default
+EXPAND = aten.expand.default
 CONTIGUOUS = aten.contiguous.default
 DROPOUT = aten.dropout.default
 UNSAFE_VIEW = aten._unsafe_view.default

@@ -128,11 +128,17 @@ def _body(group: OperatorGroup, inputs: list[torch.fx.Node], n: int, layout: _Pa
         args, kwargs = (node.args, node.kwargs)
         if isinstance(axis, SliceAxis):
             args, kwargs = sliced_args(node, axis, n * axis.unit)
-        new = graph.call_function(
-            node.target,
-            torch.fx.node.map_arg(args, lambda a: env[a]),
-            torch.fx.node.map_arg(kwargs, lambda a: env[a]),
-        )
+        args = torch.fx.node.map_arg(args, lambda a: env[a])
+        if ops.of(node).copies_storage and args and args[0].op == "placeholder" and \
+                isinstance(group.inputs.get(node.args[0]), SliceAxis):
+            # the op would copy the whole storage of the sliced input (a view of the full tensor): copy the
+            # slice out first, so that one slice costs a slice
+            own = graph.call_function(ops.CLONE, (args[0],), {"memory_format": torch.contiguous_format})
+            if with_vals:
+                own.meta["val"] = _slice_val(val(node.args[0]), group.inputs[node.args[0]], n).clone(
+                    memory_format=torch.contiguous_format)
+            args = (own, *args[1:])
+        new = graph.call_function(node.target, args, torch.fx.node.map_arg(kwargs, lambda a: env[a]))
         new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
         if with_vals:
             new.meta["val"] = _slice_val(val(node), axis, n)
@@ -154,6 +160,13 @@ def _slice_val(v, axis, n: int):
         if v.shape[axis.dim] == n * axis.unit:
             return v
         return v.narrow(axis.dim, 0, n * axis.unit)
+    return v
+
+
+def _own_storage(v):
+    """A value like ``v`` with a new contiguous storage of its own (fake or meta values stay so)."""
+    if isinstance(v, torch.Tensor):
+        return torch.empty_like(v, memory_format=torch.contiguous_format)
     return v
 
 
@@ -256,7 +269,10 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
         last = nodes[-1]
         with graph.inserting_after(last):
             call = graph.call_module(target, tuple(inputs))
-        call.meta["val"] = tuple(val(o) for o in g.outputs)
+        # each output is its own tensor, preallocated whole and filled slice by slice (SlicedCall), even where
+        # the group computed it as a view of another (unbind's halves): its value has a storage of its own
+        out_vals = tuple(_own_storage(val(o)) if isinstance(g.axes[o], SliceAxis) else val(o) for o in g.outputs)
+        call.meta["val"] = out_vals
         info = node_info(call)
         info.group = g.name
         info.workspace_bytes = (workspace or {}).get((g.name, k))
@@ -267,7 +283,7 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
         for i, o in enumerate(g.outputs):
             with graph.inserting_after(prev):
                 item = graph.call_function(operator.getitem, (call, i))
-            item.meta = {"val": val(o), "nn_module_stack": o.meta.get("nn_module_stack", {})}
+            item.meta = {"val": out_vals[i], "nn_module_stack": o.meta.get("nn_module_stack", {})}
             o.replace_all_uses_with(item)
             replaced[o] = item
             prev = item

@@ -131,3 +131,63 @@ def test_cat_and_stack_are_parallel_except_along_the_joined_dim():
     assert input_axes(cat, SliceAxis(1)) is None
     assert input_axes(stack, SliceAxis(2)) == {a: SliceAxis(1), b: SliceAxis(1)}
     assert input_axes(stack, SliceAxis(1)) is None
+
+
+def _run_sliced(n, req, axis, a, b, env):
+    """Evaluate node ``n`` on the slices ``req`` asks for, inputs taken from ``env`` (node -> tensor)."""
+
+    def take(x):
+        if not isinstance(x, torch.fx.Node):
+            return x
+        r = req.get(x, WHOLE)
+        t = env[x]
+        return t if r is WHOLE else t.narrow(r.dim, a * r.unit, (b - a) * r.unit)
+
+    args = torch.fx.node.map_arg(n.args, take)
+    kwargs = torch.fx.node.map_arg(n.kwargs, take)
+    return n.target(*args, **kwargs)
+
+
+def _values(gm, inputs):
+    env = {}
+    for n, x in zip(placeholders(gm), inputs):
+        env[n] = x
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            env[n] = n.target(*torch.fx.node.map_arg(n.args, env.__getitem__),
+                              **torch.fx.node.map_arg(n.kwargs, env.__getitem__))
+    return env
+
+
+# the ops the video transformers added to the table: (op, function, inputs, parallel dims, barrier dims)
+_TRANSFORMER_OPS = [
+    (aten.rms_norm.default, lambda x, w: F.rms_norm(x, (6,), w), (torch.randn(2, 5, 6), torch.randn(6)), [0, 1], [2]),
+    (aten.slice_scatter.default, lambda x, s: aten.slice_scatter(x, s, 2, 0, None, 2),
+     (torch.randn(2, 5, 6), torch.randn(2, 5, 3)), [0, 1], [2]),
+    (aten.select_scatter.default, lambda x, s: aten.select_scatter(x, s, 1, 2),
+     (torch.randn(2, 5, 6), torch.randn(2, 6)), [0, 2], [1]),
+    (aten.copy.default, lambda x, s: aten.copy(x, s), (torch.randn(2, 5, 6), torch.randn(5, 1)), [0, 1, 2], []),
+    (aten.repeat.default, lambda x: x.repeat(3, 1, 2), (torch.randn(5, 4),), [1], [0, 2]),
+    (aten.outer.default, lambda a, b: torch.outer(a, b), (torch.randn(5), torch.randn(4)), [0, 1], []),
+    (aten.empty_like.default, lambda x: torch.empty_like(x).fill_(1.0) * x, (torch.randn(3, 4),), [0, 1], []),
+    (aten.ge.Tensor, lambda a, b: a >= b, (torch.randn(3, 4), torch.randn(4)), [0, 1], []),
+    (aten.pow.Scalar, lambda x: torch.pow(10000.0, x), (torch.randn(3, 4),), [0, 1], []),
+]
+
+
+@pytest.mark.parametrize("case", _TRANSFORMER_OPS, ids=lambda c: str(c[0]))
+def test_transformer_ops_slice_exactly_along_their_parallel_dims(case):
+    op, fn, inputs, parallel, barriers = case
+    gm = graph_of(fn, *inputs)
+    env = _values(gm, inputs)
+    n = node(gm, op)
+    out = env[n]
+    for d in parallel:
+        req = input_axes(n, SliceAxis(d))
+        assert req is not None, f"{op} along dim {d}"
+        if op is aten.empty_like.default:
+            assert _run_sliced(n, req, d, 1, 2, env).shape == out.narrow(d, 1, 1).shape
+            continue
+        torch.testing.assert_close(_run_sliced(n, req, d, 1, 2, env), out.narrow(d, 1, 1), rtol=0, atol=0)
+    for d in barriers:
+        assert input_axes(n, SliceAxis(d)) is None, f"{op} along dim {d}"

@@ -133,3 +133,34 @@ def test_a_write_under_another_alias_is_left_and_the_graph_runs_whole():
         with pytest.warns(fxstream.errors.PlanningWarning, match="writes in place"):
             out = compiled(x)
     assert _rel(out, ref) == 0.0
+
+
+class WritesThroughANoOpConversion(nn.Module):
+    """HunyuanVideo's token refiner: ``mask = (a & b).bool(); mask[:, :, :, 0] = True`` on a mask that is
+    already bool (``.bool()`` returns the tensor itself); the mask and a read of ``a & b`` after the write."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        both = (h > 0) & (h < 1)
+        mask = both.bool()
+        mask[:, :, :, 0] = True
+        return self.conv(torch.where(mask, h, -h)) + both.float()
+
+
+def test_a_write_through_a_conversion_that_converts_nothing_becomes_a_value():
+    torch.manual_seed(0)
+    m = WritesThroughANoOpConversion().eval()
+    x = torch.randn(4, 8, 6, 6)
+    gm = capture(m, x)
+    assert not mutations(gm), [n.format_node() for n in mutations(gm)]
+    with torch.no_grad():
+        ref = m(x)
+        assert _rel(gm(x), ref) == 0.0
+        compiled = fxstream.compile(m, chunks=2)
+        out = compiled(x)
+    assert compiled.plan.sliced_groups
+    assert _rel(out, ref) <= RTOL

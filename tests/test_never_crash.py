@@ -2,8 +2,8 @@
 
 Tiny random-weight configs of diffusers' video transformers (Wan, LTX-Video, CogVideoX, HunyuanVideo) and of
 their VAEs' own ``decode`` (Wan, HunyuanVideo, Mochi, LTX-Video, CogVideoX, Allegro), see ``dit_models.py``;
-each at the lowest budget and with ``chunks=3``. Each either runs with ``max|compiled - eager| <= 1e-5 *
-max|eager|`` (fp32), or raises an :class:`~fxstream.errors.FxStreamError` that names the module path and op.
+each at the lowest budget and with ``chunks=3``. Each runs with ``max|compiled - eager| <= 1e-5 * max|eager|``
+(fp32): all of them capture (a :class:`~fxstream.errors.CaptureError` is a failure here, as any other error).
 The planner's net (a pass that fails leaves the graph whole, with a :class:`PlanningWarning`) is an error
 here: on these models every pass must plan, not fall back. The zoo models are held to the same rule, at
 every budget, in ``test_api.py``.
@@ -18,7 +18,7 @@ import torch
 
 import fxstream
 from dit_models import NAMES, build
-from fxstream.errors import CaptureError, FxStreamError, PlanningWarning
+from fxstream.errors import FxStreamError, PlanningWarning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,9 +46,6 @@ def test_runs_exactly_or_fails_with_a_named_error(name, mode):
         try:
             with torch.no_grad():
                 out = _sample(compiled(*built.args, **built.kwargs))
-        except CaptureError as e:
-            assert e.module_path and e.operation, str(e)
-            return
         except FxStreamError as e:  # a user problem, in words that name where
             pytest.fail(f"{type(e).__name__} at the lowest budget: {e}")
     assert out.shape == ref.shape and out.dtype == ref.dtype
