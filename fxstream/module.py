@@ -14,7 +14,8 @@ It stays faithful for the module's whole life:
   the old tensors it held, and the call compiles again (a saved plan is replayed from the plan cache).
   After ``MAX_RECOMPILES`` such changes the module runs the original, with a warning.
 - Where it would not help, it runs the original module itself: a plan that slices nothing while eager fits the
-  budget, or at the least memory where the graph's shorter lifetimes would not save any (no overhead), and calls that need gradients (fxstream's sliced ops have no backward; one warning).
+  budget, or at the least memory where the graph's shorter lifetimes would not save any (no overhead), and
+  calls that need gradients (fxstream's sliced ops have no backward; one warning).
 - Calls that differ only in ``return_dict`` or in the timestep's form (a 1-D timestep of equal values, an
   integer tensor) share one graph, for diffusers models; at most ``MAX_SIGNATURES`` input signatures stay
   compiled (least recently used dropped first).

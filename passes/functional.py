@@ -26,6 +26,8 @@ import torch
 import torch.fx
 
 from passes import ops
+from passes.memory import returns_alias
+from passes.meta import storage_key
 
 
 def is_mutation(node: torch.fx.Node) -> bool:
@@ -87,7 +89,7 @@ def functionalize(gm: torch.fx.GraphModule) -> int:
                 continue
             for user in list(old.users):
                 if user not in created and order.get(user, -1) > position:
-                    aliased = _shares_storage(user, old)
+                    aliased = _same_storage(user, old)  # a view, or its input itself
                     user.replace_input_with(old, new)
                     _repropagate_views(user, aliased)
         for user in list(node.users):  # copy_ returns its (written) first argument
@@ -143,21 +145,9 @@ def _write_back(view: torch.fx.Node) -> object:
     info = ops.of(view)
     if info.write_back is not None:
         return info.write_back
-    if info.alias is ops.Alias.CONVERT and _converts_nothing(view):
+    if info.alias is ops.Alias.CONVERT and returns_alias(view, view.args[0]):
         return ops.SAME
     return None
-
-
-def _converts_nothing(node: torch.fx.Node) -> bool:
-    """A dtype / device / layout conversion whose result has its input's dtype, device, sizes and strides, not
-    asked to copy: torch returns the input itself."""
-    src = node.args[0] if node.args else None
-    val = node.meta.get("val")
-    sval = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
-    if not isinstance(val, torch.Tensor) or not isinstance(sval, torch.Tensor) or node.kwargs.get("copy"):
-        return False
-    return (val.dtype == sval.dtype and val.device == sval.device and val.shape == sval.shape
-            and val.stride() == sval.stride())
 
 
 def _may_alias_its_input(node: torch.fx.Node) -> bool:
@@ -176,7 +166,7 @@ def _views_of(base: torch.fx.Node, order: dict, position: int) -> list[torch.fx.
             if user in seen or order.get(user, len(order)) >= position:
                 continue
             alias = ops.of(user).alias
-            if alias is ops.Alias.VIEW or (user.op == "call_function" and _write_back(user) is ops.SAME):
+            if alias is ops.Alias.VIEW or _write_back(user) is ops.SAME:
                 seen.add(user)
                 out.append(user)
                 frontier.append(user)
@@ -218,29 +208,20 @@ def _tensors(tree: object) -> list[torch.Tensor]:
     return out
 
 
-def _shares_storage(node: torch.fx.Node, source: torch.fx.Node) -> bool:
-    """Whether ``node``'s fake value shares storage with ``source``'s (a view, or an op that returned its input
-    itself: ``type_as`` or ``to`` of a tensor that has the dtype already)."""
-    a, b = node.meta.get("val"), source.meta.get("val")
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _same_storage(a, b)
-
-
 def _repropagate_views(node: torch.fx.Node, aliased: bool = False) -> None:
-    """A view (or an op whose value was its input itself, ``aliased``) that now reads a rewritten value
-    shares that value's (fake) storage: its value and its views' values are derived again (the memory model
-    groups storages by these values)."""
+    """A view (or an op whose value was its input itself, ``aliased``: ``type_as`` or ``to`` of a tensor that
+    has the dtype already) that now reads a rewritten value shares that value's (fake) storage: its value and
+    its views' values are derived again (the memory model groups storages by these values)."""
     if node.op != "call_function" or not (aliased or ops.of(node).alias is ops.Alias.VIEW):
         return
     before = node.meta.get("val")
     _propagate(node)
     for user in node.users:
-        u = user.meta.get("val")
-        _repropagate_views(user, isinstance(u, torch.Tensor) and isinstance(before, torch.Tensor)
-                           and _same_storage(u, before))  # before: the value it had, its input's storage
+        _repropagate_views(user, _same_storage(user, before))
 
 
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    try:
-        return a.untyped_storage()._cdata == b.untyped_storage()._cdata
-    except (NotImplementedError, RuntimeError):
-        return False
+def _same_storage(node: torch.fx.Node, other: torch.fx.Node | torch.Tensor) -> bool:
+    """Whether ``node``'s tensor value shares storage with ``other``'s (a node's value, or a value)."""
+    a = node.meta.get("val")
+    b = other.meta.get("val") if isinstance(other, torch.fx.Node) else other
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and storage_key(a) == storage_key(b)
