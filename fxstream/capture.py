@@ -132,6 +132,7 @@ def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModul
     gm = exported.module()
     strip_checks(gm)
     functionalize(gm)
+    convert_to_dtypes(gm)
     return gm
 
 
@@ -142,3 +143,36 @@ def strip_checks(gm: torch.fx.GraphModule) -> None:
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
+
+
+_TO_OTHER = (torch.ops.aten.type_as.default, torch.ops.aten.to.other)
+
+
+def convert_to_dtypes(gm: torch.fx.GraphModule) -> int:
+    """Rewrite conversions to another tensor's type (``x.type_as(y)``, ``x.to(y)``) as conversions to its dtype
+    (``aten.to.dtype``), where ``y`` is on ``x``'s device; returns how many were rewritten.
+
+    Only ``y``'s dtype is read, but as an operand it would be kept alive until the conversion and read whole by
+    every slice of a group (Wan's attention converts its output to the rotated query's type after attention,
+    which forbade slicing the query with the attention). The same numbers; the conversion still returns ``x``
+    itself when there is nothing to convert.
+    """
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _TO_OTHER or len(node.args) < 2:
+            continue
+        x, other = node.args[0], node.args[1]
+        xv, ov = (n.meta.get("val") if isinstance(n, torch.fx.Node) else None for n in (x, other))
+        if not isinstance(xv, torch.Tensor) or not isinstance(ov, torch.Tensor) or xv.device != ov.device:
+            continue
+        rest = node.args[2:] if node.target is torch.ops.aten.to.other else ()
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.aten.to.dtype, (x, ov.dtype, *rest), dict(node.kwargs))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten

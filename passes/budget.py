@@ -98,6 +98,18 @@ def plan_chunks(
     floor_chunks, t_floor = (most, t_most)
     if t_unsliced.activation_peak_bytes <= t_most.activation_peak_bytes:
         floor_chunks, t_floor = (unsliced, t_unsliced)
+    # a group whose sliced call holds more than its nodes did unsliced (it preallocates outputs whole while its
+    # inputs live) is better left whole, at the floor too
+    live_most = dict(zip(t_most.nodes, t_most.live_bytes))
+    live_unsliced = dict(zip(t_unsliced.nodes, t_unsliced.live_bytes))
+    call_step = {node_info(n).group: live_most[n.name] for n in view.graph.nodes if n.op == "call_module"
+                 and node_info(n).group is not None}
+    unsliced_step = {g.name: max((live_unsliced.get(n.name, 0) for n in g.nodes), default=0) for g in groups}
+    mixed = {name: 1 if unsliced_step[name] < call_step.get(name, 0) else k for name, k in most.items()}
+    if mixed != most and floor_chunks is most:
+        _, t_mixed = build(mixed)
+        if t_mixed.activation_peak_bytes < t_floor.activation_peak_bytes:
+            floor_chunks, t_floor = (mixed, t_mixed)
     # "as little as slicing can reach" allows MIN_SLACK above the floor: the last percent would slice dozens of
     # small groups, each a Python loop per call, for no memory anyone can use
     goal = int(t_floor.activation_peak_bytes * (1 + MIN_SLACK)) if budget_bytes is None else budget_bytes - weights
@@ -116,13 +128,6 @@ def plan_chunks(
 
     # Relax from the floor: each group takes the fewest slices that keep its own step under the goal. Its
     # step holds what is live around the call (independent of its count) plus its workspace (~ 1/count).
-    live_most = dict(zip(t_most.nodes, t_most.live_bytes))
-    call_step = {node_info(n).group: live_most[n.name] for n in view.graph.nodes if n.op == "call_module"
-                 and node_info(n).group is not None}
-    live_unsliced = dict(zip(t_unsliced.nodes, t_unsliced.live_bytes))
-    unsliced_step: dict[str, int] = {}
-    for g in groups:
-        unsliced_step[g.name] = max((live_unsliced.get(n.name, 0) for n in g.nodes), default=0)
     chunks: dict[str, int] = {}
     for g in groups:
         if (unsliced_step[g.name] <= goal or g.name not in call_step

@@ -15,8 +15,11 @@ Then, so that groups hand each other as few full-size tensors as possible: Group
 a dim they reduce over are split (``passes/reductions.py``; :func:`group_operators` works on a copy, its input
 never changes) and the copy regrouped; a group whose statistics
 pass feeds its own later nodes runs in several passes over the slices (``passes``); group tails that hand over
-more bytes than they read are moved to the next group; small groups of cheap ops are absorbed into the group
-that consumes them; and views handed out of a group are redone outside it, on their base.
+more bytes than they read are moved to the next group; a chain that only feeds a tensor its consumer reads
+sliced, while that consumer reads others of the chain's group whole (an attention's queries, next to its keys
+and values), moves into the consumer's group; a group that would hold one layer's inputs while it makes the
+next layer's outputs is cut in two; small groups of cheap ops are absorbed into the group that consumes them;
+and views handed out of a group are redone outside it, on their base.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ MAX_PASSES = 3
 # Where one tensor crosses a group boundary, a node leaves its producer's group for a new one when another
 # axis covers this many times the bytes in the look-ahead window.
 SWITCH_FACTOR = 1.5
+# A group is cut in two (see ``cut_long_groups``) only where the cut frees at least this fraction of the bytes it
+# hands across: a cut adds a loop, and a full-size tensor between its parts.
+CUT_GAIN = 0.25
 # Rounds of moving group tails to the next group (each round regroups the graph; two settle the zoo models).
 TAIL_ROUNDS = 3
 
@@ -82,7 +88,7 @@ class OperatorGroup:
 
 
 def _groupable(node: torch.fx.Node) -> bool:
-    if node.op != "call_function":
+    if node.op != "call_function" or shape(node) is None:
         return False
     v = val(node)
     if isinstance(v, torch.Tensor):
@@ -422,6 +428,124 @@ class _Grouper:
                 bans |= {(n.name, self.seed[gid].name) for n in tail}
         return bans
 
+    def move_exclusive_chains(self) -> None:
+        """Chains that only feed a tensor another group reads sliced move into that group, when the same
+        consumer reads other tensors of their group whole.
+
+        An attention's queries, keys and values are all projected from one normed hidden state, so the walk puts
+        the three projections in one group, which the attention cannot join (it reads the keys and values whole).
+        The queries would then cross to the attention's group full-size, and every intermediate of their chain
+        (projection, qk-norm, rotary embedding) would be full-size too. Moved, the chain runs slice by slice with
+        the attention; its group hands over the hidden state the chain reads instead, which must not be larger.
+        """
+        for hid in sorted(self.members):
+            by_group: dict[int, dict[str, list]] = defaultdict(lambda: {"sliced": [], "whole": []})
+            for p, r in self.reqs[hid].items():
+                gid = self.group_of.get(p)
+                if gid is None or gid == hid or not any(self.group_of.get(u) == hid for u in p.users):
+                    continue
+                by_group[gid]["sliced" if isinstance(r, SliceAxis) else "whole"].append(p)
+            for gid, read in sorted(by_group.items()):
+                if not read["whole"]:
+                    continue
+                for out in read["sliced"]:
+                    if self.group_of.get(out) == gid:
+                        self._move_cone(out, gid, hid)
+
+    def _move_cone(self, out: torch.fx.Node, gid: int, hid: int) -> None:
+        g_members, h_members = set(self.members[gid]), set(self.members[hid])
+        if any(u not in h_members for u in out.users):
+            return
+        cone = {out}
+        for n in reversed(self.members[gid]):
+            if n not in cone and n.users and all(u in cone for u in n.users):
+                cone.add(n)
+        if (len(cone) >= len(g_members) or self.seed[gid] in cone
+                or any(self.axis_of[n] is REDUCED or self.pass_of.get(n, 0) for n in cone | h_members)):
+            return
+        nodes = [n for n in self.members[gid] if n in cone]
+        # the chain's axes as the consumer reads it (the group may slice the same dim in other units: frames of
+        # tokens where the consumer slices tokens)
+        derived = self._rederive(nodes, cone, self.reqs[hid], self.length[hid])
+        if derived is None:
+            return
+        axes, outside = derived
+        if any(self.reqs[hid].get(p, r) != r for p, r in outside.items() if p not in cone):
+            return
+        handed = [p for p in outside if p in g_members]
+        if not handed or _distinct_bytes(handed) > _distinct_bytes([out]) or not self._convex(cone | h_members):
+            return
+        for n in nodes:
+            self.group_of[n] = hid
+            self.axis_of[n] = axes[n]
+        self.members[gid] = [n for n in self.members[gid] if n not in cone]
+        self.members[hid] = [n for n in self.order if n in cone or n in h_members]
+        self.reqs[hid].update(outside)
+        self.reqs[hid].pop(out, None)
+
+    def cut_long_groups(self) -> None:
+        """Groups cut in two where one would otherwise hold two layers' tensors at once.
+
+        A sliced group holds every tensor it reads from outside and every output it preallocates for as long
+        as its loop runs. A group that runs from one attention (whose keys and values it reads whole) into the
+        next layer's key and value projections (which it hands out whole) holds both layers' at once, where
+        eager holds one layer's at a time. Cut where ``crossing`` bytes pass from its first part to the rest,
+        the group frees, at its peak, the lesser of the inputs that die in the first part and the outputs made
+        in the rest; the cut that frees the most, net of the crossing (and at least ``CUT_GAIN`` of it), is made,
+        and the rest cut again. Weights and graph inputs never die. Each part of
+        a convex group, in topological order, is convex, and no cycle between groups appears.
+        """
+        readers: dict[object, set[torch.fx.Node]] = defaultdict(set)
+        for n in self.order:
+            readers[node_storage(n)].update(n.users)
+        work = sorted(self.members)
+        while work:
+            gid = work.pop(0)
+            nodes = self.members[gid]
+            if len(nodes) < 2 or any(self.pass_of.get(n, 0) for n in nodes):
+                continue
+            members = set(nodes)
+            position = {n: i for i, n in enumerate(nodes)}
+            inputs = {p for p in self.reqs[gid] if p not in members and any(u in members for u in p.users)}
+            input_storages = {node_storage(p) for p in inputs}
+            inputs = {p for p in inputs if p.op == "call_function"}  # weights and graph inputs never die here
+            end = self.index[nodes[-1]]
+            last_read = {}  # the member position that last reads each input's storage (None: read after the group)
+            for p in inputs:
+                users = readers[node_storage(p)]
+                last_read[p] = (None if any(u not in members and self.index[u] > end for u in users)
+                                else max((position[u] for u in users if u in members), default=None))
+            outputs = [n for n in nodes if any(u not in members for u in n.users) and self.axis_of[n] is not REDUCED
+                       and node_storage(n) not in input_storages]
+            best, cut_at = 0, None
+            for i in range(1, len(nodes)):
+                if ops.of(nodes[i]).layout:
+                    continue
+                crossing = {p for n in nodes[i:] for p in n.all_input_nodes if p in members and position[p] < i}
+                if not crossing or any(self.axis_of[p] is REDUCED or _is_list(p) for p in crossing):
+                    continue
+                dying = [p for p, last in last_read.items() if last is not None and last < i]
+                made = [o for o in outputs if position[o] >= i]
+                gain = min(_distinct_bytes(dying), _distinct_bytes(made)) - _distinct_bytes(crossing)
+                # ties go to the later cut: it frees more inputs, and keeps a chain like the queries' in one part
+                if gain >= best and gain > 0 and gain >= CUT_GAIN * _distinct_bytes(crossing):
+                    best, cut_at = gain, i
+            if cut_at is None:
+                continue
+            rest = nodes[cut_at:]
+            new = max(self.members) + 1
+            self.members[gid] = nodes[:cut_at]
+            self.members[new] = rest
+            self.seed[new] = rest[0]
+            self.length[new] = self.length[gid]
+            self.reqs[new] = dict(self.reqs[gid])
+            for n in rest:
+                self.group_of[n] = new
+                for p in n.all_input_nodes:
+                    if p in members and position[p] < cut_at:
+                        self.reqs[new][p] = self.axis_of[p]
+            work.append(new)
+
     def absorb_cheap_groups(self) -> None:
         """Merge a group without anchor ops into the one group that consumes all it produces, re-slicing it
         along that group's axis where the dim rules allow.
@@ -558,11 +682,17 @@ class _Grouper:
         return [n for n in self.gm.graph.nodes if n in members]
 
     def groups(self) -> list[OperatorGroup]:
+        self.move_exclusive_chains()
+        self.cut_long_groups()
         self.absorb_cheap_groups()
+        for gid in sorted(self.members):
+            self.members[gid] = self._adopt_list_items(gid, self.members[gid])
+        # every group's views are hoisted before any group's inputs are listed: a hoisted view is a new input of
+        # the groups that read it, whichever order they come in
+        for gid in sorted(self.members):
+            self._hoist_view_outputs(self.members[gid])
         result = []
         for gid, nodes in sorted(self.members.items()):
-            nodes = self._adopt_list_items(gid, nodes)
-            self._hoist_view_outputs(nodes)
             nodes = self._trim_trailing_views(nodes)
             if not nodes:
                 continue
@@ -591,9 +721,14 @@ class _Grouper:
 
 
 def _distinct_bytes(nodes) -> int:
-    """Bytes of the storages behind ``nodes`` (views of one tensor counted once)."""
-    storages = {node_storage(n): val(n) for n in nodes if isinstance(val(n), torch.Tensor)}
-    return sum(tensor_bytes(v) for v in storages.values())
+    """Bytes of the storages behind ``nodes``: views of one tensor counted once, as the largest of them."""
+    storages: dict[object, int] = {}
+    for n in nodes:
+        v = val(n)
+        if isinstance(v, torch.Tensor):
+            key = node_storage(n)
+            storages[key] = max(storages.get(key, 0), tensor_bytes(v))
+    return sum(storages.values())
 
 
 def _layout(node: torch.fx.Node) -> bool:
@@ -704,6 +839,9 @@ def _walk(gm: torch.fx.GraphModule, grouper: _Grouper | None, seeds: dict) -> li
         grouper.run()
     banned: set[tuple[str, str]] = set()
     for _ in range(TAIL_ROUNDS):
+        # tails are judged on the groups as they will be: queries moved to their attention, long groups cut
+        grouper.move_exclusive_chains()
+        grouper.cut_long_groups()
         new = grouper.tail_bans() - banned
         if not new:
             break

@@ -95,6 +95,10 @@ def functionalize(gm: torch.fx.GraphModule) -> int:
         for user in list(node.users):  # copy_ returns its (written) first argument
             user.replace_input_with(node, renamed.get(node.args[0], value))
         graph.erase_node(node)
+        for view in reversed(chain):  # the written views, read by nothing now: a dead view would be a
+            if view.users:            # group output of its base's own, keeping it alive
+                break
+            graph.erase_node(view)
         order = {n: i for i, n in enumerate(graph.nodes)}
         rewritten += 1
     if rewritten:

@@ -31,13 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch._guards import detect_fake_mode
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxstream.runtime.rehash import FeatureCache, RehashLoad, RehashStore
 from passes.memory import tensor_values
-from passes.meta import module_path
 
 # Classes whose outputs are temporal layers' outputs (diffusers 0.3x-0.4x names).
 TEMPORAL_LAYERS = (

@@ -290,6 +290,14 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
         for node in reversed(nodes):
             graph.erase_node(node)
     stable_topological_sort(graph)
+    # each output leaves the call's tuple at once: an element taken later would keep the tuple, and with it every
+    # other element, alive until then (a sort can move a getitem down to its first user)
+    for call in [n for n in graph.nodes if n.op == "call_module" and isinstance(getattr(new_gm, n.target, None), SlicedCall)]:
+        items = sorted((u for u in call.users if u.target is operator.getitem), key=lambda u: u.args[1])
+        anchor = call
+        for item in items:
+            anchor.append(item)
+            anchor = item
     if not planning:
         fuse_group_norms(graph)  # GroupNorms split for groups that now run whole
         graph.lint()

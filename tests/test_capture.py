@@ -45,6 +45,26 @@ def test_export_checks_are_stripped():
     assert not any(n.target is torch.ops.aten._assert_tensor_metadata.default for n in gm.graph.nodes)
 
 
+def test_conversions_to_another_tensors_type_read_only_its_dtype():
+    """``x.type_as(y)`` and ``x.to(y)`` become ``to(dtype)``: ``y`` is no operand (it would be kept alive, and
+    read whole by every slice of a group), and the numbers are the same."""
+
+    class Convert(nn.Module):
+        def forward(self, x, y):
+            a = (x * 2).type_as(y)  # to y's dtype: a conversion
+            b = (x + 1).to(x)  # to x's own dtype: returns its input
+            return a + b.to(y), y.sum()
+
+    x, y = torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64)
+    gm = capture(Convert(), x, y)
+    targets = {n.target for n in gm.graph.nodes}
+    assert torch.ops.aten.type_as.default not in targets and torch.ops.aten.to.other not in targets
+    readers_of_y = [u for n in gm.graph.nodes if n.op == "placeholder" and n.name == "y" for u in n.users]
+    assert all(u.target is not torch.ops.aten.to.dtype for u in readers_of_y)
+    out, ref = gm(x, y), Convert()(x, y)
+    assert out[0].dtype == ref[0].dtype == torch.float64 and torch.equal(out[0], ref[0])
+
+
 def test_capture_failure_names_the_module_and_operation():
     class DataDependent(nn.Module):
         def forward(self, x):

@@ -164,3 +164,25 @@ def test_a_write_through_a_conversion_that_converts_nothing_becomes_a_value():
         out = compiled(x)
     assert compiled.plan.sliced_groups
     assert _rel(out, ref) <= RTOL
+
+
+class StridedWrites(nn.Module):
+    """Wan's rotary embedding: ``out = empty_like(x); out[..., 0::2] = a; out[..., 1::2] = b``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        out[..., 0::2] = x[..., 1::2] * 2
+        out[..., 1::2] = x[..., 0::2] - 1
+        return out + 1
+
+
+def test_the_views_a_write_went_through_are_gone_with_it():
+    """Written views nothing reads any more are erased: a dead view of a group's tensor would be an output of
+    the group of its own, keeping the tensor alive whole."""
+    m = StridedWrites()
+    x = torch.randn(2, 16, 8)
+    gm = capture(m, x)
+    assert not mutations(gm)
+    dead = [n for n in gm.graph.nodes if n.op == "call_function" and not n.users]
+    assert not dead, [n.format_node() for n in dead]
+    assert torch.equal(gm(x), m(x))

@@ -75,3 +75,74 @@ def test_rotary_attention_slices_along_tokens_exactly_at_the_predicted_peak(chun
     if chunks is None:  # the lowest budget: the per-token chains after attention run in slices, under eager
         assert got.activation_peak_bytes < eager.activation_peak_bytes, (
             got.activation_peak_bytes, eager.activation_peak_bytes)
+
+
+class DiTBlock(nn.Module):
+    """A Wan-style block: one normed hidden state feeds the query, key and value projections; the attention's
+    output is converted to the rotated query's type (``.type_as(query)``); gated residuals; a feed-forward."""
+
+    def __init__(self, dim: int = 32, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim, elementwise_affine=False), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.shift, self.scale = nn.Parameter(torch.randn(1, 1, dim)), nn.Parameter(torch.randn(1, 1, dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        n = self.norm1(x) * (1 + self.scale) + self.shift
+        q = _rope(self.norm_q(self.q(n)).unflatten(2, (self.heads, -1)), cos, sin)
+        k = _rope(self.norm_k(self.k(n)).unflatten(2, (self.heads, -1)), cos, sin)
+        v = self.v(n).unflatten(2, (self.heads, -1))
+        a = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + self.o(a.transpose(1, 2).flatten(2).type_as(q))
+        return x + self.ff(self.norm2(x))
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([DiTBlock(), DiTBlock()])
+
+    def forward(self, x, cos, sin):
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return x
+
+
+def test_transformer_blocks_slice_the_query_chain_with_its_attention_one_layer_at_a_time():
+    """The query projection, qk-norm and rotary embedding run slice by slice with the attention (the key and
+    value projections, which the attention reads whole, stay in the group before); no sliced loop holds one
+    layer's keys and values while it makes the next layer's. Exact, and the memory is the predicted one."""
+    torch.manual_seed(0)
+    m = TwoBlocks().eval()
+    args = _inputs()
+    with torch.no_grad():
+        eager = fxstream.measure(m, *args)
+        compiled = fxstream.compile(m)
+        compiled(*args)
+        got = fxstream.measure(compiled, *args)
+    ref = eager.output
+    assert float((got.output - ref).abs().max()) <= RTOL * float(ref.abs().max())
+    plan = compiled.plan
+    with torch.no_grad():  # every group sliced, to see them all
+        every = fxstream.compile(m, chunks=4)
+        assert float((every(*args) - ref).abs().max()) <= RTOL * float(ref.abs().max())
+    for g in every.plan.sliced_groups:  # one layer's attention per loop
+        assert sum(n.startswith("scaled_dot_product_attention") for n in g.members) <= 1, g.members
+    with_attention = [g for g in every.plan.sliced_groups
+                      if any(n.startswith("scaled_dot_product_attention") for n in g.members)]
+    assert len(with_attention) == 2
+    for g in with_attention:  # the query chain runs in the attention's loop: projection, qk-norm, rotary writes
+        assert any(n.startswith("rms_norm") for n in g.members), g.members
+        assert any(n.startswith("slice_scatter") for n in g.members), g.members
+        assert not any(n.startswith("type_as") for n in g.members)  # converted to a dtype at capture
+    predicted = plan.predicted_activation_peak_bytes
+    assert abs(got.activation_peak_bytes - predicted) <= 0.10 * predicted, (got.activation_peak_bytes, predicted)
+    # 32% measured here; 45% when one loop runs from block 0's attention into block 1's key and value
+    # projections, holding both blocks' keys and values
+    assert got.activation_peak_bytes <= 0.40 * eager.activation_peak_bytes, (
+        got.activation_peak_bytes, eager.activation_peak_bytes)
+    print(f"two DiT blocks, 256 tokens: eager {eager.activation_peak_bytes} B, minimum {got.activation_peak_bytes} B "
+          f"(predicted {predicted} B)")
