@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from passes.meta import size_hint
+
 
 @dataclass(frozen=True)
 class SliceAxis:
@@ -82,12 +84,15 @@ def val(node: Any) -> Any:
 
 
 def shape(node: Any) -> tuple[int, ...] | None:
+    """The node's static sizes (its first element's, for a list); None for a non-tensor, or for sizes that
+    depend on the data (``nonzero``'s, in Mochi's attention), which no rule can map."""
     v = val(node)
-    if isinstance(v, torch.Tensor):
-        return tuple(int(s) for s in v.shape)
     if isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor):
-        return tuple(int(s) for s in v[0].shape)
-    return None
+        v = v[0]
+    if not isinstance(v, torch.Tensor):
+        return None
+    sizes = tuple(size_hint(s) for s in v.shape)
+    return None if None in sizes else sizes
 
 
 def _is_tensor_node(x: Any) -> bool:

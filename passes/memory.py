@@ -40,7 +40,7 @@ import torch
 import torch.fx
 
 from passes import ops
-from passes.meta import META_KEY, module_path, storage_key
+from passes.meta import META_KEY, module_path, storage_key, upper_bound
 from passes.ops import Alias
 
 Lifetime = Literal["graph", "eager"]
@@ -170,7 +170,7 @@ def analyze_memory(
     if lifetime == "eager":
         _extend_for_eager(nodes, step, storages)
 
-    workspace = [_workspace_bytes(n, target, sdpa_backend) for n in nodes]
+    workspace = [upper_bound(_workspace_bytes(n, target, sdpa_backend)) for n in nodes]
     live_bytes = live_curve(((s.first, s.last, s.nbytes) for s in storages if s.kind == "activation"), workspace)
 
     peak = max(range(len(nodes)), key=live_bytes.__getitem__)
@@ -244,9 +244,9 @@ def tensor_values(val: Any) -> list[torch.Tensor]:
 def storage_nbytes(t: torch.Tensor) -> int:
     """Bytes of the storage behind ``t`` (its base's, for a view)."""
     try:
-        return t.untyped_storage().nbytes()
+        return upper_bound(t.untyped_storage().nbytes())
     except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. functional wrappers)
-        return t.numel() * t.element_size()
+        return upper_bound(t.numel()) * t.element_size()
 
 
 class _UnionFind:

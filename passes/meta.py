@@ -52,12 +52,38 @@ def module_path(node: torch.fx.Node | None) -> str:
 
 
 def tensor_bytes(v: object) -> int:
-    """Bytes of a value's elements (a tensor, or a list/tuple of them); views count their own elements."""
+    """Bytes of a value's elements (a tensor, or a list/tuple of them); views count their own elements. Sizes that
+    depend on the data (``nonzero``'s) count at their largest (the bound export's shape environment knows)."""
     if isinstance(v, torch.Tensor):
-        return v.numel() * v.element_size()
+        return upper_bound(v.numel()) * v.element_size()
     if isinstance(v, (list, tuple)):
         return sum(tensor_bytes(x) for x in v)
     return 0
+
+
+def size_hint(n: int | torch.SymInt) -> int | None:
+    """A size as a number: ``n`` itself, the value a symbolic size was traced with, or None for a size that
+    depends on the data."""
+    if isinstance(n, int):
+        return n
+    node = getattr(n, "node", None)
+    hint = getattr(node, "hint", None) if node is not None else None
+    return int(hint) if hint is not None else None
+
+
+def upper_bound(n: int | torch.SymInt) -> int:
+    """``n`` itself, or for a size that depends on the data, its largest value (export's shape environment
+    bounds ``nonzero``'s count by its input's size)."""
+    if isinstance(n, int):
+        return n
+    hint = size_hint(n)
+    if hint is not None:
+        return hint
+    try:
+        upper = n.node.shape_env.bound_sympy(n.node.expr).upper
+        return int(upper)
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        raise ValueError(f"no upper bound for the data-dependent size {n}") from None
 
 
 def storage_key(t: torch.Tensor) -> object:

@@ -213,6 +213,35 @@ def _hunyuan_transformer(gen: torch.Generator):
     return model, (), kwargs
 
 
+def _mochi_transformer(gen: torch.Generator):
+    """Mochi 1 (``MochiPipeline``): latents (B, 12, F, H, W), T5 embeds (B, 256, 4096) + bool mask.
+
+    Its attention keeps only the prompt's valid tokens (``torch.nonzero`` on the mask), so some sizes depend on
+    the data: the planner leaves those nodes whole and counts them at their largest.
+    """
+    from diffusers import MochiTransformer3DModel
+
+    model = MochiTransformer3DModel(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        pooled_projection_dim=16,
+        in_channels=4,
+        qk_norm="rms_norm",
+        text_embed_dim=16,
+        time_embed_dim=4,
+        max_sequence_length=4,
+    )
+    kwargs = dict(
+        hidden_states=_randn(gen, 1, 4, 3, 8, 8),  # 3 x 4 x 4 = 48 tokens
+        encoder_hidden_states=_randn(gen, 1, 4, 16),
+        timestep=torch.tensor([500.0]),  # t.expand(batch).to(latents.dtype)
+        encoder_attention_mask=torch.tensor([[True, True, True, False]]),
+    )
+    return model, (), kwargs
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # VAE decoders
 
@@ -367,6 +396,7 @@ _TRANSFORMERS: dict[str, Callable] = {
     "ltx-transformer": _ltx_transformer,
     "cogvideox-transformer": _cogvideox_transformer,
     "hunyuan-transformer": _hunyuan_transformer,
+    "mochi-transformer": _mochi_transformer,
 }
 _VAES: dict[str, Callable] = {
     "wan-vae-decode": _wan_vae,

@@ -1,6 +1,6 @@
 """Never a crash: the video models people run today, as a new user points fxstream at them.
 
-Tiny random-weight configs of diffusers' video transformers (Wan, LTX-Video, CogVideoX, HunyuanVideo) and of
+Tiny random-weight configs of diffusers' video transformers (Wan, LTX-Video, CogVideoX, HunyuanVideo, Mochi) and of
 their VAEs' own ``decode`` (Wan, HunyuanVideo, Mochi, LTX-Video, CogVideoX, Allegro), see ``dit_models.py``;
 each at the lowest budget and with ``chunks=3``. Each runs with ``max|compiled - eager| <= 1e-5 * max|eager|``
 (fp32): all of them capture (a :class:`~fxstream.errors.CaptureError` is a failure here, as any other error).
