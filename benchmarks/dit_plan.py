@@ -7,12 +7,14 @@ Predictions of ``passes/memory.py`` on the real configs (the checkpoints' ``tran
 the ``meta`` device (no weights, no GPU): bf16, target CUDA (flash / memory-efficient SDPA), batch 1 (these
 pipelines run the two guidance branches as two calls), at the pipelines' default sizes. Activations only:
 the weights are resident either way. ``--layers`` builds fewer blocks (same widths, same tokens) for a quick
-look; the table says how many ran. Plan time is the wall time of ``fxstream.plan`` (capture included) here.
+look; the table says how many ran. Plan time is the wall time of ``fxstream.plan`` (capture included) here,
+with the plan cache off.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -24,6 +26,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+os.environ["FXSTREAM_PLAN_CACHE"] = "0"  # plan every time: the plan time is part of the table
 import fxstream  # noqa: E402
 from common import gib, write_results  # noqa: E402
 
