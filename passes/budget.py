@@ -114,6 +114,12 @@ def plan_chunks(
     # small groups, each a Python loop per call, for no memory anyone can use
     goal = int(t_floor.activation_peak_bytes * (1 + MIN_SLACK)) if budget_bytes is None else budget_bytes - weights
     if budget_bytes is not None and t_floor.activation_peak_bytes > goal:
+        # the floor reported is the minimum plan's peak (what compile reaches with no budget), where that is lower
+        lowest = plan_chunks(gm, groups, None, target=target, max_slices=max_slices, weight_bytes=weight_bytes)
+        if lowest.timeline.activation_peak_bytes <= goal:
+            return lowest
+        if lowest.timeline.activation_peak_bytes < t_floor.activation_peak_bytes:
+            t_floor = lowest.timeline
         floor = weights + t_floor.activation_peak_bytes
         raise BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the smallest peak slicing can reach, "
