@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import operator
 import threading
 import traceback
 from collections.abc import Iterator
@@ -133,6 +134,7 @@ def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModul
     strip_checks(gm)
     functionalize(gm)
     convert_to_dtypes(gm)
+    splits_to_slices(gm)
     return gm
 
 
@@ -146,6 +148,50 @@ def strip_checks(gm: torch.fx.GraphModule) -> None:
 
 
 _TO_OTHER = (torch.ops.aten.type_as.default, torch.ops.aten.to.other)
+_SPLITS = (torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor, torch.ops.aten.chunk.default)
+
+
+def splits_to_slices(gm: torch.fx.GraphModule) -> int:
+    """Rewrite each part taken from a split (``split``, ``split_with_sizes``, ``chunk``, read with ``getitem``)
+    as a slice of the input (``aten.slice``); returns how many splits were rewritten.
+
+    The same views, one op per tensor: the passes then see each part as a tensor with a slice rule, not as a
+    list (the HunyuanVideo VAE's upsamplers split the first frame from the others: a list no band of rows
+    could pass). A split with a reader other than ``getitem`` is left as it is.
+    """
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _SPLITS:
+            continue
+        parts, x = node.meta.get("val"), node.args[0]
+        xv = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if (not isinstance(parts, (list, tuple)) or not isinstance(xv, torch.Tensor) or not node.users
+                or any(u.op != "call_function" or u.target is not operator.getitem or not isinstance(u.args[1], int)
+                       for u in node.users)):
+            continue
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        dim = dim % xv.dim()
+        starts, at = [], 0
+        for part in parts:
+            if not isinstance(part, torch.Tensor) or not isinstance(part.shape[dim], int):
+                break
+            starts.append(at)
+            at += part.shape[dim]
+        else:
+            for u in list(node.users):
+                i = u.args[1]
+                with gm.graph.inserting_before(u):
+                    new = gm.graph.call_function(torch.ops.aten.slice.Tensor,
+                                                 (x, dim, starts[i], starts[i] + parts[i].shape[dim]))
+                new.meta = dict(u.meta)
+                u.replace_all_uses_with(new)
+                gm.graph.erase_node(u)
+            gm.graph.erase_node(node)
+            rewritten += 1
+    if rewritten:
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten
 
 
 def convert_to_dtypes(gm: torch.fx.GraphModule) -> int:

@@ -19,7 +19,8 @@ One :class:`OpInfo` per overload, read by every pass; an op missing from the tab
     the ops other rules treat together: ``conv`` (row halos, CUDA workspace; :func:`conv_params` reads the
     arguments), ``upsample`` (nearest: a row range maps to fewer input rows), ``group_norm`` (statistics
     span the rows: split reductions, row passes), ``sdpa`` (backend workspace), ``reshape`` (shape-spelling
-    views: a band keeps the row dim whole or copies).
+    views: a band keeps the row dim whole or copies), ``pad`` (``F.pad``: row streaming folds it into the halo
+    of the convolutions that read it).
 ``sizes``
     which argument spells out the output's sizes, rewritten for a slice: ``"shape"`` (the second) or
     ``"unflatten"`` (the sizes the dim is unflattened into).
@@ -163,7 +164,7 @@ _add([aten.outer.default], dims=d.outer)
 _add([aten.copy.default], dims=d.pointwise, copies_storage=True)
 _add([aten.slice_scatter.default], dims=d.slice_scatter, copies_storage=True)
 _add([aten.select_scatter.default], dims=d.select_scatter, copies_storage=True)
-_add([aten.constant_pad_nd.default, aten.pad.default], dims=d.pad)
+_add([aten.constant_pad_nd.default, aten.pad.default], dims=d.pad, family="pad")
 
 # In-place writes (no slice rule: passes/functional.py rewrites them into their out-of-place twins, which are
 # barriers unless they have rules of their own) and the ops those rewrites insert.
@@ -186,6 +187,8 @@ _add([APPLY_OP], dims=d.group_norm_apply)
 # Overloads the rewrites build nodes or programs with.
 GROUP_NORM = aten.group_norm.default
 CONVOLUTION = aten.convolution.default
+PAD = aten.pad.default
+CONSTANT_PAD = aten.constant_pad_nd.default
 VIEW = aten.view.default
 RESHAPE = aten.reshape.default
 CLONE = aten.clone.default

@@ -6,7 +6,11 @@ spatial and temporal layers one axis: the rows. A *segment* reads one full-size 
 resolution) and writes one (its output); every node between runs on a band of its rows:
 
 * a convolution along the rows needs ``(k - 1) / 2`` extra rows (the halo) each side of its band, and zero
-  rows where the band touches the image edge (its own padding); the rows above come from the previous band;
+  rows where the band touches the image edge (its own padding); the rows above come from the previous band.
+  An explicit ``F.pad`` before a padding-0 convolution (the causal 3D convolutions of Wan, HunyuanVideo,
+  Mochi, CogVideoX: ``(1, 1, 1, 1, 2, 0)``, zeros or ``replicate``) is folded into that halo: the pad node
+  keeps the input's rows and pads only its other dims, and the convolution adds the row dim's padding at the
+  image edge, zero rows or copies of the edge row (:func:`folded_pad`);
 * a nearest upsampling by ``f`` maps output rows ``[a, b)`` to input rows ``[a // f, ceil(b / f))``;
 * a GroupNorm whose statistics span the rows (per frame over C/G x H x W, or over C/G x T x H x W in a
   temporal ResBlock) is exact only with statistics of the whole tensor: the segment runs in *passes*. Pass
@@ -56,13 +60,15 @@ MAX_PASSES = 24
 @dataclass(frozen=True)
 class RowReq:
     """How an op reads one input when its output is banded along the rows: the input's row dim, and
-    ``same`` rows, a ``conv`` halo (kernel ``k``, padding ``pad``) or ``up`` (nearest upsampling by ``factor``)."""
+    ``same`` rows, a ``conv`` halo (kernel ``k``, ``pad`` rows before the first; ``k - 1 - pad`` after the last;
+    ``mode`` zeros or replicate) or ``up`` (nearest upsampling by ``factor``)."""
 
     dim: int
     kind: str = "same"
     k: int = 1
     pad: int = 0
     factor: int = 1
+    mode: str = "zeros"
 
     def needed(self, lo: int, hi: int, rows_in: int) -> tuple[int, int, int, int]:
         """Input rows ``[a, b)`` for output rows ``[lo, hi)`` (within the input), and the zero rows to add
@@ -75,20 +81,74 @@ class RowReq:
         return lo, hi, 0, 0
 
 
+def _pads(node: torch.fx.Node) -> tuple[list[int], str] | None:
+    """A pad node's ``F.pad`` spec and mode (``zeros`` for a constant 0, ``replicate``), or None."""
+    if ops.of(node).family != "pad":
+        return None
+    if node.target is ops.PAD:
+        mode, value = arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
+    else:
+        mode, value = "constant", arg(node, 2, "value", 0)
+    if mode == "constant" and not value:
+        return list(node.args[1]), "zeros"
+    if mode == "replicate":
+        return list(node.args[1]), "replicate"
+    return None
+
+
+def _dim_pads(pads: list[int], ndim: int, d: int) -> tuple[int, int]:
+    i = 2 * (ndim - 1 - d)
+    return (pads[i], pads[i + 1]) if i + 1 < len(pads) else (0, 0)
+
+
+def folded_pad(node: torch.fx.Node, d: int) -> tuple[int, int, str] | None:
+    """``(before, after, mode)`` when ``node`` pads dim ``d`` only for convolutions that then read the rows
+    they need as a halo: every user a stride-1, undilated convolution of it with padding 0 along ``d`` and a
+    kernel of ``before + after + 1`` there. None otherwise (the pad then changes the rows, and no band passes)."""
+    found = _pads(node)
+    if found is None or d < 2:
+        return None
+    pads, mode = found
+    before, after = _dim_pads(pads, len(shape(node)), d)
+    if before == after == 0 or min(before, after) < 0 or not node.users:
+        return None
+    for u in node.users:
+        p = conv_params(u) if ops.of(u).family == "conv" and u.args[0] is node else None
+        if p is None or any(a is node for a in u.args[1:]):
+            return None
+        i = d - 2
+        if p["stride"][i] != 1 or p["dilation"][i] != 1 or p["padding"][i] or p["kernel"][i] != before + after + 1:
+            return None
+    return before, after, mode
+
+
+def logical_rows(node: torch.fx.Node, d: int) -> int:
+    """The rows of ``node`` along ``d`` as bands count them: a folded pad keeps its input's."""
+    fp = folded_pad(node, d)
+    return shape(node)[d] - (fp[0] + fp[1] if fp else 0)
+
+
 def row_rule(node: torch.fx.Node, d: int) -> dict[torch.fx.Node, object] | None:
     """How ``node`` reads each tensor input when its output is banded along dim ``d``, or None."""
     t = node.target
     if node.op != "call_function" or not isinstance(val(node), torch.Tensor):
         return None
+    if folded_pad(node, d) is not None:
+        return {node.args[0]: RowReq(d)}
     if ops.of(node).family == "conv":
         p = conv_params(node) if d >= 2 else None
         if p is None:
             return None
         i = d - 2
-        k, pad = p["kernel"][i], p["padding"][i]
-        if p["stride"][i] != 1 or p["dilation"][i] != 1 or 2 * pad != k - 1:
+        k, pad, mode = p["kernel"][i], p["padding"][i], "zeros"
+        fp = folded_pad(node.args[0], d)
+        if fp is not None:
+            pad, mode = fp[0], fp[2]  # the pad before it pads these rows: the halo's edge rows
+        elif 2 * pad != k - 1:
             return None
-        req: dict = {node.args[0]: RowReq(d, "conv" if k > 1 else "same", k, pad), node.args[1]: WHOLE}
+        if p["stride"][i] != 1 or p["dilation"][i] != 1:
+            return None
+        req: dict = {node.args[0]: RowReq(d, "conv" if k > 1 else "same", k, pad, mode=mode), node.args[1]: WHOLE}
         if isinstance(p["bias"], torch.fx.Node):
             req[p["bias"]] = WHOLE
         return req
@@ -246,7 +306,7 @@ class RowAnalysis:
                     if p in row_dim:
                         if not isinstance(a, RowReq) or a.dim != row_dim[p]:
                             ok = False
-                        elif rows[p] * (a.factor if a.kind == "up" else 1) != shape(n)[d]:
+                        elif rows[p] * (a.factor if a.kind == "up" else 1) != logical_rows(n, d):
                             ok = False
                     elif isinstance(a, RowReq):
                         ok = False  # a second full-size input would have to be banded too
@@ -258,7 +318,7 @@ class RowAnalysis:
             if found is None:
                 return None
             d, r = found
-            row_dim[n], rows[n], reqs[n] = d, shape(n)[d], r
+            row_dim[n], rows[n], reqs[n] = d, logical_rows(n, d), r
             for p in ins:
                 if p not in row_dim and p not in externals:
                     externals.append(p)
@@ -289,7 +349,7 @@ class RowAnalysis:
 
     def cut_points(self) -> list[torch.fx.Node]:
         """Tensors from which the rest of the graph can be row-streamed, in graph order: after the last node
-        no band can pass, the graph's inputs and the last such tensor of each block (module path to depth 3),
+        no band can pass, the graph's inputs and the last such tensor of each block (:func:`_block_keys`),
         skipping views."""
         if self._cuts is None:
             self._cuts = self._cut_points()
@@ -304,6 +364,7 @@ class RowAnalysis:
                 first = i + 1
                 break
         best: dict[str, torch.fx.Node] = {}
+        keys = _block_keys(self.order[first:])
         for n in self.order[first:]:
             if n.op not in ("call_function", "placeholder") or not isinstance(val(n), torch.Tensor) or val(n).dim() < 3:
                 continue
@@ -311,8 +372,20 @@ class RowAnalysis:
                 continue
             if self._build(n, self.graph_output, limit=False) is None:
                 continue  # (a tail with too many passes for one segment is still a start: the chain cuts it)
-            best[n.name if n.op == "placeholder" else ".".join(module_path(n).split(".")[:3])] = n
+            best[n.name if n.op == "placeholder" else keys.get(n, "")] = n
         return sorted(best.values(), key=self.index.__getitem__)
+
+
+def _block_keys(nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, str]:
+    """The block each node is in: its module path's first three names after the names every path shares
+    (``up_blocks.0.resnets``, also inside a wrapper: ``vae.decoder.up_blocks.0.resnets``)."""
+    paths = {n: module_path(n).split(".") for n in nodes if module_path(n)}
+    common = 0
+    if paths:
+        first = next(iter(paths.values()))
+        while common < len(first) and all(len(p) > common + 1 and p[common] == first[common] for p in paths.values()):
+            common += 1
+    return {n: ".".join(p[:common + 3]) for n, p in paths.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,7 +395,7 @@ class RowAnalysis:
 def _row_bytes(n: torch.fx.Node, seg: RowSegment) -> int:
     memo = seg.memo.setdefault("row_bytes", {})
     if n not in memo:
-        memo[n] = tensor_bytes(val(n)) // seg.rows[n]
+        memo[n] = tensor_bytes(val(n)) // shape(n)[seg.row_dim[n]]  # (a folded pad's rows are wider)
     return memo[n]
 
 
@@ -531,12 +604,14 @@ class _PassBuilder:
             _, _, top, bot = reqs[x].needed(lo, hi, seg.rows[x])
             padding = list(prm["padding"])
             xin = reads[0]
-            if top == bot:
+            replicate = reqs[x].mode == "replicate"
+            if top == bot and not (replicate and top):
                 padding[d - 2] = top
             else:
                 padding[d - 2] = 0
                 tmp = self.new_slot()
-                prog.append(("op", tmp, F.pad, (xin, _pad_spec(len(shape(n)), d, top, bot)), {}, None,
+                spec = _pad_spec(len(shape(n)), d, top, bot, full=replicate)
+                prog.append(("op", tmp, F.pad, (xin, spec), {"mode": "replicate"} if replicate else {}, None,
                              (xin.length + top + bot) * _row_bytes(x, seg)))
                 xin = reads[0] = Band(tmp, None)
             if self.emit:
@@ -568,6 +643,13 @@ class _PassBuilder:
                 args = (reads[0], Stats(self.norm_key[n]), groups,
                         mapped(w) if isinstance(w, torch.fx.Node) else None,
                         mapped(bias) if isinstance(bias, torch.fx.Node) else None, eps)
+        elif folded_pad(n, d) is not None:
+            if self.emit:  # its other dims padded as in the graph; the convolutions pad the rows
+                fn, kwargs = F.pad, {}
+                pads, mode = _pads(n)
+                i = 2 * (len(shape(n)) - 1 - d)
+                pads[i:i + 2] = [0, 0]
+                args = (reads[0], pads) + (("replicate",) if mode == "replicate" else ())
         else:
             if _band_alias(n, seg):
                 nbytes = -1  # a view of its input's storage
@@ -636,9 +718,12 @@ def _reads(ins: tuple) -> list[int]:
     return []
 
 
-def _pad_spec(ndim: int, d: int, top: int, bot: int) -> list[int]:
-    pads = [0] * (2 * (ndim - d))
-    pads[-2], pads[-1] = top, bot
+def _pad_spec(ndim: int, d: int, top: int, bot: int, full: bool = False) -> list[int]:
+    """``F.pad``'s spec adding ``top`` / ``bot`` rows along ``d``; ``full``: spelling out every dim after the
+    first two (replicate padding of an N-d input takes all N - 2)."""
+    pads = [0] * (2 * (ndim - (2 if full else d)))
+    i = 2 * (ndim - 1 - d)
+    pads[i], pads[i + 1] = top, bot
     return pads
 
 

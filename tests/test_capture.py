@@ -65,6 +65,27 @@ def test_conversions_to_another_tensors_type_read_only_its_dtype():
     assert out[0].dtype == ref[0].dtype == torch.float64 and torch.equal(out[0], ref[0])
 
 
+def test_parts_of_a_split_are_slices_of_its_input():
+    """``split`` / ``split_with_sizes`` / ``chunk`` read with ``getitem`` become one ``aten.slice`` per part: the
+    same views (no copy), and the passes see tensors with slice rules, not lists."""
+
+    class Split(nn.Module):
+        def forward(self, x):
+            first, rest = x.split([1, 3], dim=2)
+            a, b = x.chunk(2, dim=-1)
+            c, d = torch.split(x, 2, dim=1)
+            return first * 2 + rest[:, :, :1], a - b, c * d
+
+    x = torch.randn(2, 4, 4, 6)
+    gm = capture(Split(), x)
+    splits = (torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor, torch.ops.aten.chunk.default)
+    assert not any(n.target in splits for n in gm.graph.nodes)
+    slices = [n for n in gm.graph.nodes if n.target is torch.ops.aten.slice.Tensor and n.args[0].op == "placeholder"]
+    assert len(slices) == 6  # first, rest, a, b, c, d
+    for got, ref in zip(gm(x), Split()(x)):
+        assert torch.equal(got, ref)
+
+
 def test_capture_failure_names_the_module_and_operation():
     class DataDependent(nn.Module):
         def forward(self, x):

@@ -106,20 +106,20 @@ def test_group_boundary_lists_inputs_and_outputs():
     assert any(o in out.all_input_nodes or any(u.op == "output" for u in o.users) for o in g.outputs)
 
 
-# -- list-valued nodes (split, split_with_sizes, chunk, unbind) ------------------------------------------------
+# -- list-valued nodes (unbind; capture turns the parts of a split / chunk into slices) --------------------------
 
 
 class _RopeSplit(nn.Module):
-    """A split into unequal parts along the last dim (Wan's rope split [8, 4, 4]), each part used per token."""
+    """A tensor unbound into parts along a dim after the tokens, each part used per token."""
 
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(16, 16)
-        self.out = nn.Linear(8, 8)
+        self.out = nn.Linear(4, 4)
 
     def forward(self, x):  # (B, L, 16)
-        a, b, c = self.lin(x).split([8, 4, 4], dim=-1)
-        return self.out(a) * 2, torch.cat([b, c], -1).sin()
+        a, b, c, d = self.lin(x).unflatten(-1, (4, 4)).unbind(2)
+        return self.out(a) * 2, torch.cat([b, c, d], -1).sin()
 
 
 class _Modulation(nn.Module):
@@ -130,7 +130,7 @@ class _Modulation(nn.Module):
         self.lin = nn.Linear(8, 48)
 
     def forward(self, x, temb):  # (1, L, 8), (1, 8)
-        mods = self.lin(temb).unflatten(1, (6, -1)).chunk(6, dim=1)
+        mods = self.lin(temb).unflatten(1, (6, -1)).unbind(1)
         y = x * (1 + mods[0]) + mods[1]
         return y * mods[2], mods[5]
 
@@ -156,9 +156,9 @@ def test_a_list_never_crosses_a_group_boundary():
 def test_split_is_sliced_along_another_dim_never_the_split_dim():
     gm = capture(_RopeSplit().eval(), torch.randn(2, 12, 16))
     gm, groups, _ = group_operators(gm)
-    split = next(n for n in gm.graph.nodes if n.target is aten.split_with_sizes.default)
+    split = next(n for n in gm.graph.nodes if n.target is aten.unbind.int)
     group = next(g for g in groups if split in g.nodes)
-    assert group.axes[split].dim != 2  # the split dim is a barrier
+    assert group.axes[split].dim != 2  # the unbound dim is a barrier
     for item in split.users:  # each element carries the list's axis
         assert group.axes[item] == group.axes[split]
 

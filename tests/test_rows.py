@@ -80,6 +80,77 @@ def _close(a, b):
     return (a - b).abs().max().item() <= RTOL * b.abs().max().item()
 
 
+class CausalTail(nn.Module):
+    """A 3D causal VAE decoder's tail in miniature (HunyuanVideo, Mochi, Wan): each convolution reads an explicit
+    ``F.pad(x, (1, 1, 1, 1, 2, 0))`` (zeros or replicate) and pads nothing itself; an upsampler splits the
+    first frame from the others (spatial only for the first, 2x in time as well for the rest) and joins them."""
+
+    def __init__(self, mode: str, c: int = 4):
+        super().__init__()
+        self.mode = mode
+        self.conv1 = nn.Conv3d(c, c, 3)
+        self.norm = nn.GroupNorm(2, c)
+        self.conv2 = nn.Conv3d(c, c, 3)
+        self.out = nn.Conv3d(c, 3, 3)
+
+    def pad(self, x):
+        return F.pad(x, (1, 1, 1, 1, 2, 0), mode=self.mode)
+
+    def forward(self, x):
+        x = x + self.conv1(self.pad(F.silu(x)))
+        first, rest = x.split([1, x.shape[2] - 1], dim=2)
+        first = F.interpolate(first.squeeze(2), scale_factor=2, mode="nearest").unsqueeze(2)
+        x = torch.cat([first, F.interpolate(rest, scale_factor=2, mode="nearest")], dim=2)
+        x = self.conv2(self.pad(F.silu(self.norm(x))))
+        return self.out(self.pad(x))
+
+
+@pytest.mark.parametrize("bands", [2, 3, 5])
+@pytest.mark.parametrize("mode", ["constant", "replicate"])
+def test_explicit_pads_before_convolutions_are_halos(mode, bands):
+    torch.manual_seed(0)
+    module = CausalTail(mode).eval()
+    x = torch.randn(1, 4, 3, 10, 6) + torch.linspace(-2, 2, 10)[None, None, None, :, None]  # the edge rows differ
+    gm = _captured(module, x)
+    analysis = RowAnalysis(gm)
+    seg = analysis.segment(gm.graph.find_nodes(op="placeholder")[0], analysis.graph_output)
+    assert seg is not None, "the pads fold into the convolutions' halos"
+    pads = [n for n in seg.nodes if n.target is torch.ops.aten.pad.default
+            or n.target is torch.ops.aten.constant_pad_nd.default]
+    assert len(pads) == 3 and all(seg.rows[n] == seg.rows[n.args[0]] for n in pads)  # the rows of their inputs
+    # the rows are H: dim 3 of (B, C, T, H, W), dim 2 of the first frame squeezed to (B, C, H, W)
+    assert {(len(n.meta["val"].shape), seg.row_dim[n]) for n in seg.nodes} == {(5, 3), (4, 2)}
+    streamed, _ = _streamed(gm, bands)
+    assert any(isinstance(m, RowStream) for m in streamed.modules())
+    with torch.no_grad():
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            x = torch.randn(1, 4, 3, 10, 6) * (seed + 1) + torch.linspace(-2, 2, 10)[None, None, None, :, None]
+            assert _close(streamed(x), module(x))
+
+
+def test_a_pad_something_else_reads_changes_the_rows():
+    """Folding a pad into a convolution's halo is only right when convolutions alone read it."""
+
+    class PadTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(2, 2, 3)
+
+        def forward(self, x):
+            p = F.pad(x, (1, 1, 1, 1, 2, 0))
+            return self.conv(p) + p[:, :, 2:, 1:-1, 1:-1].mean()
+
+    gm = _captured(PadTwice(), torch.randn(1, 2, 3, 6, 6))
+    analysis = RowAnalysis(gm)
+    pad = next(n for n in gm.graph.nodes if n.target in (torch.ops.aten.pad.default,
+                                                         torch.ops.aten.constant_pad_nd.default))
+    from passes.rows import folded_pad, row_rule
+
+    assert folded_pad(pad, 3) is None and row_rule(pad, 3) is None
+    assert analysis.segment(gm.graph.find_nodes(op="placeholder")[0], analysis.graph_output) is None
+
+
 def test_conv_halo_and_upsample_ranges():
     conv = RowReq(2, "conv", k=3, pad=1)
     assert conv.needed(0, 4, 16) == (0, 5, 1, 0)  # top edge: one zero row before, one halo row after
@@ -268,3 +339,24 @@ def test_a_budget_only_rows_reach_is_met_exactly():
     assert _close(out, ref)
     assert compiled.plan.predicted_peak_bytes <= budget
     assert any(g.kind == "rows" for g in compiled.plan.groups)
+
+
+def test_hunyuanvideo_vae_decode_streams_its_causal_convolutions_by_rows():
+    """The tiny HunyuanVideo VAE's own decode (replicate-padded causal 3D convolutions, first-frame upsamplers):
+    at the minimum the tail after the mid-block attention is row-streamed, exactly, in what the plan predicts;
+    31% of eager measured here (58% when the upsampler's split stopped the bands, 72% with no pad folded)."""
+    from dit_models import build
+
+    built = build("hunyuan-vae-decode")
+    compiled = fxstream.compile(built.module)
+    with torch.no_grad():
+        eager = measure(built.module, *built.args)
+        compiled(*built.args)
+        got = measure(compiled, *built.args)
+    assert _close(got.output, eager.output)
+    plan = compiled.plan
+    assert [g for g in plan.groups if g.kind == "rows" and g.slices > 1]
+    predicted = plan.predicted_activation_peak_bytes
+    assert abs(got.activation_peak_bytes - predicted) <= 0.1 * predicted, (got.activation_peak_bytes, predicted)
+    assert got.activation_peak_bytes <= 0.40 * eager.activation_peak_bytes, (
+        got.activation_peak_bytes, eager.activation_peak_bytes)
