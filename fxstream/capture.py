@@ -135,6 +135,8 @@ def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModul
     functionalize(gm)
     convert_to_dtypes(gm)
     splits_to_slices(gm)
+    if gm.graph.eliminate_dead_code():  # values nothing reads (a causal convolution's cache after the last chunk)
+        gm.recompile()
     return gm
 
 

@@ -359,6 +359,16 @@ def permute(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     return {x: SliceAxis(_norm_dim(perm[axis.dim], nd), axis.unit)}
 
 
+def movedim(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    """movedim(x, source, destination) with int dims: a permute that moves one dim."""
+    x, src, dst = node.args[0], arg(node, 1, "source"), arg(node, 2, "destination")
+    nd = len(shape(node))
+    src, dst = _norm_dim(src, nd), _norm_dim(dst, nd)
+    perm = [i for i in range(nd) if i != src]
+    perm.insert(dst, src)
+    return {x: SliceAxis(perm[axis.dim], axis.unit)}
+
+
 def transpose(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x = node.args[0]
     nd = len(shape(node))

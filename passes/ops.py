@@ -147,12 +147,13 @@ _add([aten.expand.default], dims=d.expand, alias=Alias.VIEW, layout=True, sizes=
 _add([aten.broadcast_to.default], dims=d.expand, alias=Alias.VIEW, sizes="shape")
 _add([aten.select.int], dims=d.select, alias=Alias.VIEW, layout=True, write_back=aten.select_scatter.default)
 _add([aten.slice.Tensor], dims=d.slice_rule, alias=Alias.VIEW, layout=True, write_back=aten.slice_scatter.default)
+_add([aten.movedim.int], dims=d.movedim, alias=Alias.VIEW, layout=True)
 _add([aten.expand_as.default, aten.narrow.default, aten.as_strided.default, aten.view_as.default,
-      aten.movedim.int, aten.diagonal.default, aten.unfold.default], alias=Alias.VIEW)
+      aten.diagonal.default, aten.unfold.default], alias=Alias.VIEW)
 _add([aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default], dims=d.split_like, alias=Alias.VIEWS)
 _add([aten.unbind.int], dims=d.unbind, alias=Alias.VIEWS)
 _add([aten.tensor_split.sections, aten.tensor_split.indices], alias=Alias.VIEWS)
-_add([aten.cat.default], dims=d.joined(stacked=False))
+_add([aten.cat.default, aten.concatenate.default], dims=d.joined(stacked=False))
 _add([aten.stack.default], dims=d.joined(stacked=True))
 _add([operator.getitem], dims=d.getitem)
 _add([aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default, aten.upsample_nearest3d.vec,

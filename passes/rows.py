@@ -171,7 +171,8 @@ def row_rule(node: torch.fx.Node, d: int) -> dict[torch.fx.Node, object] | None:
     except SplitReduction:
         return None
     if axes is None:
-        return None
+        merged = _merged_rows(node, d)
+        return None if merged is None else {node.args[0]: RowReq(merged[0], "up", factor=merged[1])}
     req = {}
     for p, a in axes.items():
         if a is WHOLE:
@@ -181,6 +182,23 @@ def row_rule(node: torch.fx.Node, d: int) -> dict[torch.fx.Node, object] | None:
         else:
             return None
     return req
+
+
+def _merged_rows(node: torch.fx.Node, d: int) -> tuple[int, int] | None:
+    """``(input dim, factor)`` when reshape ``node`` merges an input dim with the dims after it into its output dim
+    ``d`` (depth-to-space: LTX-Video's and Mochi's upsamplers, ``(.., H, p, ..) -> (.., H * p, ..)``): output rows
+    ``[a, b)`` come from input rows ``[a // p, ceil(b / p))``, as a nearest upsampling's. None otherwise."""
+    if ops.of(node).family != "reshape" or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    x = node.args[0]
+    for gi, gj in view_groups(shape(x), shape(node)) or []:
+        if d in gj:
+            outs = [j for j in gj if shape(node)[j] != 1]
+            ins = [i for i in gi if shape(x)[i] != 1]
+            if outs != [d] or len(ins) < 2:
+                return None
+            return ins[0], math.prod(shape(x)[i] for i in ins[1:])
+    return None
 
 
 @dataclass
@@ -643,6 +661,17 @@ class _PassBuilder:
                 args = (reads[0], Stats(self.norm_key[n]), groups,
                         mapped(w) if isinstance(w, torch.fx.Node) else None,
                         mapped(bias) if isinstance(bias, torch.fx.Node) else None, eps)
+        elif family == "reshape" and reqs[n.args[0]].kind == "up":  # depth-to-space: whole input rows, narrowed
+            x = n.args[0]
+            r = reqs[x]
+            pa, pb, _, _ = r.needed(lo, hi, seg.rows[x])
+            nbytes = (pb - pa) * r.factor * _row_bytes(n, seg)
+            if self.emit:
+                args, kwargs = sliced_args(n, SliceAxis(d, 1), (pb - pa) * r.factor)
+                fn = ops.RESHAPE if n.target in (ops.VIEW, ops.UNSAFE_VIEW) else n.target
+                args = torch.fx.node.map_arg(args, mapped)
+                if lo - pa * r.factor or hi - lo != (pb - pa) * r.factor:
+                    post = (d, lo - pa * r.factor, hi - lo)
         elif folded_pad(n, d) is not None:
             if self.emit:  # its other dims padded as in the graph; the convolutions pad the rows
                 fn, kwargs = F.pad, {}

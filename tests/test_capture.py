@@ -86,6 +86,20 @@ def test_parts_of_a_split_are_slices_of_its_input():
         assert torch.equal(got, ref)
 
 
+def test_values_nothing_reads_are_not_in_the_graph():
+    """A value the module computes and drops (a causal convolution's cache after the last chunk) is not captured:
+    it would be held, and a value leaving a row-streamed segment stops it."""
+
+    class Drops(nn.Module):
+        def forward(self, x):
+            y = x.sin()
+            cache = y[:, -2:].clone()  # noqa: F841 (computed, never read)
+            return y * 2
+
+    gm = capture(Drops(), torch.randn(3, 5))
+    assert not any(n.target is torch.ops.aten.clone.default for n in gm.graph.nodes)
+
+
 def test_capture_failure_names_the_module_and_operation():
     class DataDependent(nn.Module):
         def forward(self, x):

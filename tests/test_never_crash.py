@@ -51,4 +51,5 @@ def test_runs_exactly_or_fails_with_a_named_error(name, mode):
     assert out.shape == ref.shape and out.dtype == ref.dtype
     err = (out - ref).abs().max().item()
     assert err <= RTOL * ref.abs().max().item(), f"max|diff| {err:.3e}"
-    assert compiled.plan.candidate_groups > 0  # grouping ran: every one of these has per-token or per-frame ops
+    # grouping ran (every one of these has per-token or per-frame ops), or row streaming took the whole graph
+    assert compiled.plan.candidate_groups > 0 or any(g.kind == "rows" for g in compiled.plan.groups)

@@ -341,13 +341,19 @@ def test_a_budget_only_rows_reach_is_met_exactly():
     assert any(g.kind == "rows" for g in compiled.plan.groups)
 
 
-def test_hunyuanvideo_vae_decode_streams_its_causal_convolutions_by_rows():
-    """The tiny HunyuanVideo VAE's own decode (replicate-padded causal 3D convolutions, first-frame upsamplers):
-    at the minimum the tail after the mid-block attention is row-streamed, exactly, in what the plan predicts;
-    31% of eager measured here (58% when the upsampler's split stopped the bands, 72% with no pad folded)."""
+# measured here at the minimum, against eager: HunyuanVideo 28% (58% while the upsampler's split stopped the
+# bands, 72% with no pad folded); CogVideoX 17%, from the latent on (45% while its causal convolutions' cache,
+# unread after the last chunk, left every segment)
+VAE_RATIO = {"hunyuan-vae-decode": 0.40, "cogvideox-vae-decode": 0.25}
+
+
+@pytest.mark.parametrize("name", list(VAE_RATIO))
+def test_3d_causal_vae_decodes_stream_by_rows_exactly_in_what_the_plan_predicts(name):
+    """Tiny DiT-era VAEs, each through its own ``decode``: replicate-padded causal 3D convolutions and first-frame
+    upsamplers (HunyuanVideo), SpatialNorm reading the latent in every block (CogVideoX)."""
     from dit_models import build
 
-    built = build("hunyuan-vae-decode")
+    built = build(name)
     compiled = fxstream.compile(built.module)
     with torch.no_grad():
         eager = measure(built.module, *built.args)
@@ -358,5 +364,5 @@ def test_hunyuanvideo_vae_decode_streams_its_causal_convolutions_by_rows():
     assert [g for g in plan.groups if g.kind == "rows" and g.slices > 1]
     predicted = plan.predicted_activation_peak_bytes
     assert abs(got.activation_peak_bytes - predicted) <= 0.1 * predicted, (got.activation_peak_bytes, predicted)
-    assert got.activation_peak_bytes <= 0.40 * eager.activation_peak_bytes, (
+    assert got.activation_peak_bytes <= VAE_RATIO[name] * eager.activation_peak_bytes, (
         got.activation_peak_bytes, eager.activation_peak_bytes)

@@ -1,0 +1,110 @@
+"""Predicted activation memory of one full-size video VAE decode: eager vs fxstream's minimum.
+
+    python benchmarks/vae_plan.py                          # every VAE; writes benchmarks/results/vae_plan.md
+    python benchmarks/vae_plan.py --models cogvideox,mochi --out /tmp/vae_plan.md
+
+Predictions of ``passes/memory.py`` for each VAE's own ``decode`` (every tiling / framewise / frame-batch switch
+off where the class has one: one decode of the whole latent), the VAE built from its class defaults (the
+released configs) on the ``meta`` device (no weights, no GPU): bf16, target CUDA, batch 1, at the pipelines'
+default sizes. Activations only: the weights are resident either way. Plan time is the wall time of
+``fxstream.plan`` (capture included) here, with the plan cache off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ["FXSTREAM_PLAN_CACHE"] = "0"  # plan every time: the plan time is part of the table
+import fxstream  # noqa: E402
+from common import gib, write_results  # noqa: E402
+
+DTYPE = torch.bfloat16
+SWITCHES = ("use_tiling", "use_framewise_decoding", "use_framewise_encoding", "use_slicing")
+
+
+class Decode(torch.nn.Module):
+    """``forward(z) = vae.decode(z).sample``: what the pipelines call."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
+
+
+def _vae(cls_name: str, channels: int, time_factor: int, space_factor: int, first_frame: bool = True):
+    """A builder of ``cls_name`` with its defaults and the latent of ``frames x height x width``."""
+
+    def build(frames: int, height: int, width: int):
+        import diffusers
+
+        vae = getattr(diffusers, cls_name)()
+        for flag in SWITCHES:
+            if hasattr(vae, flag):
+                setattr(vae, flag, False)
+        t = (frames - 1) // time_factor + 1 if first_frame else frames // time_factor
+        return vae, torch.empty(1, channels, t, height // space_factor, width // space_factor, dtype=DTYPE)
+
+    return build
+
+
+# name: (builder, frames, height, width): the pipelines' defaults
+MODELS = {
+    "wan2.1": (_vae("AutoencoderKLWan", 16, 4, 8), 81, 480, 832),
+    "ltx-video": (_vae("AutoencoderKLLTXVideo", 128, 8, 32), 121, 512, 768),
+    "cogvideox": (_vae("AutoencoderKLCogVideoX", 16, 4, 8), 49, 480, 720),
+    "mochi": (_vae("AutoencoderKLMochi", 12, 6, 8), 163, 480, 848),
+    "hunyuanvideo": (_vae("AutoencoderKLHunyuanVideo", 16, 4, 8), 129, 720, 1280),
+}
+
+
+def run(name: str) -> list:
+    builder, frames, height, width = MODELS[name]
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vae, z = builder(frames, height, width)
+        module = Decode(vae.to(DTYPE).eval().requires_grad_(False))
+    start = time.perf_counter()
+    plan = fxstream.plan(module, z, target="cuda")
+    seconds = time.perf_counter() - start
+    eager, low = plan.baseline_activation_peak_bytes, plan.predicted_activation_peak_bytes
+    streamed = [g for g in plan.groups if g.kind == "rows" and g.slices > 1]
+    return [name, f"{frames} x {height}x{width}", tuple(z.shape), gib(eager), gib(low), f"{100 * low / eager:.0f}%",
+            len(streamed), len(plan.sliced_groups) - len(streamed), f"{seconds:.0f}",
+            f"{plan.peak_node} in {plan.peak_module_path or '<top level>'}"]
+
+
+HEADERS = ["VAE decode", "frames x size", "latent", "eager act. GiB", "fxstream min act. GiB", "min / eager",
+           "row-streamed segments", "sliced groups", "plan s", "bounded at"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "vae_plan.md"))
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.models.split(","):
+        rows.append(run(name))
+        print(tabulate([rows[-1]], HEADERS), flush=True)
+    table = tabulate(rows, HEADERS, tablefmt="github")
+    print(table)
+    write_results(args.out, "Full-size video VAE decodes: predicted activation peak, eager vs fxstream",
+                  ["Predicted on meta (bf16, target CUDA, batch 1, one decode of the whole latent); see "
+                   "benchmarks/vae_plan.py.", "", table])
+
+
+if __name__ == "__main__":
+    main()
