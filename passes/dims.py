@@ -405,6 +405,12 @@ def expand(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     return {x: broadcast_operand(x, shape(node), axis)}
 
 
+def expand_as(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    """expand_as(x, other): ``x`` broadcast to ``other``'s shape; ``other`` gives only its shape, read alike."""
+    x, other = node.args[0], node.args[1]
+    return {x: broadcast_operand(x, shape(node), axis), other: SliceAxis(axis.dim, axis.unit)}
+
+
 def select(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     x = node.args[0]
     d = _norm_dim(node.args[1], len(shape(x)))

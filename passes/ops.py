@@ -20,7 +20,7 @@ One :class:`OpInfo` per overload, read by every pass; an op missing from the tab
     arguments), ``upsample`` (nearest: a row range maps to fewer input rows), ``group_norm`` (statistics
     span the rows: split reductions, row passes), ``sdpa`` (backend workspace), ``reshape`` (shape-spelling
     views: a band keeps the row dim whole or copies), ``pad`` (``F.pad``: row streaming folds it into the halo
-    of the convolutions that read it).
+    of the convolutions that read it), ``join`` (``cat``: a decode loop joins its chunks' outputs with it).
 ``sizes``
     which argument spells out the output's sizes, rewritten for a slice: ``"shape"`` (the second) or
     ``"unflatten"`` (the sizes the dim is unflattened into).
@@ -131,6 +131,7 @@ _add([aten.group_norm.default], dims=d.group_norm, family="group_norm")
 _add([aten.layer_norm.default, aten.rms_norm.default], dims=d.leading(lambda n: len(n.args[1])))
 _add([aten.softmax.int, aten._softmax.default, aten.log_softmax.int], dims=d.kept_dims(1, "dim", None))
 _add([aten.mean.dim, aten.sum.dim_IntList, aten.amax.default], dims=d.kept_dims(1, "dim", 2))
+_add([aten.linalg_vector_norm.default], dims=d.kept_dims(2, "dim", 3))  # (x, ord, dim, keepdim): Wan's RMS norm
 _add([aten.var.correction], dims=d.kept_dims(1, "dim", 3))
 
 _add([aten.view.default, aten._unsafe_view.default], dims=d.reshape, alias=Alias.VIEW, layout=True,
@@ -148,16 +149,19 @@ _add([aten.broadcast_to.default], dims=d.expand, alias=Alias.VIEW, sizes="shape"
 _add([aten.select.int], dims=d.select, alias=Alias.VIEW, layout=True, write_back=aten.select_scatter.default)
 _add([aten.slice.Tensor], dims=d.slice_rule, alias=Alias.VIEW, layout=True, write_back=aten.slice_scatter.default)
 _add([aten.movedim.int], dims=d.movedim, alias=Alias.VIEW, layout=True)
-_add([aten.expand_as.default, aten.narrow.default, aten.as_strided.default, aten.view_as.default,
+_add([aten.expand_as.default], dims=d.expand_as, alias=Alias.VIEW, layout=True)
+_add([aten.narrow.default, aten.as_strided.default, aten.view_as.default,
       aten.diagonal.default, aten.unfold.default], alias=Alias.VIEW)
 _add([aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default], dims=d.split_like, alias=Alias.VIEWS)
 _add([aten.unbind.int], dims=d.unbind, alias=Alias.VIEWS)
 _add([aten.tensor_split.sections, aten.tensor_split.indices], alias=Alias.VIEWS)
-_add([aten.cat.default, aten.concatenate.default], dims=d.joined(stacked=False))
+_add([aten.cat.default, aten.concatenate.default], dims=d.joined(stacked=False), family="join")
 _add([aten.stack.default], dims=d.joined(stacked=True))
 _add([operator.getitem], dims=d.getitem)
+# nearest-exact maps output row r to input row floor((r + 1/2) / f): r // f for an integer factor f, as nearest
 _add([aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default, aten.upsample_nearest3d.vec,
-      aten.upsample_nearest3d.default], dims=d.upsample, family="upsample")
+      aten.upsample_nearest3d.default, aten._upsample_nearest_exact2d.vec, aten._upsample_nearest_exact2d.default,
+      aten._upsample_nearest_exact3d.vec, aten._upsample_nearest_exact3d.default], dims=d.upsample, family="upsample")
 _add([aten.upsample_bilinear2d.vec], dims=d.upsample)
 _add([aten.repeat_interleave.self_int], dims=d.repeat_interleave)
 _add([aten.repeat.default], dims=d.repeat)

@@ -35,6 +35,7 @@ where the streamed tail starts, where it is cut, and how many bands each segment
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +45,8 @@ import torch.nn.functional as F
 from fxstream.runtime.rows import Band, Ext, RowStream, Stats, group_norm_rows
 from fxstream.runtime.sliced import slice_bounds
 from passes import ops
-from passes.dims import WHOLE, SliceAxis, SplitReduction, arg, input_axes, shape, sliced_args, val, view_groups
+from passes.dims import (WHOLE, SliceAxis, SplitReduction, arg, input_axes, pointwise, shape, sliced_args, val,
+                         view_groups)
 from passes.memory import live_curve, returns_alias
 from passes.meta import aliases_input, module_path, node_info, tensor_bytes
 from passes.ops import conv_params
@@ -203,7 +205,12 @@ def _merged_rows(node: torch.fx.Node, d: int) -> tuple[int, int] | None:
 
 @dataclass
 class RowSegment:
-    """A stretch of the graph from one full-size tensor (``input``) to another (``output``), banded by rows."""
+    """A stretch of the graph from one full-size tensor (``input``) to another (``output``), banded by rows.
+
+    A chunk of a decode loop (Wan's per-latent-frame decoder, CogVideoX's frame batches) also reads the causal
+    convolutions' cache of the chunk before and makes its own for the next: ``side_inputs`` are tensors made
+    outside the segment that it reads by bands (held whole by the caller), ``side_outputs`` nodes of the segment
+    that are read outside it, written band by band into full-size tensors as the output is."""
 
     input: torch.fx.Node
     output: torch.fx.Node
@@ -211,10 +218,12 @@ class RowSegment:
     row_dim: dict[torch.fx.Node, int]
     rows: dict[torch.fx.Node, int]
     reqs: dict[torch.fx.Node, dict[torch.fx.Node, object]]
-    externals: list[torch.fx.Node]  # read whole
+    externals: list[torch.fx.Node]  # read whole (the side inputs among them)
     level: dict[torch.fx.Node, int]  # the pass from which a node can run (GroupNorms: after their statistics)
     length: int  # band positions: every node's rows are a multiple of it
     norms: list[torch.fx.Node] = field(default_factory=list)
+    side_inputs: list[torch.fx.Node] = field(default_factory=list)
+    side_outputs: list[torch.fx.Node] = field(default_factory=list)
     memo: dict[str, dict] = field(default_factory=dict, repr=False)  # per-node facts the planner reuses
     shared: dict = field(default_factory=dict, repr=False)  # facts shared by the segments of one analysis
 
@@ -254,7 +263,8 @@ class RowAnalysis:
         self._segments: dict[tuple[str, str], RowSegment | None] = {}
         self._shared: dict = {}  # segment_estimate's statistics passes, shared by segments from one input
         self._rules: dict[tuple[torch.fx.Node, int], dict | None] = {}
-        self._cuts: list[torch.fx.Node] | None = None
+        self._cuts: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        self._ends: list[torch.fx.Node] | None = None
 
     def rule(self, n: torch.fx.Node, d: int) -> dict[torch.fx.Node, object] | None:
         """:func:`row_rule`, memoised (every segment through ``n`` asks it)."""
@@ -277,12 +287,61 @@ class RowAnalysis:
         return self._down[c]
 
     def segment(self, c_in: torch.fx.Node, c_out: torch.fx.Node) -> RowSegment | None:
+        """The segment from ``c_in`` to ``c_out``: the output's :meth:`region` where ``c_in`` is its first input,
+        else what lies between them."""
         key = (c_in.name, c_out.name)
         if key not in self._segments:
-            seg = self._segments[key] = self._build(c_in, c_out)
+            region = self.region() if c_out is self.graph_output else None
+            seg = region if region is not None and region.input is c_in else self._build(c_in, c_out)
             if seg is not None:
                 seg.shared = self._shared
+            self._segments[key] = seg
         return self._segments[key]
+
+    def region(self) -> RowSegment | None:
+        """Everything the graph's output needs that no band-barrier needs, as one segment (or None): a decode
+        loop's chunks each pass a barrier (Wan's per-frame attention in every chunk's mid-block), so no tail
+        after the last one covers the earlier chunks; their tails are one segment that reads every chunk's
+        mid-block output (the first its input, the others side inputs, by bands) and runs all chunks' up
+        blocks band by band, their causal caches a band's rows at a time."""
+        if "region" in self._shared:
+            return self._shared["region"]
+        self._shared["region"] = None
+        out = self.graph_output
+        if out is None or len(self.ends()) < 2:
+            return None  # a tail without chunks: the chains of segments between cut points
+        need: set[torch.fx.Node] = set()
+        stack = [out]
+        while stack:
+            n = stack.pop()
+            if n not in need:
+                need.add(n)
+                stack.extend(n.all_input_nodes)
+        upstream: set[torch.fx.Node] = set()
+        stack = [n for n in need if self._barrier(n)]
+        if not stack:
+            return None
+        while stack:
+            n = stack.pop()
+            if n not in upstream:
+                upstream.add(n)
+                stack.extend(n.all_input_nodes)
+        seg = {n for n in need - upstream if n.op == "call_function"}
+        if not seg:
+            return None
+        self._pull_copies(seg, out)
+        nodes = sorted(seg, key=self.index.__getitem__)
+        if any(n is not out and any(u not in seg for u in n.users) for n in nodes):
+            return None
+        inputs = sorted({p for n in nodes for p in n.all_input_nodes if p not in seg and p.op != "get_attr"
+                         and isinstance(val(p), torch.Tensor) and val(p).dim() >= 3}, key=self.index.__getitem__)
+        for c_in in inputs[:1]:
+            for d_in in range(2, val(c_in).dim()):
+                built = self._dims(c_in, d_in, nodes)
+                if built is not None and len(built.side_inputs) + 1 >= len(inputs) // 2:
+                    self._shared["region"] = built
+                    return built
+        return None
 
     def _build(self, c_in: torch.fx.Node, c_out: torch.fx.Node, limit: bool = True) -> RowSegment | None:
         down = self.downstream(c_in)
@@ -296,49 +355,82 @@ class RowAnalysis:
                 continue
             seg.add(n)
             stack.extend(n.all_input_nodes)
-        for n in seg:
-            if n is not c_out and any(u not in seg for u in n.users):
-                return None  # a value other than the output leaves the segment
+        self._pull_copies(seg, c_in)
         nodes = sorted(seg, key=self.index.__getitem__)
+        leaving = [n for n in nodes if n is not c_out and any(u not in seg for u in n.users)]
+        if any(not isinstance(val(n), torch.Tensor) or ops.of(n).alias is not ops.Alias.NONE for n in leaving):
+            return None  # a value leaving the segment must be a tensor of its own, written band by band
         for d_in in range(2, val(c_in).dim()):
             built = self._dims(c_in, d_in, nodes, limit)
             if built is not None:
+                built.side_outputs = leaving
                 return built
         return None
+
+    @staticmethod
+    def _pull_copies(seg: set[torch.fx.Node], c_in: torch.fx.Node) -> None:
+        """Add to ``seg`` the copies taken of its values through views (a causal convolution's cache,
+        ``x[:, :, -2:].clone()``, read by the next chunk): the segment then hands out the copy, a few frames,
+        instead of the whole value it was taken from."""
+        for n in [c_in, *seg]:
+            stack = [(u, ()) for u in n.users]
+            while stack:
+                u, chain = stack.pop()
+                if u in seg or u.op != "call_function":
+                    continue
+                if u.target is ops.CLONE:
+                    if all(set(v.users) <= {*chain, u} for v in chain):  # no view of it leaves
+                        seg.update((*chain, u))
+                elif ops.of(u).alias is ops.Alias.VIEW and len(u.all_input_nodes) == 1:
+                    stack.extend((w, (*chain, u)) for w in u.users)
 
     def _dims(self, c_in, d_in, nodes, limit: bool = True) -> RowSegment | None:
         row_dim = {c_in: d_in}
         rows = {c_in: shape(c_in)[d_in]}
         reqs: dict = {}
         externals: list[torch.fx.Node] = []
+        sides: list[torch.fx.Node] = []
+        inside = set(nodes)
         for n in nodes:
             ins = n.all_input_nodes
             found = None
-            for d in range(2, len(shape(n) or ())):
+            # the input's row dim first: a side input takes the dim its first reader bands it along
+            for d in sorted(range(2, len(shape(n) or ())), key=lambda d: d != d_in):
                 r = self.rule(n, d)
                 if r is None or any(p not in r for p in ins if isinstance(val(p), torch.Tensor)):
                     continue
                 ok = True
+                new_sides = {}
                 for p in ins:
                     a = r.get(p)
-                    if p in row_dim:
-                        if not isinstance(a, RowReq) or a.dim != row_dim[p]:
+                    if isinstance(a, RowReq) and p not in row_dim:  # made outside: a side input, read by bands
+                        if p.op == "get_attr" or a.dim >= len(shape(p) or ()):
                             ok = False
-                        elif rows[p] * (a.factor if a.kind == "up" else 1) != logical_rows(n, d):
+                            break
+                        new_sides[p] = a.dim
+                        rows_p = shape(p)[a.dim]
+                    elif p in row_dim:
+                        rows_p = rows[p]
+                    if isinstance(a, RowReq):
+                        dim_p = new_sides.get(p, row_dim.get(p))
+                        if a.dim != dim_p or rows_p * (a.factor if a.kind == "up" else 1) != logical_rows(n, d):
                             ok = False
-                    elif isinstance(a, RowReq):
-                        ok = False  # a second full-size input would have to be banded too
+                    elif p in row_dim:
+                        ok = False
                     if not ok:
                         break
                 if ok:
-                    found = (d, r)
+                    found = (d, r, new_sides)
                     break
             if found is None:
                 return None
-            d, r = found
+            d, r, new_sides = found
+            for p, dim_p in new_sides.items():
+                row_dim[p], rows[p] = dim_p, shape(p)[dim_p]
+                sides.append(p)
             row_dim[n], rows[n], reqs[n] = d, logical_rows(n, d), r
             for p in ins:
-                if p not in row_dim and p not in externals:
+                if p not in inside and p is not c_in and p not in externals:
                     externals.append(p)
         length = math.gcd(*rows.values())
         level = {c_in: 0}
@@ -351,7 +443,8 @@ class RowAnalysis:
             level[n] = lv
         if limit and level[nodes[-1]] + 1 > MAX_PASSES:
             return None
-        return RowSegment(c_in, nodes[-1], nodes, row_dim, rows, reqs, externals, level, length, norms)
+        return RowSegment(c_in, nodes[-1], nodes, row_dim, rows, reqs, externals, level, length, norms,
+                          side_inputs=sides)
 
     def _barrier(self, n: torch.fx.Node) -> bool:
         """A node no band can pass: along every dim it needs a large input whole (attention keys, a
@@ -365,30 +458,53 @@ class RowAnalysis:
                 return False
         return True
 
-    def cut_points(self) -> list[torch.fx.Node]:
-        """Tensors from which the rest of the graph can be row-streamed, in graph order: after the last node
-        no band can pass, the graph's inputs and the last such tensor of each block (:func:`_block_keys`),
-        skipping views."""
-        if self._cuts is None:
-            self._cuts = self._cut_points()
-        return list(self._cuts)
+    def ends(self) -> list[torch.fx.Node]:
+        """Where streamed tails can end, in graph order: the graph's output and, where it joins chunks along a
+        dim (a decode loop's ``cat`` of its chunks' outputs, then a ``clamp``), each chunk's output."""
+        if self._ends is None:
+            found: list[torch.fx.Node] = []
+            stack = [self.graph_output] if self.graph_output is not None else []
+            while stack:
+                n = stack.pop()
+                if n in found:
+                    continue
+                found.append(n)
+                tensors = [p for p in n.all_input_nodes if isinstance(val(p), torch.Tensor) and p.op != "get_attr"]
+                if n.op == "call_function" and (ops.of(n).family == "join" or (
+                        len(tensors) == 1 and ops.of(n).dims is pointwise)):
+                    stack.extend(tensors)
+            self._ends = sorted(found, key=self.index.__getitem__)
+        return list(self._ends)
 
-    def _cut_points(self) -> list[torch.fx.Node]:
-        if self.graph_output is None:
+    def cut_points(self, end: torch.fx.Node | None = None) -> list[torch.fx.Node]:
+        """Tensors from which the graph can be row-streamed up to ``end`` (the graph's output by default), in
+        graph order: after the last node before ``end`` no band can pass (and after the end before it), the
+        graph's inputs and the last such tensor of each block (:func:`_block_keys`), skipping views."""
+        end = self.graph_output if end is None else end
+        if end is None:
             return []
+        if end not in self._cuts:
+            self._cuts[end] = self._cut_points(end)
+        return list(self._cuts[end])
+
+    def _cut_points(self, end: torch.fx.Node) -> list[torch.fx.Node]:
         first = 0
-        for i in range(self.index[self.graph_output], -1, -1):
+        for i in range(self.index[end], -1, -1):
             if self._barrier(self.order[i]):
                 first = i + 1
                 break
+        earlier = [e for e in self.ends() if self.index[e] < self.index[end] and e not in end.all_input_nodes]
+        if end is not self.graph_output and earlier:
+            first = max(first, self.index[earlier[-1]] + 1)  # a chunk's tail starts after the chunk before
+        region = self.order[first:self.index[end] + 1]
         best: dict[str, torch.fx.Node] = {}
-        keys = _block_keys(self.order[first:])
-        for n in self.order[first:]:
+        keys = _block_keys(region)
+        for n in region:
             if n.op not in ("call_function", "placeholder") or not isinstance(val(n), torch.Tensor) or val(n).dim() < 3:
                 continue
             if ops.of(n).layout and aliases_input(n):
                 continue
-            if self._build(n, self.graph_output, limit=False) is None:
+            if n is end or self._build(n, end, limit=False) is None:
                 continue  # (a tail with too many passes for one segment is still a start: the chain cuts it)
             best[n.name if n.op == "placeholder" else keys.get(n, "")] = n
         return sorted(best.values(), key=self.index.__getitem__)
@@ -457,13 +573,16 @@ def computed_rows(seg: RowSegment, j: int, end: int) -> dict[torch.fx.Node, int]
     for g in seg.stats_targets(j):
         up(g.args[0], end * seg.unit(g.args[0]))
     if j == seg.num_passes - 1:
-        up(seg.output, end * seg.unit(seg.output))
+        for o in (seg.output, *seg.side_outputs):
+            up(o, end * seg.unit(o))
     for n in reversed(seg.nodes):
         if n in hi:
             for p, r in seg.reqs[n].items():
                 if isinstance(r, RowReq):
                     up(p, r.needed(0, hi[n], seg.rows[p])[1])
     hi.pop(seg.input, None)
+    for p in seg.side_inputs:
+        hi.pop(p, None)
     return hi
 
 
@@ -476,7 +595,7 @@ def _buffer_starts(seg: RowSegment, order, before: dict, now: dict) -> dict[torc
         if b <= a:
             continue
         for p, r in seg.reqs[n].items():
-            if isinstance(r, RowReq) and p is not seg.input:
+            if isinstance(r, RowReq) and p is not seg.input and p not in seg.side_inputs:
                 start[p] = min(start[p], r.needed(a, b, seg.rows[p])[0])
     return start
 
@@ -526,6 +645,9 @@ class _PassBuilder:
         self.carry: dict[torch.fx.Node, int] = {}  # node -> slot with its rows kept from the previous band
         self.order: list[torch.fx.Node] | None = None
         self._hi: dict[int, dict] = {}
+        # side inputs: negative slots, bound to the whole tensors before the bands; outputs: the output first
+        self.side_slot = {p: -1 - i for i, p in enumerate(seg.side_inputs)}
+        self.out_index = {o: k for k, o in enumerate((seg.output, *seg.side_outputs))}
 
     def new_slot(self) -> int:
         self.counter += 1
@@ -554,13 +676,16 @@ class _PassBuilder:
         def rows_of(p, a, b):
             if p is seg.input:
                 return Band(0, seg.row_dim[p], a, b - a)
+            if p in self.side_slot:
+                return Band(self.side_slot[p], seg.row_dim[p], a, b - a)
             return Band(buf[p], seg.row_dim[p], a - start[p], b - a)
 
         for g in self.targets:
-            if g.args[0] is seg.input:
-                oa, ob = seg.own(seg.input, a_pos, b_pos)
-                prog.append(("stats", self.norm_key[g], rows_of(seg.input, oa, ob), g.args[1],
-                             (ob - oa) * _row_bytes(seg.input, seg)))
+            x = g.args[0]
+            if x is seg.input or x in self.side_slot:
+                oa, ob = seg.own(x, a_pos, b_pos)
+                prog.append(("stats", self.norm_key[g], rows_of(x, oa, ob), g.args[1],
+                             (ob - oa) * _row_bytes(x, seg)))
         for n in order:
             a, b = before.get(n, 0), now[n]
             d = seg.row_dim[n]
@@ -585,8 +710,8 @@ class _PassBuilder:
                     if g.args[0] is n:  # the statistics copy a band narrowed out of a wider buffer
                         copy = (b - a) * _row_bytes(n, seg) if start[n] < a else 0
                         prog.append(("stats", self.norm_key[g], rows_of(n, a, b), g.args[1], copy))
-                if self.final and n is seg.output:
-                    prog.append(("out", rows_of(n, a, b), (a, b - a)))
+                if self.final and n in self.out_index:
+                    prog.append(("out", rows_of(n, a, b), (a, b - a), self.out_index[n]))
         keep = {}
         if nxt is not None:
             for n, slot in buf.items():
@@ -707,7 +832,7 @@ class _PassBuilder:
             last.setdefault(s, -1)
         dies: dict[int, list[int]] = {}
         for s, i in last.items():
-            if s != 0:
+            if s > 0:  # slot 0 and the side inputs' are the caller's
                 dies.setdefault(i, []).append(s)
         out: list[tuple] = []
         if -1 in dies:
@@ -849,7 +974,8 @@ class RowChoice:
 
     @property
     def boundary_bytes(self) -> int:
-        return tensor_bytes(val(self.segment.input)) + tensor_bytes(val(self.segment.output))
+        seg = self.segment
+        return sum(tensor_bytes(val(n)) for n in (seg.input, seg.output, *seg.side_inputs, *seg.side_outputs))
 
     @property
     def bytes(self) -> int:
@@ -876,11 +1002,12 @@ def best_bands(seg: RowSegment, goal: int | None) -> RowChoice | None:
 
 
 def chain(analysis: RowAnalysis, start: torch.fx.Node, cuts: list[torch.fx.Node], goal: int | None,
-          slack: float = 0.02, floor: int = 0) -> list[RowChoice] | None:
+          slack: float = 0.02, floor: int = 0, end: torch.fx.Node | None = None) -> list[RowChoice] | None:
     """Segments from ``start`` to the graph's output through some of ``cuts``: each under ``goal`` bytes with
     the least work (``goal`` None: the lowest reachable maximum or ``floor``, whichever is higher, within
     ``slack``, then the least work)."""
-    points = [start] + [c for c in cuts if analysis.index[c] > analysis.index[start]] + [analysis.graph_output]
+    end = analysis.graph_output if end is None else end
+    points = [start] + [c for c in cuts if analysis.index[start] < analysis.index[c] < analysis.index[end]] + [end]
     points = list(dict.fromkeys(points))
     choices: dict[tuple[int, int], RowChoice | None] = {}
 
@@ -939,6 +1066,13 @@ def choose_tail(analysis: RowAnalysis, prefix_peak, goal: int | None, slack: flo
     recomputation); without, the start with the lowest overall peak, ties (within ``slack``) going to the
     least work.
     """
+    region = analysis.region()
+    if region is not None:
+        c = best_bands(region, goal)
+        if c is not None:
+            return [c]
+    if len(analysis.ends()) > 1:
+        return _chunk_tails(analysis)
     cuts = analysis.cut_points()
     found = []
     for c0 in reversed(cuts):
@@ -959,6 +1093,30 @@ def choose_tail(analysis: RowAnalysis, prefix_peak, goal: int | None, slack: flo
     return min((f for f in found if f[0] <= low * (1 + slack)), key=lambda f: f[1])[2]
 
 
+def _chunk_tails(analysis: RowAnalysis, slack: float = 0.02) -> list[RowChoice] | None:
+    """A decode loop's chunks, each streamed on its own: from the last end back, the lowest-memory chain to each
+    end (ties within ``slack`` to the least work) whose segments share no node with those already chosen."""
+    chosen: list[RowChoice] = []
+    taken: set[torch.fx.Node] = set()
+    for end in reversed(analysis.ends()):
+        if end in taken:
+            continue
+        cuts = analysis.cut_points(end)
+        found = []
+        for c0 in cuts[:1]:  # from the chunk's first cut: what it computes before would not be streamed
+            ch = chain(analysis, c0, cuts, None, slack=slack, end=end)
+            if ch is not None and not any(n in taken for c in ch for n in c.segment.nodes):
+                found.append((max(c.bytes for c in ch), sum(c.cost for c in ch), ch))
+        if not found:
+            continue
+        low = min(t for t, _, _ in found)
+        best = min((f for f in found if f[0] <= low * (1 + slack)), key=lambda f: f[1])[2]
+        chosen.extend(best)
+        taken.update(n for c in best for n in c.segment.nodes)
+    chosen.sort(key=lambda c: analysis.index[c.segment.output])
+    return chosen or None
+
+
 def outline(gm: torch.fx.GraphModule, choices: list[RowChoice]) -> torch.fx.GraphModule:
     """Replace each chosen segment of ``gm`` (in place) by a ``call_module`` to a :class:`RowStream`."""
     from passes.slicing import stable_topological_sort
@@ -972,19 +1130,34 @@ def outline(gm: torch.fx.GraphModule, choices: list[RowChoice]) -> torch.fx.Grap
         name = "rows_" + "".join(ch if ch.isalnum() else "_" for ch in module_path(seg.nodes[0]) or seg.input.name)
         while hasattr(gm, name):
             name += "_"
+        sides = tuple((tuple(val(o).shape), val(o).dtype, seg.row_dim[o]) for o in seg.side_outputs)
+        slots = tuple((-1 - i, externals.index(p)) for i, p in enumerate(seg.side_inputs))
         module = RowStream(seg.name, programs, tuple(out.shape), out.dtype, seg.row_dim[seg.output],
-                           seg.num_passes, c.bands)
+                           seg.num_passes, c.bands, side_outputs=sides, sides=slots)
         gm.add_submodule(name, module)
         with graph.inserting_after(seg.output):
-            call = graph.call_module(name, (replaced.get(seg.input, seg.input), *externals))
-        call.meta["val"] = out
+            call = graph.call_module(name, (replaced.get(seg.input, seg.input),
+                                            *(replaced.get(p, p) for p in externals)))
+        call.meta["val"] = (out, *(val(o) for o in seg.side_outputs)) if seg.side_outputs else out
         call.meta["nn_module_stack"] = seg.output.meta.get("nn_module_stack", {})
         info = node_info(call)
         info.group = f"rows:{seg.name}"
         # the programs that will run, simulated (the planner's trials simulated their first two bands)
         info.workspace_bytes = max((simulate(p) for p in programs), default=c.workspace_bytes)
-        seg.output.replace_all_uses_with(call)
-        replaced[seg.output] = call
+        if seg.side_outputs:
+            items = []
+            with graph.inserting_after(call):
+                for k in reversed(range(1 + len(seg.side_outputs))):
+                    item = graph.call_function(operator.getitem, (call, k))
+                    item.meta["val"] = call.meta["val"][k]
+                    item.meta["nn_module_stack"] = call.meta["nn_module_stack"]
+                    items.insert(0, item)
+            for o, item in zip((seg.output, *seg.side_outputs), items):
+                o.replace_all_uses_with(item)
+                replaced[o] = item
+        else:
+            seg.output.replace_all_uses_with(call)
+            replaced[seg.output] = call
         for n in reversed(seg.nodes):
             graph.erase_node(n)
     stable_topological_sort(graph)

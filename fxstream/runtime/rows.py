@@ -1,6 +1,7 @@
 """The runtime of a row-streamed segment: run a stretch of the graph band of rows by band of rows.
 
-A segment (see :mod:`passes.rows`) reads one full-size tensor and writes one; in between, every node runs on
+A segment (see :mod:`passes.rows`) reads one full-size tensor and writes one (a chunk of a decode loop also
+reads the convolution cache of the chunk before by bands, and writes its own: side inputs and outputs); in between, every node runs on
 a band of its rows. Bands run top to bottom and each computes only rows no earlier band computed; the rows
 above a band that a convolution reads are kept from the previous band. Normalisations whose statistics span
 the rows run in several passes over the bands: statistics first (combined exactly across bands), values
@@ -17,8 +18,9 @@ Program instructions (tuples; trailing fields are the planner's byte counts, ign
 ``("stats", key, band, groups, nbytes)``
     GroupNorm statistics of ``band`` (rows this band computed first, never rows kept from the previous
     band), combined into ``key``.
-``("out", band, (start, length))``
-    the segment's output rows ``[start, start + length)``, owned by this band, written into the output.
+``("out", band, (start, length), k)``
+    rows ``[start, start + length)`` of output ``k`` (0: the segment's output; then its side outputs), owned by
+    this band, written into it.
 ``("free", slots)``
     drop slots no later instruction of this band reads.
 """
@@ -77,10 +79,12 @@ def group_norm_rows(x: torch.Tensor, stats: torch.Tensor, num_groups: int, weigh
 
 
 class RowStream(nn.Module):
-    """Runs one row-streamed segment: ``forward(segment_input, *whole_inputs) -> segment_output``."""
+    """Runs one row-streamed segment: ``forward(segment_input, *whole_inputs) -> segment_output``, or the tuple
+    ``(segment_output, *side_outputs)`` when it has side outputs. ``sides`` pairs each negative slot the programs
+    read side inputs from by bands with the whole input it is."""
 
     def __init__(self, name: str, programs: list[list[tuple]], out_shape: tuple[int, ...], out_dtype: torch.dtype,
-                 out_dim: int, num_passes: int, bands: int):
+                 out_dim: int, num_passes: int, bands: int, side_outputs: tuple = (), sides: tuple = ()):
         super().__init__()
         self.segment_name = name
         self.programs = programs  # one per pass, its bands in order
@@ -89,9 +93,13 @@ class RowStream(nn.Module):
         self.out_dim = out_dim
         self.num_passes = num_passes
         self.bands = bands
+        self.side_outputs = tuple(side_outputs)  # (shape, dtype, row dim) of each
+        self.sides = tuple(sides)  # (slot, index into the whole inputs)
 
-    def forward(self, x: torch.Tensor, *whole: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=x.device)
+    def forward(self, x: torch.Tensor, *whole: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outs = [torch.empty(self.out_shape, dtype=self.out_dtype, device=x.device)]
+        outs += [torch.empty(shape, dtype=dtype, device=x.device) for shape, dtype, _ in self.side_outputs]
+        dims = [self.out_dim] + [d for _, _, d in self.side_outputs]
         stats: dict[int, torch.Tensor] = {}
 
         def value(a: Any, env: dict[int, torch.Tensor]) -> Any:
@@ -108,6 +116,8 @@ class RowStream(nn.Module):
 
         for program in self.programs:  # one per pass
             env: dict[int, torch.Tensor] = {0: x}
+            for slot, i in self.sides:
+                env[slot] = whole[i]
             for ins in program:
                 kind = ins[0]
                 if kind == "op":
@@ -124,10 +134,10 @@ class RowStream(nn.Module):
                     part = group_norm_partial(value(band, env), groups)
                     stats[key] = part if key not in stats else combine_partials(stats[key], part)
                 else:  # "out"
-                    _, band, (start, length) = ins
-                    out.narrow(self.out_dim, start, length).copy_(value(band, env))
+                    _, band, (start, length), k = ins
+                    outs[k].narrow(dims[k], start, length).copy_(value(band, env))
             del env
-        return out
+        return tuple(outs) if self.side_outputs else outs[0]
 
     def extra_repr(self) -> str:
         return f"segment={self.segment_name!r}, bands={self.bands}, passes={self.num_passes}"
