@@ -394,8 +394,10 @@ class RowAnalysis:
         for n in nodes:
             ins = n.all_input_nodes
             found = None
-            # the input's row dim first: a side input takes the dim its first reader bands it along
-            for d in sorted(range(2, len(shape(n) or ())), key=lambda d: d != d_in):
+            # the input's row dim (counted from the last: (B*T, C, H, W) next to (B, C, T, H, W)) first: a side
+            # input takes the dim its first reader bands it along
+            nd = len(shape(n) or ())
+            for d in sorted(range(2, nd), key=lambda d: d - nd != d_in - len(shape(c_in))):
                 r = self.rule(n, d)
                 if r is None or any(p not in r for p in ins if isinstance(val(p), torch.Tensor)):
                     continue
