@@ -2,6 +2,11 @@
 
     python benchmarks/vae_plan.py                          # every VAE; writes benchmarks/results/vae_plan.md
     python benchmarks/vae_plan.py --models cogvideox,mochi --out /tmp/vae_plan.md
+    python benchmarks/vae_plan.py --models none            # the tiny decodes only
+
+Two tables. Measured on this CPU: the tiny random-weight configs of ``tests/dit_models.py`` (fp32), eager and
+fxstream at the minimum, through ``fxstream.measure`` (live storage), with the plan's prediction and the error
+against eager's decode. Predicted at full size:
 
 Predictions of ``passes/memory.py`` for each VAE's own ``decode`` (every tiling / framewise / frame-batch switch
 off where the class has one: one decode of the whole latent), the VAE built from its class defaults (the
@@ -24,6 +29,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tiny configs
 
 os.environ["FXSTREAM_PLAN_CACHE"] = "0"  # plan every time: the plan time is part of the table
 import fxstream  # noqa: E402
@@ -86,6 +92,31 @@ def run(name: str) -> list:
             f"{plan.peak_node} in {plan.peak_module_path or '<top level>'}"]
 
 
+TINY = ["wan-vae-decode", "ltx-vae-decode", "cogvideox-vae-decode", "mochi-vae-decode", "hunyuan-vae-decode"]
+TINY_HEADERS = ["tiny VAE decode", "output", "eager KiB", "fxstream min KiB", "predicted KiB", "min / eager",
+                "max rel. error", "row-streamed segments (bands)"]
+
+
+def run_tiny(name: str) -> list:
+    from dit_models import build
+
+    built = build(name)
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        eager = fxstream.measure(built.module, *built.args)
+        compiled = fxstream.compile(built.module)
+        compiled(*built.args)
+        got = fxstream.measure(compiled, *built.args)
+    ref, out = eager.output, got.output
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    plan = compiled.plan
+    streamed = [g.slices for g in plan.groups if g.kind == "rows" and g.slices > 1]
+    return [name, tuple(ref.shape), f"{eager.activation_peak_bytes / 1024:.1f}",
+            f"{got.activation_peak_bytes / 1024:.1f}", f"{plan.predicted_activation_peak_bytes / 1024:.1f}",
+            f"{100 * got.activation_peak_bytes / eager.activation_peak_bytes:.0f}%", f"{err:.1e}",
+            ", ".join(map(str, streamed)) or "-"]
+
+
 HEADERS = ["VAE decode", "frames x size", "latent", "eager act. GiB", "fxstream min act. GiB", "min / eager",
            "row-streamed segments", "sliced groups", "plan s", "bounded at"]
 
@@ -94,15 +125,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "vae_plan.md"))
+    parser.add_argument("--no-tiny", action="store_true", help="skip the tiny decodes measured on this CPU")
     args = parser.parse_args(argv)
+    tiny = [] if args.no_tiny else [run_tiny(name) for name in TINY]
+    tiny_table = tabulate(tiny, TINY_HEADERS, tablefmt="github")
+    print(tiny_table, flush=True)
     rows = []
     for name in args.models.split(","):
-        rows.append(run(name))
-        print(tabulate([rows[-1]], HEADERS), flush=True)
+        if name in MODELS:
+            rows.append(run(name))
+            print(tabulate([rows[-1]], HEADERS), flush=True)
     table = tabulate(rows, HEADERS, tablefmt="github")
     print(table)
-    write_results(args.out, "Full-size video VAE decodes: predicted activation peak, eager vs fxstream",
-                  ["Predicted on meta (bf16, target CUDA, batch 1, one decode of the whole latent); see "
+    write_results(args.out, "DiT-era video VAE decodes: activation peak, eager vs fxstream",
+                  ["Measured on this CPU: tiny configs (fp32, `tests/dit_models.py`), fxstream at the minimum.", "",
+                   tiny_table, "",
+                   "Predicted on meta (bf16, target CUDA, batch 1, one decode of the whole latent); see "
                    "benchmarks/vae_plan.py.", "", table])
 
 

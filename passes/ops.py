@@ -192,6 +192,7 @@ _add([APPLY_OP], dims=d.group_norm_apply)
 # Overloads the rewrites build nodes or programs with.
 GROUP_NORM = aten.group_norm.default
 CONVOLUTION = aten.convolution.default
+SLICE = aten.slice.Tensor
 PAD = aten.pad.default
 CONSTANT_PAD = aten.constant_pad_nd.default
 VIEW = aten.view.default

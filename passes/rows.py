@@ -104,24 +104,60 @@ def _dim_pads(pads: list[int], ndim: int, d: int) -> tuple[int, int]:
 
 
 def folded_pad(node: torch.fx.Node, d: int) -> tuple[int, int, str] | None:
-    """``(before, after, mode)`` when ``node`` pads dim ``d`` only for convolutions that then read the rows
-    they need as a halo: every user a stride-1, undilated convolution of it with padding 0 along ``d`` and a
-    kernel of ``before + after + 1`` there. None otherwise (the pad then changes the rows, and no band passes)."""
+    """``(before, after, mode)`` when ``node`` holds rows padded along ``d`` for convolutions only, which then
+    read the rows they need as a halo: a pad node, or a slice or join of such along another dim (the causal
+    convolutions of CogVideoX and Mochi cut their padded input into overlapping chunks of frames at full size),
+    every user a stride-1, undilated convolution with padding 0 along ``d`` and a kernel of
+    ``before + after + 1`` there, or another such slice or join. None otherwise (the pad then changes the rows,
+    and no band passes)."""
+    if d < 2 or node.op != "call_function":
+        return None
+    info = _pad_origin(node, d)
+    return info if info is not None and _read_by_convolutions(node, d, info) else None
+
+
+def _pad_origin(node: torch.fx.Node, d: int) -> tuple[int, int, str] | None:
+    """The padding along ``d`` that ``node`` holds: a pad node's, or the one its slice / join inputs share."""
     found = _pads(node)
-    if found is None or d < 2:
+    if found is not None:
+        pads, mode = found
+        before, after = _dim_pads(pads, len(shape(node)), d)
+        return None if before == after == 0 or min(before, after) < 0 else (before, after, mode)
+    if _carrier_dim(node, d) is None:
         return None
-    pads, mode = found
-    before, after = _dim_pads(pads, len(shape(node)), d)
-    if before == after == 0 or min(before, after) < 0 or not node.users:
-        return None
+    infos = {_pad_origin(p, d) for p in node.all_input_nodes if isinstance(val(p), torch.Tensor)}
+    return infos.pop() if len(infos) == 1 else None
+
+
+def _read_by_convolutions(node: torch.fx.Node, d: int, info: tuple[int, int, str]) -> bool:
+    if not node.users:
+        return False
     for u in node.users:
+        if _carrier_dim(u, d) is not None:
+            if _pad_origin(u, d) != info or not _read_by_convolutions(u, d, info):
+                return False
+            continue
         p = conv_params(u) if ops.of(u).family == "conv" and u.args[0] is node else None
         if p is None or any(a is node for a in u.args[1:]):
-            return None
+            return False
         i = d - 2
-        if p["stride"][i] != 1 or p["dilation"][i] != 1 or p["padding"][i] or p["kernel"][i] != before + after + 1:
-            return None
-    return before, after, mode
+        if p["stride"][i] != 1 or p["dilation"][i] != 1 or p["padding"][i] or p["kernel"][i] != info[0] + info[1] + 1:
+            return False
+    return True
+
+
+def _carrier_dim(node: torch.fx.Node, d: int) -> int | None:
+    """The dim a slice or join works along, where it is not ``d`` (rows pass through it), else None."""
+    if node.op != "call_function" or not isinstance(val(node), torch.Tensor):
+        return None
+    if node.target is ops.SLICE:
+        dim = arg(node, 1, "dim", 0)
+    elif ops.of(node).family == "join":
+        dim = arg(node, 1, "dim", 0)
+    else:
+        return None
+    dim = dim % len(shape(node))
+    return dim if dim != d else None
 
 
 def logical_rows(node: torch.fx.Node, d: int) -> int:
@@ -135,7 +171,7 @@ def row_rule(node: torch.fx.Node, d: int) -> dict[torch.fx.Node, object] | None:
     t = node.target
     if node.op != "call_function" or not isinstance(val(node), torch.Tensor):
         return None
-    if folded_pad(node, d) is not None:
+    if _pads(node) is not None and folded_pad(node, d) is not None:
         return {node.args[0]: RowReq(d)}
     if ops.of(node).family == "conv":
         p = conv_params(node) if d >= 2 else None
@@ -799,7 +835,7 @@ class _PassBuilder:
                 args = torch.fx.node.map_arg(args, mapped)
                 if lo - pa * r.factor or hi - lo != (pb - pa) * r.factor:
                     post = (d, lo - pa * r.factor, hi - lo)
-        elif folded_pad(n, d) is not None:
+        elif _pads(n) is not None and folded_pad(n, d) is not None:
             if self.emit:  # its other dims padded as in the graph; the convolutions pad the rows
                 fn, kwargs = F.pad, {}
                 pads, mode = _pads(n)

@@ -129,6 +129,34 @@ def test_explicit_pads_before_convolutions_are_halos(mode, bands):
             assert _close(streamed(x), module(x))
 
 
+class ChunkedConv(nn.Module):
+    """The causal convolution of CogVideoX and Mochi at full size: its replicate-padded input cut into chunks of
+    frames that overlap by the kernel's frames, each convolved, the outputs joined."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(4, 4, 3)
+
+    def forward(self, x):
+        x = F.pad(F.silu(x), (1, 1, 1, 1, 2, 0), mode="replicate")
+        return torch.cat([self.conv(x[:, :, :4]), self.conv(x[:, :, 2:])], 2)
+
+
+def test_a_pad_folds_through_the_chunks_of_frames_its_convolutions_read():
+    torch.manual_seed(0)
+    module = ChunkedConv().eval()
+    x = torch.randn(1, 4, 4, 9, 5) + torch.linspace(-2, 2, 9)[None, None, None, :, None]
+    gm = _captured(module, x)
+    analysis = RowAnalysis(gm)
+    seg = analysis.segment(gm.graph.find_nodes(op="placeholder")[0], analysis.graph_output)
+    assert seg is not None
+    chunks = [n for n in seg.nodes if n.target is torch.ops.aten.slice.Tensor]
+    assert len(chunks) == 2 and all(seg.rows[n] == 9 for n in chunks)  # the rows before the padding
+    streamed, _ = _streamed(gm, 3)
+    with torch.no_grad():
+        assert _close(streamed(x), module(x))
+
+
 def test_a_pad_something_else_reads_changes_the_rows():
     """Folding a pad into a convolution's halo is only right when convolutions alone read it."""
 
