@@ -3,6 +3,7 @@
     python benchmarks/vae_plan.py                          # every VAE; writes benchmarks/results/vae_plan.md
     python benchmarks/vae_plan.py --models cogvideox,mochi --out /tmp/vae_plan.md
     python benchmarks/vae_plan.py --models none            # the tiny decodes only
+    python benchmarks/vae_plan.py --tiny none --models wan2.1 --out /tmp/wan.md
 
 Two tables. Measured on this CPU: the tiny random-weight configs of ``tests/dit_models.py`` (fp32), eager and
 fxstream at the minimum, through ``fxstream.measure`` (live storage), with the plan's prediction and the error
@@ -125,9 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "vae_plan.md"))
-    parser.add_argument("--no-tiny", action="store_true", help="skip the tiny decodes measured on this CPU")
+    parser.add_argument("--tiny", default=",".join(TINY), help="tiny decodes measured here, comma-separated "
+                        "(none: skip): " + ", ".join(TINY))
     args = parser.parse_args(argv)
-    tiny = [] if args.no_tiny else [run_tiny(name) for name in TINY]
+    tiny = [run_tiny(name) for name in args.tiny.split(",") if name in TINY]
     tiny_table = tabulate(tiny, TINY_HEADERS, tablefmt="github")
     print(tiny_table, flush=True)
     rows = []

@@ -1109,8 +1109,6 @@ def choose_tail(analysis: RowAnalysis, prefix_peak, goal: int | None, slack: flo
         c = best_bands(region, goal)
         if c is not None:
             return [c]
-    if len(analysis.ends()) > 1:
-        return _chunk_tails(analysis)
     cuts = analysis.cut_points()
     found = []
     for c0 in reversed(cuts):
@@ -1129,30 +1127,6 @@ def choose_tail(analysis: RowAnalysis, prefix_peak, goal: int | None, slack: flo
         return None
     low = min(t for t, _, _ in found)
     return min((f for f in found if f[0] <= low * (1 + slack)), key=lambda f: f[1])[2]
-
-
-def _chunk_tails(analysis: RowAnalysis, slack: float = 0.02) -> list[RowChoice] | None:
-    """A decode loop's chunks, each streamed on its own: from the last end back, the lowest-memory chain to each
-    end (ties within ``slack`` to the least work) whose segments share no node with those already chosen."""
-    chosen: list[RowChoice] = []
-    taken: set[torch.fx.Node] = set()
-    for end in reversed(analysis.ends()):
-        if end in taken:
-            continue
-        cuts = analysis.cut_points(end)
-        found = []
-        for c0 in cuts[:1]:  # from the chunk's first cut: what it computes before would not be streamed
-            ch = chain(analysis, c0, cuts, None, slack=slack, end=end)
-            if ch is not None and not any(n in taken for c in ch for n in c.segment.nodes):
-                found.append((max(c.bytes for c in ch), sum(c.cost for c in ch), ch))
-        if not found:
-            continue
-        low = min(t for t, _, _ in found)
-        best = min((f for f in found if f[0] <= low * (1 + slack)), key=lambda f: f[1])[2]
-        chosen.extend(best)
-        taken.update(n for c in best for n in c.segment.nodes)
-    chosen.sort(key=lambda c: analysis.index[c.segment.output])
-    return chosen or None
 
 
 def outline(gm: torch.fx.GraphModule, choices: list[RowChoice]) -> torch.fx.GraphModule:

@@ -398,6 +398,13 @@ def test_3d_causal_vae_decodes_stream_by_rows_exactly_in_what_the_plan_predicts(
     assert abs(got.activation_peak_bytes - predicted) <= 0.1 * predicted, (got.activation_peak_bytes, predicted)
     assert got.activation_peak_bytes <= VAE_RATIO[name] * eager.activation_peak_bytes, (
         got.activation_peak_bytes, eager.activation_peak_bytes)
+    # and at a budget halfway between the minimum and eager, exactly, within the budget
+    weights = plan.predicted_peak_bytes - predicted
+    middle = weights + (predicted + plan.baseline_activation_peak_bytes) // 2
+    halfway = fxstream.compile(built.module, middle / 2**30)
+    with torch.no_grad():
+        assert _close(halfway(*built.args), eager.output)
+    assert halfway.plan.predicted_peak_bytes <= middle
 
 
 class ChunkLoop(nn.Module):
