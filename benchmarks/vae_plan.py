@@ -5,13 +5,13 @@
     python benchmarks/vae_plan.py --models none            # the tiny decodes only
     python benchmarks/vae_plan.py --tiny none --models wan2.1 --out /tmp/wan.md
 
-Two tables. Measured on this CPU: the tiny random-weight configs of ``tests/dit_models.py`` (fp32), eager and
+Two tables. Measured on this CPU: the zoo's tiny random-weight configs (fp32), eager and
 fxstream at the minimum, through ``fxstream.measure`` (live storage), with the plan's prediction and the error
 against eager's decode. Predicted at full size:
 
 Predictions of ``passes/memory.py`` for each VAE's own ``decode`` (every tiling / framewise / frame-batch switch
-off where the class has one: one decode of the whole latent), the VAE built from its class defaults (the
-released configs) on the ``meta`` device (no weights, no GPU): bf16, target CUDA, batch 1, at the pipelines'
+off where the class has one: one decode of the whole latent), the zoo's full-size entries (``fxstream.models``:
+the released configs) on the ``meta`` device (no weights, no GPU): bf16, target CUDA, batch 1, at the pipelines'
 default sizes. Activations only: the weights are resident either way. Plan time is the wall time of
 ``fxstream.plan`` (capture included) here, with the plan cache off.
 """
@@ -30,59 +30,28 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tiny configs
 
 os.environ["FXSTREAM_PLAN_CACHE"] = "0"  # plan every time: the plan time is part of the table
 import fxstream  # noqa: E402
+from fxstream import models  # noqa: E402
 from common import gib, write_results  # noqa: E402
 
 DTYPE = torch.bfloat16
-SWITCHES = ("use_tiling", "use_framewise_decoding", "use_framewise_encoding", "use_slicing")
-
-
-class Decode(torch.nn.Module):
-    """``forward(z) = vae.decode(z).sample``: what the pipelines call."""
-
-    def __init__(self, vae: torch.nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z).sample
-
-
-def _vae(cls_name: str, channels: int, time_factor: int, space_factor: int, first_frame: bool = True):
-    """A builder of ``cls_name`` with its defaults and the latent of ``frames x height x width``."""
-
-    def build(frames: int, height: int, width: int):
-        import diffusers
-
-        vae = getattr(diffusers, cls_name)()
-        for flag in SWITCHES:
-            if hasattr(vae, flag):
-                setattr(vae, flag, False)
-        t = (frames - 1) // time_factor + 1 if first_frame else frames // time_factor
-        return vae, torch.empty(1, channels, t, height // space_factor, width // space_factor, dtype=DTYPE)
-
-    return build
-
-
-# name: (builder, frames, height, width): the pipelines' defaults
+# table name: zoo entry (fxstream.models), at the pipelines' default sizes
 MODELS = {
-    "wan2.1": (_vae("AutoencoderKLWan", 16, 4, 8), 81, 480, 832),
-    "ltx-video": (_vae("AutoencoderKLLTXVideo", 128, 8, 32), 121, 512, 768),
-    "cogvideox": (_vae("AutoencoderKLCogVideoX", 16, 4, 8), 49, 480, 720),
-    "mochi": (_vae("AutoencoderKLMochi", 12, 6, 8), 163, 480, 848),
-    "hunyuanvideo": (_vae("AutoencoderKLHunyuanVideo", 16, 4, 8), 129, 720, 1280),
+    "wan2.1": "wan-vae-decoder",
+    "ltx-video": "ltx-vae-decoder",
+    "cogvideox": "cogvideox-vae-decoder",
+    "mochi": "mochi-vae-decoder",
+    "hunyuanvideo": "hunyuanvideo-vae-decoder",
 }
 
 
 def run(name: str) -> list:
-    builder, frames, height, width = MODELS[name]
-    with torch.device("meta"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        vae, z = builder(frames, height, width)
-        module = Decode(vae.to(DTYPE).eval().requires_grad_(False))
+        built = models.build(MODELS[name], "full", dtype=DTYPE)
+    module, z, frames, height, width = built.module, built.args[0], built.frames, built.height, built.width
     start = time.perf_counter()
     plan = fxstream.plan(module, z, target="cuda")
     seconds = time.perf_counter() - start
@@ -93,15 +62,13 @@ def run(name: str) -> list:
             f"{plan.peak_node} in {plan.peak_module_path or '<top level>'}"]
 
 
-TINY = ["wan-vae-decode", "ltx-vae-decode", "cogvideox-vae-decode", "mochi-vae-decode", "hunyuan-vae-decode"]
+TINY = ["wan-vae-decoder", "ltx-vae-decoder", "cogvideox-vae-decoder", "mochi-vae-decoder", "hunyuanvideo-vae-decoder"]
 TINY_HEADERS = ["tiny VAE decode", "output", "eager KiB", "fxstream min KiB", "predicted KiB", "min / eager",
                 "max rel. error", "row-streamed segments (bands)"]
 
 
 def run_tiny(name: str) -> list:
-    from dit_models import build
-
-    built = build(name)
+    built = models.build(name, "tiny")
     torch.set_num_threads(1)
     with torch.no_grad():
         eager = fxstream.measure(built.module, *built.args)
@@ -140,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     table = tabulate(rows, HEADERS, tablefmt="github")
     print(table)
     write_results(args.out, "DiT-era video VAE decodes: activation peak, eager vs fxstream",
-                  ["Measured on this CPU: tiny configs (fp32, `tests/dit_models.py`), fxstream at the minimum.", "",
+                  ["Measured on this CPU: the zoo's tiny configs (fp32), fxstream at the minimum.", "",
                    tiny_table, "",
                    "Predicted on meta (bf16, target CUDA, batch 1, one decode of the whole latent); see "
                    "benchmarks/vae_plan.py.", "", table])

@@ -352,6 +352,66 @@ SD_VAE_DECODER_TINY = _frozen({**SD_VAE_DECODER_CONFIG, "block_out_channels": (1
 SD_VAE_DECODER_MEDIUM = _frozen({**SD_VAE_DECODER_CONFIG, "block_out_channels": (32, 32, 64, 64),
                                  "layers_per_block": 1, "norm_num_groups": 8})
 
+# DiT-era video VAEs (Wan, HunyuanVideo, LTX-Video, CogVideoX, Mochi). The module is :class:`VaeDecode`: the
+# VAE's own ``decode`` (what the pipelines call), the whole VAE its submodule ``.vae``, every tiling / framewise /
+# batch-slicing switch off, so one call decodes the whole latent (Wan's and CogVideoX's decodes still run their
+# own causal loops over latent frames: that is their model, not a memory switch). Configs are the VAE classes'
+# constructor arguments; at full size the class defaults, which are the released configs (diffusers 0.42:
+# Wan-AI/Wan2.1-T2V-14B-Diffusers, hunyuanvideo-community/HunyuanVideo, Lightricks/LTX-Video 0.9.0,
+# THUDM/CogVideoX-2b, genmo/mochi-1-preview vae/config.json). Weights count the encoder too (it is part of the
+# VAE module; the pipelines keep it resident). Per class: ``AutoencoderKLWan._decode`` has no whole-latent path,
+# it always runs the decoder one latent frame at a time with a causal feature cache (export unrolls the loop);
+# ``AutoencoderKLCogVideoX._decode`` decodes batches of 2 latent frames with a convolution cache (an odd count:
+# the first batch takes the remainder, so 3 latent frames are one batch); Mochi drops the last 5 of its 6x
+# temporal expansion (T latent frames -> 6T - 5 frames). Tiny: 3 levels where the class allows (spatial factor 4 for
+# HunyuanVideo and CogVideoX; 8 for the rest), each forward well under a second; medium: 4 levels, 32-128
+# channels, a few seconds on this CPU. Pixel sizes per size: see ``shapes`` in the ZOO entries.
+WAN_VAE_FULL = _frozen({})  # AutoencoderKLWan defaults: base_dim 96, z_dim 16, dim_mult 1/2/4/4, 2 res blocks
+WAN_VAE_TINY = _frozen(dict(base_dim=8, z_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1, attn_scales=(),
+                            temperal_downsample=(False, True, True), latents_mean=(0.0,) * 8,
+                            latents_std=(1.0,) * 8))
+WAN_VAE_MEDIUM = _frozen(dict(base_dim=32, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, attn_scales=(),
+                              temperal_downsample=(False, True, True)))
+HUNYUAN_VAE_FULL = _frozen({})  # 128/256/512/512, 2 layers, GroupNorm(32), mid-block attention, 16 latents
+HUNYUAN_VAE_TINY = _frozen(dict(latent_channels=8, down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+                                up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(8, 16, 16),
+                                layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=4,
+                                temporal_compression_ratio=4, mid_block_add_attention=True))
+HUNYUAN_VAE_MEDIUM = _frozen(dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8))
+# LTX-Video 0.9.0 (no timestep conditioning). Tiny: the last block has 32 channels for the 3 x 2 x 2 = 12 its
+# output convolution makes before the patches are unfolded (the real decoder: 128 for 3 x 4 x 4 = 48).
+LTX_VAE_FULL = _frozen({})  # 128/256/512/512, patch 4, 128 latents, 32x spatial, 8x temporal
+LTX_VAE_TINY = _frozen(dict(latent_channels=8, block_out_channels=(8, 16, 16),
+                            down_block_types=("LTXVideoDownBlock3D",) * 3, decoder_block_out_channels=(32, 32, 32),
+                            layers_per_block=(1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+                            spatio_temporal_scaling=(True, True, False),
+                            decoder_spatio_temporal_scaling=(True, True, False),
+                            decoder_inject_noise=(False, False, False, False), downsample_type=("conv",) * 3,
+                            upsample_residual=(False, False, False), upsample_factor=(1, 1, 1),
+                            timestep_conditioning=False, patch_size=2, patch_size_t=1))
+LTX_VAE_MEDIUM = _frozen(dict(block_out_channels=(32, 64, 64, 64), decoder_block_out_channels=(32, 64, 64, 64),
+                              layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1)))
+COGVIDEOX_VAE_FULL = _frozen({})  # 128/256/256/512, 3 layers, GroupNorm(32), 16 latents
+COGVIDEOX_VAE_TINY = _frozen(dict(down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                  up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 16, 16),
+                                  latent_channels=8, layers_per_block=1, norm_num_groups=4,
+                                  temporal_compression_ratio=4, sample_height=32, sample_width=32))
+COGVIDEOX_VAE_MEDIUM = _frozen(dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                                    sample_height=128, sample_width=128))
+# Mochi hard-codes GroupNorm(32): channels are multiples of 32.
+MOCHI_VAE_FULL = _frozen({})  # decoder 128/256/512/768, layers 3/3/4/6/3, 6x temporal, 8x spatial, 12 latents
+MOCHI_VAE_TINY = _frozen(dict(encoder_block_out_channels=(32, 32, 32, 32),
+                              decoder_block_out_channels=(32, 32, 32, 32), latent_channels=8,
+                              layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5,
+                              latents_mean=(0.0,) * 8, latents_std=(1.0,) * 8))
+MOCHI_VAE_MEDIUM = _frozen(dict(encoder_block_out_channels=(32, 32, 64, 64),
+                                decoder_block_out_channels=(32, 32, 64, 64), layers_per_block=(1, 1, 1, 1, 1),
+                                add_attention_block=(False,) * 5))
+# diffusers' memory switches of the video VAEs: all off in the zoo (one decode of the whole latent).
+VAE_SWITCHES = ("use_tiling", "use_slicing", "use_framewise_decoding", "use_framewise_encoding")
+VIDEO_VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo",
+                     "AutoencoderKLCogVideoX", "AutoencoderKLMochi")
+
 # Text encoders' sequence length (CLIP tokenizer max length), for AnimateDiff / ModelScope prompt embeddings.
 TEXT_SEQ_LEN = 77
 # First timestep of a 50-step DDIM schedule (AnimateDiff's and ModelScope's pipelines' default step count).
@@ -394,6 +454,37 @@ def _build_sd_decoder(cfg: Mapping[str, Any]) -> nn.Module:
     return Decoder(**cfg)
 
 
+class VaeDecode(nn.Module):
+    """``forward(z) = vae.decode(z).sample``: a video VAE's own decode, the VAE its registered submodule ``.vae``.
+
+    ``temb`` is LTX-Video's decode timestep (``decode(z, temb)``; None for the other classes and for LTX without
+    timestep conditioning). The class's ``decode`` is called, not the instance's: :func:`fxstream.optimize`
+    puts the compiled decode on the instance.
+    """
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        decode = type(self.vae).decode
+        out = decode(self.vae, z) if temb is None else decode(self.vae, z, temb)
+        return out.sample
+
+
+def _video_vae_builder(class_name: str) -> Callable[[Mapping[str, Any]], nn.Module]:
+    def build(cfg: Mapping[str, Any]) -> nn.Module:
+        import diffusers
+
+        vae = getattr(diffusers, class_name)(**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()})
+        for flag in VAE_SWITCHES:
+            if hasattr(vae, flag):
+                setattr(vae, flag, False)
+        return VaeDecode(vae)
+
+    return build
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Example inputs. ``rand(shape)`` draws from the seeded generator in the model dtype on the target device.
 
@@ -404,6 +495,8 @@ class _InputContext:
     batch: int  # prompts / videos
     cfg_batch: int  # batch after classifier-free guidance doubling
     frames: int
+    height: int  # pixels
+    width: int
     latent_h: int
     latent_w: int
     dtype: torch.dtype
@@ -457,6 +550,31 @@ def _sd_decoder_inputs(c: _InputContext) -> tuple[tuple, dict]:
     return (z,), {}
 
 
+def video_vae_factors(vae: nn.Module) -> tuple[int, int, int]:
+    """(latent channels, temporal factor, spatial factor) of a DiT-era video VAE, as its pipeline reads them."""
+    config = vae.config
+    channels = config.get("z_dim", config.get("latent_channels"))
+    if type(vae).__name__ == "AutoencoderKLWan":
+        return channels, config.scale_factor_temporal, config.scale_factor_spatial
+    if type(vae).__name__ == "AutoencoderKLCogVideoX":
+        return channels, config.temporal_compression_ratio, 2 ** (len(config.block_out_channels) - 1)
+    return channels, vae.temporal_compression_ratio, vae.spatial_compression_ratio
+
+
+def _video_vae_inputs(c: _InputContext) -> tuple[tuple, dict]:
+    # The pipelines' latents: (B, C, 1 + (F - 1) // t, H / s, W / s); the VAE decodes them to 1 + (T - 1) * t
+    # frames (Mochi: T * 6 - 5, the same count).
+    channels, t, s = video_vae_factors(c.module.vae)
+    for arg, value in (("frames", c.frames - 1), ("height", c.height), ("width", c.width)):
+        factor = t if arg == "frames" else s
+        if value % factor:
+            what = "frames - 1" if arg == "frames" else arg
+            raise ValueError(f"{arg}: {what} must be divisible by {factor} for {type(c.module.vae).__name__}, "
+                             f"got {value}")
+    z = c.rand((c.batch, channels, 1 + (c.frames - 1) // t, c.height // s, c.width // s))
+    return (z,), {}
+
+
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -481,6 +599,7 @@ class ModelSpec:
     make_inputs: Callable[[_InputContext], tuple[tuple, dict]] = field(compare=False, repr=False)
     uses_cfg: bool = True  # classifier-free guidance doubles the batch (UNets only)
     max_frames: int | None = None  # e.g. AnimateDiff's motion_max_seq_length
+    shapes: Mapping[str, tuple[int, int, int]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def full_config(self) -> Mapping[str, Any]:
@@ -496,6 +615,8 @@ class ModelSpec:
 
     def default_shape(self, size: str) -> tuple[int, int, int]:
         """(frames, height, width) in pixels used by :func:`build` when they are not given."""
+        if size in self.shapes:
+            return self.shapes[size]
         if size == "tiny":
             return _TINY_SHAPE
         if size == "medium":
@@ -602,6 +723,76 @@ ZOO: dict[str, ModelSpec] = {
             builder=_build_sd_decoder,
             make_inputs=_sd_decoder_inputs,
             uses_cfg=False,
+        ),
+            ModelSpec(
+            name="wan-vae-decoder",
+            family="vae-decoder",
+            description="Wan 2.1 VAE decode (AutoencoderKLWan.decode: its causal loop over latent frames), 81 frames 480x832",
+            default_frames=81,
+            default_height=480,
+            default_width=832,
+            module_class="AutoencoderKLWan",
+            configs=_frozen({"tiny": WAN_VAE_TINY, "medium": WAN_VAE_MEDIUM, "full": WAN_VAE_FULL}),
+            builder=_video_vae_builder("AutoencoderKLWan"),
+            make_inputs=_video_vae_inputs,
+            uses_cfg=False,
+            shapes=_frozen({"tiny": (9, 32, 32), "medium": (9, 128, 128)}),
+        ),
+        ModelSpec(
+            name="hunyuanvideo-vae-decoder",
+            family="vae-decoder",
+            description="HunyuanVideo VAE decode (AutoencoderKLHunyuanVideo.decode), one decode of 129 frames 720x1280 (no temporal tiles)",
+            default_frames=129,
+            default_height=720,
+            default_width=1280,
+            module_class="AutoencoderKLHunyuanVideo",
+            configs=_frozen({"tiny": HUNYUAN_VAE_TINY, "medium": HUNYUAN_VAE_MEDIUM, "full": HUNYUAN_VAE_FULL}),
+            builder=_video_vae_builder("AutoencoderKLHunyuanVideo"),
+            make_inputs=_video_vae_inputs,
+            uses_cfg=False,
+            shapes=_frozen({"tiny": (9, 32, 32), "medium": (9, 128, 128)}),
+        ),
+        ModelSpec(
+            name="ltx-vae-decoder",
+            family="vae-decoder",
+            description="LTX-Video 0.9.0 VAE decode (AutoencoderKLLTXVideo.decode), 121 frames 512x768",
+            default_frames=121,
+            default_height=512,
+            default_width=768,
+            module_class="AutoencoderKLLTXVideo",
+            configs=_frozen({"tiny": LTX_VAE_TINY, "medium": LTX_VAE_MEDIUM, "full": LTX_VAE_FULL}),
+            builder=_video_vae_builder("AutoencoderKLLTXVideo"),
+            make_inputs=_video_vae_inputs,
+            uses_cfg=False,
+            shapes=_frozen({"tiny": (9, 32, 32), "medium": (17, 256, 256)}),
+        ),
+        ModelSpec(
+            name="cogvideox-vae-decoder",
+            family="vae-decoder",
+            description="CogVideoX VAE decode (AutoencoderKLCogVideoX.decode: its batches of latent frames), 49 frames 480x720",
+            default_frames=49,
+            default_height=480,
+            default_width=720,
+            module_class="AutoencoderKLCogVideoX",
+            configs=_frozen({"tiny": COGVIDEOX_VAE_TINY, "medium": COGVIDEOX_VAE_MEDIUM, "full": COGVIDEOX_VAE_FULL}),
+            builder=_video_vae_builder("AutoencoderKLCogVideoX"),
+            make_inputs=_video_vae_inputs,
+            uses_cfg=False,
+            shapes=_frozen({"tiny": (9, 32, 32), "medium": (9, 128, 128)}),
+        ),
+        ModelSpec(
+            name="mochi-vae-decoder",
+            family="vae-decoder",
+            description="Mochi 1 VAE decode (AutoencoderKLMochi.decode), 163 frames 480x848",
+            default_frames=163,
+            default_height=480,
+            default_width=848,
+            module_class="AutoencoderKLMochi",
+            configs=_frozen({"tiny": MOCHI_VAE_TINY, "medium": MOCHI_VAE_MEDIUM, "full": MOCHI_VAE_FULL}),
+            builder=_video_vae_builder("AutoencoderKLMochi"),
+            make_inputs=_video_vae_inputs,
+            uses_cfg=False,
+            shapes=_frozen({"tiny": (7, 32, 32), "medium": (13, 128, 128)}),
         ),
     )
 }
@@ -760,6 +951,8 @@ def build(
         batch=batch,
         cfg_batch=batch * (2 if cfg_used else 1),
         frames=frames,
+        height=height,
+        width=width,
         latent_h=height // VAE_SCALE_FACTOR,
         latent_w=width // VAE_SCALE_FACTOR,
         dtype=dtype,

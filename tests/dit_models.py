@@ -8,9 +8,10 @@ For "never crash" tests: every model here runs eagerly in well under a second on
     out = b.module(*b.args, **b.kwargs)
 
 Transformers are called with the keyword arguments their pipelines pass (``return_dict`` omitted: the model's
-default, a ``Transformer2DModelOutput``). VAE entries wrap the VAE (kept as the registered submodule ``.vae``) in
-:class:`VaeDecode`, whose ``forward(z)`` returns ``vae.decode(z).sample`` with tiling / framewise decoding / batch
-slicing turned off, so the whole latent is decoded by one call (see the per-class notes in ``_VAE_NOTES``).
+default, a ``Transformer2DModelOutput``). VAE entries are :class:`fxstream.models.VaeDecode`, whose ``forward(z)``
+returns ``vae.decode(z).sample`` with tiling / framewise decoding / batch slicing turned off, so the whole latent is
+decoded by one call: the five DiT-era VAEs are the model zoo's tiny entries (``ZOO_VAES``, configs and notes in
+``fxstream/models.py``); Allegro's, which cannot decode untiled, is only here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["NAMES", "Built", "VaeDecode", "build"]
+from fxstream.models import VaeDecode
+
+__all__ = ["NAMES", "ZOO_VAES", "Built", "build"]
 
 
 @dataclass
@@ -31,17 +34,6 @@ class Built:
     module: nn.Module
     args: tuple
     kwargs: dict
-
-
-class VaeDecode(nn.Module):
-    """``forward(z) = vae.decode(z).sample``: the VAE's own decode path, the VAE a registered submodule."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z).sample
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,123 +238,6 @@ def _mochi_transformer(gen: torch.Generator):
 # VAE decoders
 
 
-def _vae_off(vae: nn.Module) -> nn.Module:
-    """Turn off every tiling / framewise / batch-slicing switch the class has: one decode of the whole latent."""
-    for flag in ("use_tiling", "use_slicing", "use_framewise_decoding", "use_framewise_encoding"):
-        if hasattr(vae, flag):
-            setattr(vae, flag, False)
-    return vae
-
-
-def _wan_vae(gen: torch.Generator):
-    """Wan 2.1 VAE: z (B, 16, 1 + (F-1)/4, H/8, W/8).
-
-    ``AutoencoderKLWan._decode`` has no whole-latent path: it always runs the decoder one latent frame at a time
-    with a causal feature cache (``self._feat_map``), by design of the model; with tiling off this is its plain
-    decode, which export unrolls over the latent frames.
-    """
-    from diffusers import AutoencoderKLWan
-
-    vae = AutoencoderKLWan(
-        base_dim=8,
-        z_dim=8,
-        dim_mult=[1, 2, 2, 2],
-        num_res_blocks=1,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 8,
-        latents_std=[1.0] * 8,
-    )
-    return _vae_off(vae), _randn(gen, 1, 8, 3, 4, 4)  # -> (1, 3, 9, 32, 32)
-
-
-def _hunyuan_vae(gen: torch.Generator):
-    """HunyuanVideo VAE: z (B, 16, 1 + (F-1)/4, H/8, W/8). Tiny: 3 up blocks, 4x spatial, 4x temporal."""
-    from diffusers import AutoencoderKLHunyuanVideo
-
-    vae = AutoencoderKLHunyuanVideo(
-        latent_channels=8,
-        down_block_types=("HunyuanVideoDownBlock3D",) * 3,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        spatial_compression_ratio=4,
-        temporal_compression_ratio=4,  # the decoder supports 4 only
-        mid_block_add_attention=True,
-    )
-    return _vae_off(vae), _randn(gen, 1, 8, 3, 8, 8)  # -> (1, 3, 9, 32, 32)
-
-
-def _mochi_vae(gen: torch.Generator):
-    """Mochi VAE: z (B, 12, (F-1)/6 + 1, H/8, W/8). Channels must be multiples of 32 (GroupNorm(32) hard-coded)."""
-    from diffusers import AutoencoderKLMochi
-
-    vae = AutoencoderKLMochi(
-        encoder_block_out_channels=(32, 32, 32, 32),
-        decoder_block_out_channels=(32, 32, 32, 32),
-        latent_channels=8,
-        layers_per_block=(1, 1, 1, 1, 1),
-        temporal_expansions=(1, 2, 3),
-        spatial_expansions=(2, 2, 2),
-        add_attention_block=(False, False, False, False, False),
-        latents_mean=(0.0,) * 8,
-        latents_std=(1.0,) * 8,
-    )
-    # drop_last_temporal_frames stays True (the default): 2 * 6 - 5 = 7 frames
-    return _vae_off(vae), _randn(gen, 1, 8, 2, 4, 4)  # -> (1, 3, 7, 32, 32)
-
-
-def _ltx_vae(gen: torch.Generator):
-    """LTX-Video 0.9.0 VAE (no timestep conditioning): z (B, 128, (F-1)/8 + 1, H/32, W/32). Tiny: 8x, 4x.
-
-    The last block has 32 channels for the 3 x 2 x 2 = 12 its output convolution makes before the patches are
-    unfolded (the real decoder: 128 for 3 x 4 x 4 = 48, the same ratio), so the output does not outweigh the
-    decoder as it would with 8 channels for 48."""
-    from diffusers import AutoencoderKLLTXVideo
-
-    vae = AutoencoderKLLTXVideo(
-        latent_channels=8,
-        block_out_channels=(8, 16, 16),
-        down_block_types=("LTXVideoDownBlock3D",) * 3,
-        decoder_block_out_channels=(32, 32, 32),
-        layers_per_block=(1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1),
-        spatio_temporal_scaling=(True, True, False),
-        decoder_spatio_temporal_scaling=(True, True, False),
-        decoder_inject_noise=(False, False, False, False),
-        downsample_type=("conv", "conv", "conv"),
-        upsample_residual=(False, False, False),
-        upsample_factor=(1, 1, 1),
-        timestep_conditioning=False,
-        patch_size=2,
-        patch_size_t=1,
-    )
-    return _vae_off(vae), _randn(gen, 1, 8, 3, 4, 4)  # -> (1, 3, 9, 32, 32)
-
-
-def _cogvideox_vae(gen: torch.Generator):
-    """CogVideoX VAE: z (B, 16, (F-1)/4 + 1, H/8, W/8). Tiny: 3 up blocks, 4x spatial, 4x temporal.
-
-    ``_decode`` always decodes in batches of ``num_latent_frames_batch_size`` (2) latent frames with a conv cache;
-    with 3 latent frames (odd: the first batch takes the remainder) that is one batch, the whole latent at once.
-    """
-    from diffusers import AutoencoderKLCogVideoX
-
-    vae = AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 3,
-        up_block_types=("CogVideoXUpBlock3D",) * 3,
-        block_out_channels=(8, 16, 16),
-        latent_channels=8,
-        layers_per_block=1,
-        norm_num_groups=4,
-        temporal_compression_ratio=4,
-        sample_height=32,
-        sample_width=32,
-    )
-    return _vae_off(vae), _randn(gen, 1, 8, 3, 8, 8)  # -> (1, 3, 9, 32, 32)
-
-
 def _allegro_vae(gen: torch.Generator):
     """Allegro VAE: z (B, 4, F/4, H/8, W/8).
 
@@ -402,22 +277,25 @@ _TRANSFORMERS: dict[str, Callable] = {
     "hunyuan-transformer": _hunyuan_transformer,
     "mochi-transformer": _mochi_transformer,
 }
+# The five DiT-era VAE decodes are the model zoo's tiny entries (fxstream.models); Allegro's is only here.
+ZOO_VAES = ["wan-vae-decoder", "hunyuanvideo-vae-decoder", "mochi-vae-decoder", "ltx-vae-decoder",
+            "cogvideox-vae-decoder"]
 _VAES: dict[str, Callable] = {
-    "wan-vae-decode": _wan_vae,
-    "hunyuan-vae-decode": _hunyuan_vae,
-    "mochi-vae-decode": _mochi_vae,
-    "ltx-vae-decode": _ltx_vae,
-    "cogvideox-vae-decode": _cogvideox_vae,
     "allegro-vae-decode": _allegro_vae,
 }
 
-NAMES: list[str] = [*_TRANSFORMERS, *_VAES]
+NAMES: list[str] = [*_TRANSFORMERS, *ZOO_VAES, *_VAES]
 
 
 def build(name: str, seed: int = 0) -> Built:
     """A tiny random-weight model (eval, fp32, no grad) and the example inputs its pipeline would pass."""
-    if name not in _TRANSFORMERS and name not in _VAES:
+    if name not in NAMES:
         raise KeyError(f"unknown model {name!r}; expected one of {NAMES}")
+    if name in ZOO_VAES:
+        from fxstream import models
+
+        built = models.build(name, "tiny", seed=seed)
+        return Built(name=name, module=built.module, args=built.args, kwargs=built.kwargs)
     restore = _quiet_diffusers()
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     try:

@@ -82,10 +82,10 @@ def test_plan_table_rejects_unknown_model():
 @pytest.mark.usefixtures("one_thread")
 def test_vae_plan_measures_a_tiny_decode_exactly(tmp_path):
     out = tmp_path / "vae_plan.md"
-    _load("vae_plan").main(["--tiny", "cogvideox-vae-decode", "--models", "none", "--out", str(out)])
+    _load("vae_plan").main(["--tiny", "cogvideox-vae-decoder", "--models", "none", "--out", str(out)])
     text = out.read_text()
     assert "- command: `" in text and "- machine: " in text and "- commit: " in text
-    (row,) = _table_rows(text, "cogvideox-vae-decode")
+    (row,) = _table_rows(text, "cogvideox-vae-decoder")
     eager, low, predicted = (float(x) for x in row[2:5])
     assert low < eager and abs(low - predicted) <= 0.1 * predicted
     assert float(row[6]) <= 1e-5  # max relative error against eager's decode

@@ -10,7 +10,9 @@ import torch
 from fxstream import models
 from fxstream.capture import capture, normalize_inputs
 
-ALL = ["svd", "svd-xt", "animatediff", "modelscope", "svd-vae-decoder", "sd-vae-decoder"]
+ALL = ["svd", "svd-xt", "animatediff", "modelscope", "svd-vae-decoder", "sd-vae-decoder", "wan-vae-decoder",
+       "hunyuanvideo-vae-decoder", "ltx-vae-decoder", "cogvideox-vae-decoder", "mochi-vae-decoder"]
+VIDEO_VAES = ALL[6:]
 
 # Parameter counts of the full-size builds, computed once with diffusers 0.42.1 (see the config comments in
 # fxstream/models.py). They match the published sizes: SVD UNet 1.52 B, AnimateDiff 1.31 B (SD-1.5 UNet
@@ -23,6 +25,13 @@ FULL_PARAMS = {
     "modelscope": 1_411_233_860,
     "svd-vae-decoder": 63_579_183,
     "sd-vae-decoder": 49_490_179,
+    # the whole VAEs (encoder included): Wan 2.1 127 M, HunyuanVideo 246 M, LTX-Video 0.9.0 419 M,
+    # CogVideoX 216 M, Mochi 460 M
+    "wan-vae-decoder": 126_892_531,
+    "hunyuanvideo-vae-decoder": 246_478_803,
+    "ltx-vae-decoder": 419_193_649,
+    "cogvideox-vae-decoder": 215_583_907,
+    "mochi-vae-decoder": 459_748_611,
 }
 
 
@@ -79,6 +88,11 @@ TINY_OUT_SHAPES = {
     "modelscope": (2, 4, 4, 16, 16),
     "svd-vae-decoder": (4, 3, 128, 128),
     "sd-vae-decoder": (4, 3, 128, 128),
+    "wan-vae-decoder": (1, 3, 9, 32, 32),
+    "hunyuanvideo-vae-decoder": (1, 3, 9, 32, 32),
+    "ltx-vae-decoder": (1, 3, 9, 32, 32),
+    "cogvideox-vae-decoder": (1, 3, 9, 32, 32),
+    "mochi-vae-decoder": (1, 3, 7, 32, 32),
 }
 
 
@@ -87,7 +101,8 @@ TINY_OUT_SHAPES = {
 def test_tiny_forward_and_capture_match_eager(name):
     m = _tiny(name)
     assert not m.module.training
-    assert (m.frames, m.height, m.width) == (4, 128, 128)
+    assert (m.frames, m.height, m.width) == ((4, 128, 128) if name not in VIDEO_VAES else (TINY_OUT_SHAPES[name][2],
+                                                                                        32, 32))
     with torch.no_grad():
         eager_out = m.module(*m.args, **m.kwargs)
     eager = _tensor_output(eager_out)
@@ -148,6 +163,16 @@ def test_full_example_inputs_follow_the_pipelines():
     sd = models.build("sd-vae-decoder", "full")
     assert sd.args[0].shape == (16, 4, 64, 64)
 
+    # the DiT-era pipelines' latents: 1 + (F - 1) / t latent frames (t = 4, LTX 8, Mochi 6), pixels / 8 (LTX 32)
+    latents = {"wan-vae-decoder": (1, 16, 21, 60, 104), "hunyuanvideo-vae-decoder": (1, 16, 33, 90, 160),
+               "ltx-vae-decoder": (1, 128, 16, 16, 24), "cogvideox-vae-decoder": (1, 16, 13, 60, 90),
+               "mochi-vae-decoder": (1, 12, 28, 60, 106)}
+    for name, shape in latents.items():
+        m = models.build(name, "full")
+        assert m.args[0].shape == shape and not m.kwargs
+        vae = m.module.vae
+        assert not any(getattr(vae, flag, False) for flag in models.VAE_SWITCHES)  # one whole decode
+
 
 def test_full_meta_forward_shapes():
     m = models.build("svd", "full", dtype=torch.float16)
@@ -179,7 +204,9 @@ def test_cfg_batch_and_size_overrides():
 @pytest.mark.parametrize("name", ALL)
 def test_medium_builds(name):
     m = models.build(name, "medium")
-    assert (m.frames, m.height, m.width) == (8, 256, 256)
+    assert (m.frames, m.height, m.width) == models.ZOO[name].default_shape("medium")
+    if name not in VIDEO_VAES:
+        assert (m.frames, m.height, m.width) == (8, 256, 256)
     assert 1e5 < m.num_parameters < 5e7
     assert all(p.device.type == "cpu" for p in m.module.parameters())
 
@@ -200,6 +227,8 @@ def test_medium_builds(name):
         (dict(name="animatediff", frames=33), "frames"),
         (dict(name="svd", dtype=torch.int64), "dtype"),
         (dict(name="svd", device="no-such-device"), "device"),
+        (dict(name="wan-vae-decoder", frames=8), "frames"),  # 1 + 4k frames
+        (dict(name="ltx-vae-decoder", size="full", height=520), "height"),  # LTX: multiples of 32
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, arg):

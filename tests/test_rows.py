@@ -374,8 +374,8 @@ def test_a_budget_only_rows_reach_is_met_exactly():
 # unread after the last chunk, left every segment); Mochi 28% (77% with no depth-to-space); LTX-Video 45% (the
 # output and the last convolution's, 12 channels at full size, bound it: more bands would need finer rows than
 # the latent's 4); Wan 56% (every chunk's tail in one region, 4 bands: the latent's rows)
-VAE_RATIO = {"hunyuan-vae-decode": 0.35, "cogvideox-vae-decode": 0.25, "mochi-vae-decode": 0.35,
-             "ltx-vae-decode": 0.50, "wan-vae-decode": 0.60}
+VAE_RATIO = {"hunyuanvideo-vae-decoder": 0.35, "cogvideox-vae-decoder": 0.25, "mochi-vae-decoder": 0.35,
+             "ltx-vae-decoder": 0.50, "wan-vae-decoder": 0.60}
 
 
 @pytest.mark.parametrize("name", list(VAE_RATIO))
