@@ -6,9 +6,15 @@
 
 Supported pipelines and the components compiled in each (the phases whose activations set the pipeline's
 peak): ``StableVideoDiffusionPipeline``, ``AnimateDiffPipeline`` and ``TextToVideoSDPipeline``, each with its
-``unet`` and its VAE decoder ``vae.decoder``. The VAE encoder and the CLIP encoders stay eager: they run once
-per generation on one image or one prompt, and their activations are far below the UNet's and the decoder's
-(``benchmarks/results/pipeline_cpu.md`` measures each phase).
+``unet`` and its VAE decoder ``vae.decoder``; ``WanPipeline``, ``WanImageToVideoPipeline``,
+``HunyuanVideoPipeline``, ``LTXPipeline``, ``CogVideoXPipeline`` and ``MochiPipeline`` with their VAE's whole
+``decode`` (``"vae.decode"``: their decodes loop over latent frames around the decoder, so the loop is compiled
+with it; the compiled decode is set on the VAE instance as its ``decode``; their transformers stay as they are
+for now). The VAE encoder and the text / image encoders stay eager: they run once per generation on one image or
+one prompt, and their activations are far below the denoiser's and the decoder's
+(``benchmarks/results/pipeline_cpu.md`` measures each phase). A VAE decode is compiled with the switches the
+VAE has (``enable_tiling()``, framewise decoding): the output stays the pipeline's own; turn them off for the
+exact whole decode, which fxstream streams within the budget (a warning says so when one is on).
 
 One budget covers the whole pipeline. While a component runs, every other component's weights stay resident,
 so each compiled component gets the budget minus the weights of all the other components (counted once per
@@ -44,12 +50,61 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 
-# Pipeline class name -> dotted paths (from the pipeline) of the components compiled in it.
+# Pipeline class name -> dotted paths (from the pipeline) of the components compiled in it. A path ending in
+# ".decode" is a VAE's decode method: the whole decode (a DiT-era VAE's own loops over latent frames included) is
+# compiled as one module (models.VaeDecode) and put on the VAE instance in place of the method.
 SUPPORTED_PIPELINES: dict[str, tuple[str, ...]] = {
     "StableVideoDiffusionPipeline": ("unet", "vae.decoder"),
     "AnimateDiffPipeline": ("unet", "vae.decoder"),
     "TextToVideoSDPipeline": ("unet", "vae.decoder"),
+    # the DiT-era pipelines: the VAE decode (their transformers stay as they are for now)
+    "WanPipeline": ("vae.decode",),
+    "WanImageToVideoPipeline": ("vae.decode",),
+    "HunyuanVideoPipeline": ("vae.decode",),
+    "LTXPipeline": ("vae.decode",),
+    "CogVideoXPipeline": ("vae.decode",),
+    "MochiPipeline": ("vae.decode",),
 }
+_DECODE = ".decode"
+
+
+class CompiledDecode:
+    """What :func:`optimize` puts on a VAE instance as its ``decode``: the compiled whole decode, called as the
+    pipelines call ``vae.decode(z[, temb], return_dict=...)``, returning what the VAE's own decode returns.
+
+    Like diffusers' ``apply_forward_hook`` on the method it replaces, it runs the VAE's accelerate hook first
+    (model CPU offload moves the VAE in)."""
+
+    def __init__(self, vae: nn.Module, compiled: StreamlinedModule):
+        self.vae = vae
+        self.compiled = compiled
+
+    def __call__(self, z: torch.Tensor, temb: torch.Tensor | None = None, return_dict: bool = True) -> Any:
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        hook = getattr(self.vae, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self.vae)
+        sample = self.compiled(z) if temb is None else self.compiled(z, temb)
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+
+def _install(pipe: Any, path: str, original: nn.Module, compiled: StreamlinedModule) -> None:
+    if path.endswith(_DECODE):
+        vae = original.vae
+        vae.__dict__["decode"] = CompiledDecode(vae, compiled)
+        return
+    if _get_path(pipe, path) is not original:
+        _set_path(pipe, path, original)
+    install(original, compiled)
+
+
+def _uninstall(path: str, original: nn.Module) -> None:
+    if path.endswith(_DECODE):
+        if isinstance(original.vae.__dict__.get("decode"), CompiledDecode):
+            del original.vae.__dict__["decode"]
+        return
+    uninstall(original)
 
 
 class PipelineComponentModule(StreamlinedModule):
@@ -86,9 +141,10 @@ class PipelineComponentModule(StreamlinedModule):
 class CompiledComponent:
     """One compiled component of a pipeline.
 
-    path: where it sits, from the pipeline (``"unet"``, ``"vae.decoder"``).
+    path: where it sits, from the pipeline (``"unet"``, ``"vae.decoder"``, ``"vae.decode"``).
     module: the compiled module installed on the component: calls of the component run it.
-    original: the component itself, still at ``path`` (the compiled module shares its parameters).
+    original: the component itself, still at ``path`` (the compiled module shares its parameters); for a
+        ``".decode"`` path, the :class:`~fxstream.models.VaeDecode` of the VAE (the VAE is its ``.vae``).
     weight_bytes: the component's own parameters and buffers.
     other_weight_bytes: the weights of every other resident component of the pipeline.
     budget_bytes: what the component was compiled for: the pipeline budget minus ``other_weight_bytes``
@@ -197,7 +253,7 @@ class PipelineOptimization:
             scheduler.__dict__.pop("set_timesteps", None)
             self._scheduler = None
         for c in self.components:
-            uninstall(c.original)
+            _uninstall(c.path, c.original)
         self.components.clear()
         self.pipeline.__dict__.pop("_fxstream_optimization", None)
 
@@ -212,7 +268,8 @@ def optimize(
     """Compile ``pipe``'s UNet and VAE decoder in place so that the whole pipeline runs within ``budget_gb``.
 
     Args:
-        pipe: a ``StableVideoDiffusionPipeline``, ``AnimateDiffPipeline`` or ``TextToVideoSDPipeline``.
+        pipe: one of :data:`SUPPORTED_PIPELINES` (SVD, AnimateDiff, ModelScope: UNet and VAE decoder; Wan,
+            HunyuanVideo, LTX-Video, CogVideoX, Mochi: the VAE decode).
         budget_gb: GiB for the whole pipeline: every component's weights plus the activations of the component
             that runs. Each compiled component gets this minus the weights of all the other components that stay
             on the device (components under ``enable_model_cpu_offload`` or group offloading to another device
@@ -258,10 +315,18 @@ def optimize(
     resident_bytes = sum(size for key, size in resident.items() if key not in away)
     shares = []
     for path in paths:
-        original = _get_path(pipe, path)
-        if isinstance(original, StreamlinedModule):  # compiled with fxstream.compile: use the original
-            original = original.original
-        refuse_torch_compiled(original, path)
+        if path.endswith(_DECODE):  # the VAE's whole decode, as one module
+            from fxstream.models import VaeDecode
+
+            vae = _get_path(pipe, path[: -len(_DECODE)])
+            refuse_torch_compiled(vae, path[: -len(_DECODE)])
+            _warn_if_tiled(vae, path[: -len(_DECODE)])
+            original = VaeDecode(vae)
+        else:
+            original = _get_path(pipe, path)
+            if isinstance(original, StreamlinedModule):  # compiled with fxstream.compile: use the original
+                original = original.original
+            refuse_torch_compiled(original, path)
         own = _storages(original)
         own_bytes = sum(own.values())
         other_bytes = sum(size for key, size in resident.items() if key not in own and key not in away)
@@ -285,9 +350,7 @@ def optimize(
                                            pipeline=type(pipe).__name__, budget=budget_bytes,
                                            other_weight_bytes=other_bytes,
                                            rehash=rehash_config if path == "unet" else None)
-        if _get_path(pipe, path) is not original:
-            _set_path(pipe, path, original)
-        install(original, compiled)
+        _install(pipe, path, original, compiled)
         result.components.append(CompiledComponent(path, compiled, original, own_bytes, other_bytes, share))
     if rehash_config is not None:
         result._hook_scheduler()
@@ -305,6 +368,25 @@ def _component_paths(pipe: Any) -> tuple[str, ...]:
         f"{', '.join(SUPPORTED_PIPELINES)}. Other models: compile a module with fxstream.compile(module, "
         "budget_gb=...)"
     )
+
+
+def _warn_if_tiled(vae: nn.Module, path: str) -> None:
+    """Say so when a VAE decode is compiled with one of diffusers' memory switches on: it stays on (the output is
+    the pipeline's own), and the switches that tile and blend change that output; fxstream needs none of them to
+    fit the whole decode under the budget."""
+    from fxstream.models import VAE_SWITCHES
+
+    on = [flag for flag in VAE_SWITCHES if flag != "use_framewise_encoding" and getattr(vae, flag, False)]
+    if on:
+        import warnings
+
+        warnings.warn(
+            f"fxstream: {path} ({type(vae).__name__}) has {', '.join(on)} on: the compiled decode keeps them (the "
+            f"pipeline's own output), and they decode in tiles or frame chunks that change the video at their "
+            f"seams. For the exact whole decode within the budget, turn them off first ("
+            + ", ".join(f"{path}.{flag} = False" for flag in on) + ")",
+            stacklevel=3,
+        )
 
 
 def _pipeline_modules(pipe: Any) -> list[nn.Module]:
@@ -347,8 +429,10 @@ def _set_path(pipe: Any, path: str, module: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # Random-weight pipelines from configs (tests, CPU benchmarks).
 
-PIPELINE_NAMES = ("svd", "animatediff", "modelscope")
+PIPELINE_NAMES = ("svd", "animatediff", "modelscope", "wan", "wan-i2v", "hunyuanvideo", "ltx", "cogvideox",
+                  "mochi")
 _SIZES = ("tiny", "medium")
+_DIT_PIPELINES = PIPELINE_NAMES[3:]  # fxstream.dit_pipelines: tiny only
 # Text encoders: CLIP's sequence length (the pipelines pad prompts to tokenizer.model_max_length).
 _TEXT_SEQ_LEN = 77
 # SVD's scheduler (stabilityai/stable-video-diffusion-img2vid scheduler/scheduler_config.json).
@@ -365,22 +449,30 @@ _MODELSCOPE_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, 
 
 
 def build(name: str, size: str = "tiny", *, seed: int = 0) -> DiffusionPipeline:
-    """A ``name`` pipeline (``"svd"``, ``"animatediff"``, ``"modelscope"``), random fp32 weights, on the CPU.
+    """A ``name`` pipeline (one of :data:`PIPELINE_NAMES`), random fp32 weights, on the CPU.
 
-    The UNet and VAE decoder take the zoo's configs at ``size`` (``"tiny"`` or ``"medium"``, see
-    :mod:`fxstream.models`); the VAE encoder mirrors the decoder, the CLIP encoders have one layer, and
-    the tokenizer is byte-level with no merges (every byte one token). Nothing is downloaded.
+    SVD, AnimateDiff, ModelScope: the UNet and VAE decoder take the zoo's configs at ``size`` (``"tiny"`` or
+    ``"medium"``, see :mod:`fxstream.models`); the VAE encoder mirrors the decoder, the CLIP encoders have one
+    layer, and the tokenizer is byte-level with no merges (every byte one token). Wan (``"wan"``, image-to-video
+    ``"wan-i2v"``), HunyuanVideo, LTX-Video, CogVideoX, Mochi: tiny only, see :mod:`fxstream.dit_pipelines` (and
+    its calls: ``max_sequence_length=dit_pipelines.TEXT_SEQ_LEN``). Nothing is downloaded.
     """
     from fxstream import models
 
     if name not in PIPELINE_NAMES:
         raise ValueError(f"name: unknown pipeline {name!r}; expected one of {', '.join(PIPELINE_NAMES)}")
-    if size not in _SIZES:
-        raise ValueError(f"size: expected one of {', '.join(_SIZES)}, got {size!r}")
+    sizes = ("tiny",) if name in _DIT_PIPELINES else _SIZES
+    if size not in sizes:
+        raise ValueError(f"size: expected one of {', '.join(sizes)} for {name}, got {size!r}")
     with models._quiet_diffusers(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        builders = {"svd": _build_svd, "animatediff": _build_animatediff, "modelscope": _build_modelscope}
-        pipe = builders[name](size)
+        if name in _DIT_PIPELINES:
+            from fxstream import dit_pipelines
+
+            pipe = dit_pipelines.build(name, size)
+        else:
+            builders = {"svd": _build_svd, "animatediff": _build_animatediff, "modelscope": _build_modelscope}
+            pipe = builders[name](size)
     for module in _pipeline_modules(pipe):
         models._rerandomize_zero_layers(module)
         module.eval()

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fxstream.dit_pipelines import (COGVIDEOX_TRANSFORMER_TINY, HUNYUAN_TRANSFORMER_TINY, LTX_TRANSFORMER_TINY,
+                                    MOCHI_TRANSFORMER_TINY, WAN_TRANSFORMER_TINY)
 from fxstream.models import VaeDecode
 
 __all__ = ["NAMES", "ZOO_VAES", "Built", "build"]
@@ -77,27 +79,14 @@ def _quiet_diffusers():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# transformers (denoisers)
+# transformers (denoisers): their configs are fxstream.dit_pipelines' tiny ones, shared with the tiny pipelines
 
 
 def _wan_transformer(gen: torch.Generator):
     """Wan 2.1 T2V (``WanPipeline``): latents (B, 16, 1 + (F-1)/4, H/8, W/8), UMT5 text embeds (B, 512, 4096)."""
     from diffusers import WanTransformer3DModel
 
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,  # rope splits head_dim into t/h/w parts (4/4/4)
-        in_channels=8,
-        out_channels=8,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=64,
-    )
+    model = WanTransformer3DModel(**WAN_TRANSFORMER_TINY)
     latents = _randn(gen, 1, 8, 3, 8, 8)  # 3 latent frames (9 video frames), 8x8 latent -> 48 tokens
     kwargs = dict(
         hidden_states=latents,
@@ -111,17 +100,7 @@ def _ltx_transformer(gen: torch.Generator):
     """LTX-Video (``LTXPipeline``): packed latents (B, F*H*W, 128), T5 embeds (B, L, 4096) + bool mask."""
     from diffusers import LTXVideoTransformer3DModel
 
-    model = LTXVideoTransformer3DModel(
-        in_channels=8,
-        out_channels=8,
-        patch_size=1,
-        patch_size_t=1,
-        num_attention_heads=2,
-        attention_head_dim=12,  # inner dim 24: rope uses inner_dim // 6 frequencies per axis
-        cross_attention_dim=24,
-        num_layers=2,
-        caption_channels=16,
-    )
+    model = LTXVideoTransformer3DModel(**LTX_TRANSFORMER_TINY)
     f, h, w = 3, 4, 4
     latents = _randn(gen, 1, 8, f, h, w)
     # LTXPipeline._pack_latents (patch 1): [B, C, F, H, W] -> [B, F*H*W, C]
@@ -149,21 +128,7 @@ def _cogvideox_transformer(gen: torch.Generator):
     """
     from diffusers import CogVideoXTransformer3DModel
 
-    model = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=8,
-        out_channels=8,
-        time_embed_dim=16,
-        text_embed_dim=16,
-        num_layers=2,
-        sample_width=8,
-        sample_height=8,
-        sample_frames=9,  # (9 - 1) // 4 + 1 = 3 latent frames
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=4,
-    )
+    model = CogVideoXTransformer3DModel(**COGVIDEOX_TRANSFORMER_TINY)
     kwargs = dict(
         hidden_states=_randn(gen, 1, 3, 8, 8, 8),  # (B, F, C, H, W): 3 x 4 x 4 = 48 patches
         encoder_hidden_states=_randn(gen, 1, 4, 16),
@@ -177,23 +142,7 @@ def _hunyuan_transformer(gen: torch.Generator):
     """HunyuanVideo (``HunyuanVideoPipeline``): latents (B, 16, F, H, W), Llama embeds + float mask, CLIP pooled."""
     from diffusers import HunyuanVideoTransformer3DModel
 
-    model = HunyuanVideoTransformer3DModel(
-        in_channels=8,
-        out_channels=8,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=1,
-        num_single_layers=1,
-        num_refiner_layers=1,
-        mlp_ratio=2.0,
-        patch_size=2,
-        patch_size_t=1,
-        qk_norm="rms_norm",
-        guidance_embeds=True,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 2, 4),  # sums to attention_head_dim
-    )
+    model = HunyuanVideoTransformer3DModel(**HUNYUAN_TRANSFORMER_TINY)
     kwargs = dict(
         hidden_states=_randn(gen, 1, 8, 3, 8, 8),  # 3 x 4 x 4 = 48 tokens
         timestep=torch.tensor([500.0]),  # t.expand(batch).to(latents.dtype)
@@ -213,18 +162,7 @@ def _mochi_transformer(gen: torch.Generator):
     """
     from diffusers import MochiTransformer3DModel
 
-    model = MochiTransformer3DModel(
-        patch_size=2,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=2,
-        pooled_projection_dim=16,
-        in_channels=4,
-        qk_norm="rms_norm",
-        text_embed_dim=16,
-        time_embed_dim=4,
-        max_sequence_length=4,
-    )
+    model = MochiTransformer3DModel(**MOCHI_TRANSFORMER_TINY)
     kwargs = dict(
         hidden_states=_randn(gen, 1, 4, 3, 8, 8),  # 3 x 4 x 4 = 48 tokens
         encoder_hidden_states=_randn(gen, 1, 4, 16),
