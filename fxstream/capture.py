@@ -12,7 +12,7 @@ import numbers
 import operator
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -135,6 +135,7 @@ def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModul
     functionalize(gm)
     convert_to_dtypes(gm)
     splits_to_slices(gm)
+    meshgrids_to_views(gm)
     if gm.graph.eliminate_dead_code():  # values nothing reads (a causal convolution's cache after the last chunk)
         gm.recompile()
     return gm
@@ -151,6 +152,26 @@ def strip_checks(gm: torch.fx.GraphModule) -> None:
 
 _TO_OTHER = (torch.ops.aten.type_as.default, torch.ops.aten.to.other)
 _SPLITS = (torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor, torch.ops.aten.chunk.default)
+_MESHGRIDS = (torch.ops.aten.meshgrid.default, torch.ops.aten.meshgrid.indexing)
+
+
+def _read_by_getitem(node: torch.fx.Node) -> bool:
+    """Whether every reader of the list-valued ``node`` takes one part of it (``getitem`` with an int)."""
+    return bool(node.users) and all(u.op == "call_function" and u.target is operator.getitem
+                                    and isinstance(u.args[1], int) for u in node.users)
+
+
+def _replace_parts(gm: torch.fx.GraphModule, node: torch.fx.Node, part: Callable[[int], torch.fx.Node]) -> None:
+    """Replace each ``getitem(node, i)`` by ``part(i)`` (nodes it adds go where the getitem was; the last one
+    takes the getitem's metadata), then erase ``node``: one op per tensor instead of a list the passes would
+    read whole."""
+    for u in list(node.users):
+        with gm.graph.inserting_before(u):
+            new = part(u.args[1])
+        new.meta = dict(u.meta)
+        u.replace_all_uses_with(new)
+        gm.graph.erase_node(u)
+    gm.graph.erase_node(node)
 
 
 def splits_to_slices(gm: torch.fx.GraphModule) -> int:
@@ -167,9 +188,7 @@ def splits_to_slices(gm: torch.fx.GraphModule) -> int:
             continue
         parts, x = node.meta.get("val"), node.args[0]
         xv = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-        if (not isinstance(parts, (list, tuple)) or not isinstance(xv, torch.Tensor) or not node.users
-                or any(u.op != "call_function" or u.target is not operator.getitem or not isinstance(u.args[1], int)
-                       for u in node.users)):
+        if not isinstance(parts, (list, tuple)) or not isinstance(xv, torch.Tensor) or not _read_by_getitem(node):
             continue
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         dim = dim % xv.dim()
@@ -180,16 +199,50 @@ def splits_to_slices(gm: torch.fx.GraphModule) -> int:
             starts.append(at)
             at += part.shape[dim]
         else:
-            for u in list(node.users):
-                i = u.args[1]
-                with gm.graph.inserting_before(u):
-                    new = gm.graph.call_function(torch.ops.aten.slice.Tensor,
-                                                 (x, dim, starts[i], starts[i] + parts[i].shape[dim]))
-                new.meta = dict(u.meta)
-                u.replace_all_uses_with(new)
-                gm.graph.erase_node(u)
-            gm.graph.erase_node(node)
+            _replace_parts(gm, node, lambda i: gm.graph.call_function(
+                torch.ops.aten.slice.Tensor, (x, dim, starts[i], starts[i] + parts[i].shape[dim])))
             rewritten += 1
+    if rewritten:
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten
+
+
+def meshgrids_to_views(gm: torch.fx.GraphModule) -> int:
+    """Rewrite each grid of ``meshgrid`` (read with ``getitem``) as what it is, its 1-D input viewed along its own
+    dim and expanded to the grid (``aten.view`` + ``aten.expand``); returns how many meshgrids were rewritten.
+
+    The same views, one op per tensor, each with a dims rule: the HunyuanVideo VAE builds its causal attention
+    mask over every pair of tokens from a meshgrid of the tokens' frame indices, and the mask's rows, one per
+    query, can then be sliced with the queries (the whole mask is 450 GB at 720p, 129 frames).
+    ``indexing="xy"`` swaps the grid's first two dims.
+    """
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _MESHGRIDS:
+            continue
+        tensors = node.args[0]
+        indexing = node.args[1] if len(node.args) > 1 else node.kwargs.get("indexing", "ij")
+        values = [t.meta.get("val") if isinstance(t, torch.fx.Node) else None for t in tensors]
+        if (not _read_by_getitem(node) or indexing not in ("ij", "xy")
+                or not all(isinstance(v, torch.Tensor) and v.dim() == 1 for v in values)):
+            continue
+        order = list(range(len(tensors)))  # grid dim of each input
+        if indexing == "xy" and len(order) >= 2:
+            order[0], order[1] = 1, 0
+        grid = [0] * len(order)
+        for i, d in enumerate(order):
+            grid[d] = values[i].shape[0]
+
+        def part(i: int, order: list = order, grid: list = grid, tensors: list = tensors,
+                 values: list = values) -> torch.fx.Node:
+            shape = [grid[d] if d == order[i] else 1 for d in range(len(grid))]
+            view = gm.graph.call_function(torch.ops.aten.view.default, (tensors[i], shape))
+            view.meta = {"val": values[i].view(shape)}
+            return gm.graph.call_function(torch.ops.aten.expand.default, (view, list(grid)))
+
+        _replace_parts(gm, node, part)
+        rewritten += 1
     if rewritten:
         gm.graph.lint()
         gm.recompile()

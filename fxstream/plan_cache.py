@@ -7,7 +7,7 @@ Where: ``$FXSTREAM_CACHE_DIR``, else ``~/.cache/fxstream/plans``; one JSON file 
 The key is what a plan depends on, read without capturing: the module's class, its ``config`` (diffusers
 models), the names, shapes and dtypes of its parameters and buffers and the classes of its submodules; the
 input signature; the budget (or slice count), the target and the Step Rehash config; the versions of
-fxstream, torch and diffusers. Weights' values do not enter it. An entry holds the Plan and its baseline and
+fxstream (and a digest of its code), torch and diffusers. Weights' values do not enter it. An entry holds the Plan and its baseline and
 planned memory timelines. ``fxstream.compile`` replays an entry on the graph it captures, after checking the
 plan's fingerprint of that graph (a module whose code changed under the same class and config is planned
 again); ``fxstream.plan`` answers from the entry without capturing.
@@ -16,6 +16,7 @@ again); ``fxstream.plan`` answers from the entry without capturing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -52,7 +53,8 @@ def key(module: nn.Module, args: tuple, kwargs: dict, request: PlanRequest) -> s
     def put(*parts: Any) -> None:
         h.update(("|".join(str(p) for p in parts) + "\n").encode())
 
-    put("fxstream", fxstream.__version__, "torch", torch.__version__, "diffusers", _version("diffusers"))
+    put("fxstream", fxstream.__version__, _source_digest(), "torch", torch.__version__, "diffusers",
+        _version("diffusers"))
     put(type(module).__module__, type(module).__qualname__)
     config = getattr(module, "config", None)
     if isinstance(config, dict):
@@ -69,6 +71,19 @@ def key(module: nn.Module, args: tuple, kwargs: dict, request: PlanRequest) -> s
     put("request", request.budget_bytes, request.chunks, request.target, request.signature,
         json.dumps(request.rehash.to_dict(), sort_keys=True) if request.rehash is not None else None)
     return h.hexdigest()[:40]
+
+
+@functools.cache
+def _source_digest() -> str:
+    """A digest of the planner's own code (fxstream/ and passes/): an entry planned by other code than this one
+    (a development checkout between releases, a patched install) is never replayed, even at the same version."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for package in ("fxstream", "passes"):
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _version(package: str) -> str:

@@ -17,19 +17,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.fx
 
 from fxstream.errors import BudgetError
 from fxstream.runtime.sliced import slice_bounds
 from passes.chains import OperatorGroup
+from passes.dims import val
 from passes.memory import MemoryTimeline, analyze_memory, format_bytes
-from passes.meta import node_info
+from passes.meta import node_info, tensor_bytes, upper_bound
 from passes.slicing import apply_plan, body_workspace_bytes
 
 # Per-slice overhead (a Python loop step and a kernel launch per op) grows with the count; past 64 slices the
 # bytes saved per step are far below the full-size boundary tensors that stay live in every zoo model.
 MAX_SLICES = 64
-_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# ... except for a group whose one slice at MAX_SLICES still allocates more than the largest tensor it reads or
+# hands over (its body grows with the square of its axis: an attention mask over every pair of tokens, the
+# HunyuanVideo VAE's 450 GB at 720p): it may take up to this many, as many as bring a slice down to that tensor.
+MAX_WIDE_SLICES = 4096
+_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072,
+           4096)
 # Rounds of bumping groups still over the goal after the per-group choice.
 REPAIR_ROUNDS = 6
 # How far above the floor the minimum-memory plan may stay to slice fewer groups.
@@ -44,14 +51,16 @@ class BudgetResult:
     graph_module: torch.fx.GraphModule
     timeline: MemoryTimeline
     weight_bytes: int
+    # the floor's timeline (every group at its most slices, or whole where that is lower): the least each part of
+    # the graph reaches, where the chosen plan relaxes groups its peak does not need sliced (None: not searched)
+    floor: MemoryTimeline | None = None
 
     @property
     def predicted_peak_bytes(self) -> int:
         return self.weight_bytes + self.timeline.activation_peak_bytes
 
 
-def _next_count(k: int, length: int, max_slices: int) -> int | None:
-    cap = min(length, max_slices)
+def _next_count(k: int, cap: int) -> int | None:
     for c in _LADDER:
         if c > k and c <= cap:
             return c
@@ -68,6 +77,11 @@ def plan_chunks(
     weight_bytes: int | None = None,
 ) -> BudgetResult:
     """Slice counts per group meeting ``budget_bytes`` with the fewest slices; see the module docstring."""
+    return _search(gm, groups, budget_bytes, target=target, max_slices=max_slices, weight_bytes=weight_bytes)
+
+
+def _search(gm: torch.fx.GraphModule, groups: list[OperatorGroup], budget_bytes: int | None, *,
+            target: str | None, max_slices: int, weight_bytes: int | None) -> BudgetResult:
     by_name = {g.name: g for g in groups}
     owner = {n.name: g.name for g in groups for n in g.nodes}
     body_peak: dict[str, int] = {}
@@ -83,8 +97,12 @@ def plan_chunks(
         view = apply_plan(gm, groups, ch, ws, planning=True)
         return view, analyze_memory(view, lifetime="graph", target=target)
 
+    caps: dict[str, int] = {}
+
     def cap(g: OperatorGroup) -> int:
-        return min(g.length, max_slices)
+        if g.name not in caps:
+            caps[g.name] = slice_cap(g, max_slices, lambda k: workspace(g.name, k))
+        return caps[g.name]
 
     unsliced = {g.name: 1 for g in groups}
     _, t_unsliced = build(unsliced)
@@ -115,7 +133,7 @@ def plan_chunks(
     goal = int(t_floor.activation_peak_bytes * (1 + MIN_SLACK)) if budget_bytes is None else budget_bytes - weights
     if budget_bytes is not None and t_floor.activation_peak_bytes > goal:
         # the floor reported is the minimum plan's peak (what compile reaches with no budget), where that is lower
-        lowest = plan_chunks(gm, groups, None, target=target, max_slices=max_slices, weight_bytes=weight_bytes)
+        lowest = _search(gm, groups, None, target=target, max_slices=max_slices, weight_bytes=weight_bytes)
         if lowest.timeline.activation_peak_bytes <= goal:
             return lowest
         if lowest.timeline.activation_peak_bytes < t_floor.activation_peak_bytes:
@@ -130,7 +148,7 @@ def plan_chunks(
             bounding_node=t_floor.peak_node,
         )
     if floor_chunks is unsliced:
-        return _finish(gm, groups, unsliced, workspace, target, weights)
+        return _finish(gm, groups, unsliced, workspace, target, weights, t_floor)
 
     # Relax from the floor: each group takes the fewest slices that keep its own step under the goal. Its
     # step holds what is live around the call (independent of its count) plus its workspace (~ 1/count).
@@ -149,7 +167,7 @@ def plan_chunks(
     for _ in range(REPAIR_ROUNDS):
         view, timeline = build(chunks)
         if timeline.activation_peak_bytes <= goal:
-            return _finish(gm, groups, chunks, workspace, target, weights)
+            return _finish(gm, groups, chunks, workspace, target, weights, t_floor)
         nodes = {n.name: n for n in view.graph.nodes}
         over: set[str] = set()
         for name, live in zip(timeline.nodes, timeline.live_bytes):
@@ -160,24 +178,45 @@ def plan_chunks(
                     over.add(group)
         bumped = False
         for name in over:
-            nxt = _next_count(chunks[name], by_name[name].length, max_slices)
+            nxt = _next_count(chunks[name], cap(by_name[name]))
             if nxt is not None:
                 chunks[name] = nxt
                 bumped = True
         if not bumped:
             break
-    return _finish(gm, groups, floor_chunks, workspace, target, weights)
+    return _finish(gm, groups, floor_chunks, workspace, target, weights, t_floor)
+
+
+def slice_cap(group: OperatorGroup, max_slices: int, workspace) -> int:
+    """The most slices ``group`` may take: ``max_slices``, or more (up to :data:`MAX_WIDE_SLICES`) for a body that
+    would still dwarf the group's largest boundary tensor; ``workspace(k)`` is one slice's body at ``k``."""
+    k = min(group.length, max_slices)
+    if k == group.length or max_slices < MAX_SLICES:
+        return k
+    boundary = max((_addressed_bytes(val(n)) for n in [*group.inputs, *group.outputs]), default=0)
+    if workspace(k) <= boundary:
+        return k
+    wide = min(group.length, MAX_WIDE_SLICES)
+    return next((c for c in _ladder(wide) if c > k and workspace(c) <= boundary), wide)
+
+
+def _addressed_bytes(v: object) -> int:
+    """Bytes a tensor's elements address: an expanded (stride-0) dim counts once (a meshgrid's grid is its
+    1-D input, not the square it looks like)."""
+    if not isinstance(v, torch.Tensor):
+        return tensor_bytes(v)
+    return v.element_size() * math.prod(upper_bound(n) for n, st in zip(v.shape, v.stride()) if st != 0)
 
 
 def _ladder(cap: int) -> list[int]:
     return [c for c in _LADDER if c < cap] + [cap]
 
 
-def _finish(gm, groups, chunks, workspace, target, weights) -> BudgetResult:
+def _finish(gm, groups, chunks, workspace, target, weights, floor=None) -> BudgetResult:
     """Build the runnable sliced GraphModule for the chosen counts."""
     ws = {(name, k): workspace(name, k) for name, k in chunks.items() if k > 1}
     sliced = apply_plan(gm, groups, chunks, ws)
-    return BudgetResult(chunks, sliced, analyze_memory(sliced, lifetime="graph", target=target), weights)
+    return BudgetResult(chunks, sliced, analyze_memory(sliced, lifetime="graph", target=target), weights, floor)
 
 
 def forced_chunks(gm: torch.fx.GraphModule, groups: list[OperatorGroup], k: int, *,

@@ -101,7 +101,7 @@ _add([
     aten.sin.default, aten.cos.default, aten.tanh.default, aten.sigmoid.default, aten.erf.default,
     aten.silu.default, aten.gelu.default, aten.relu.default, aten.leaky_relu.default, aten.mish.default,
     aten.hardtanh.default, aten.softplus.default, aten.clamp.default, aten.clamp.Tensor,
-    aten.clamp_min.default, aten.clamp_max.default, aten.where.self, aten.where.ScalarOther,
+    aten.clamp_min.default, aten.clamp_max.default, aten.where.self, aten.where.Scalar, aten.where.ScalarOther,
     aten.where.ScalarSelf, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.lerp.Scalar,
     aten.lerp.Tensor, aten.maximum.default, aten.minimum.default, aten.eq.Tensor, aten.eq.Scalar,
     aten.ne.Scalar, aten.gt.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.le.Scalar, aten.logical_not.default,

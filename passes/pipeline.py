@@ -340,10 +340,13 @@ def stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str,
     if base is None:
         probe, probe_groups, _ = group_operators(gm)
         base = plan_chunks(probe, probe_groups, None, target=target)
+    # what the rest of the graph can reach before each start: the floor, not the minimum plan, which leaves
+    # groups sliced no more than the peak the streamed tail removes asks of them
+    floor = base.floor or base.timeline
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    at = [0] * (len(order) + 1)  # the base plan's peak live bytes at each original position
+    at = [0] * (len(order) + 1)  # the floor's peak live bytes at each original position
     position = 0
-    for name, live in zip(base.timeline.nodes, base.timeline.live_bytes):
+    for name, live in zip(floor.nodes, floor.live_bytes):
         position = max(position, order.get(name, position))
         at[position] = max(at[position], live)
     prefix, running = {}, 0

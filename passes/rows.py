@@ -51,8 +51,9 @@ from passes.memory import live_curve, returns_alias
 from passes.meta import aliases_input, module_path, node_info, tensor_bytes
 from passes.ops import conv_params
 
-# Bands per segment the planner tries (capped at the segment's rows).
-BAND_LADDER = (2, 4, 8, 16, 32, 64)
+# Bands per segment the planner tries (capped at the segment's rows, which are tried too up to the last step:
+# one latent row per band, HunyuanVideo's 90 at 720p).
+BAND_LADDER = (2, 4, 8, 16, 32, 64, 128)
 # The planner stops adding bands to a segment once a step of the ladder saves less than this fraction.
 LADDER_GAIN = 0.01
 # A segment with more passes than this is not considered: pass p recomputes passes 0..p-1.
@@ -1021,7 +1022,8 @@ class RowChoice:
 
 
 def _ladder(length: int) -> list[int]:
-    return [k for k in BAND_LADDER if k <= length] or [length]
+    steps = [k for k in BAND_LADDER if k < length]
+    return steps + [length] if length <= BAND_LADDER[-1] else steps + [BAND_LADDER[-1]]
 
 
 def best_bands(seg: RowSegment, goal: int | None) -> RowChoice | None:

@@ -86,6 +86,27 @@ def test_parts_of_a_split_are_slices_of_its_input():
         assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("indexing", ["ij", "xy"])
+def test_meshgrid_grids_are_views_of_their_inputs(indexing):
+    """Each grid of ``meshgrid`` becomes its 1-D input viewed along its own dim and expanded (no copy, each with
+    a dims rule): the same values for both indexings and for three inputs."""
+
+    class Grid(nn.Module):
+        def forward(self, a, b, c):
+            x, y = torch.meshgrid(a, b, indexing=indexing)
+            p, q, r = torch.meshgrid(a, b, c, indexing=indexing)
+            return torch.where(x <= y, 0.0, -1.0), p * q + r
+
+    args = (torch.arange(3.0), torch.arange(5.0) * 2, torch.arange(2.0) - 7)
+    gm = capture(Grid(), *args)
+    assert not any(n.target in (torch.ops.aten.meshgrid.default, torch.ops.aten.meshgrid.indexing)
+                   for n in gm.graph.nodes)
+    expands = [n for n in gm.graph.nodes if n.target is torch.ops.aten.expand.default]
+    assert len(expands) == 5
+    for got, ref in zip(gm(*args), Grid()(*args)):
+        assert got.shape == ref.shape and torch.equal(got, ref)
+
+
 def test_values_nothing_reads_are_not_in_the_graph():
     """A value the module computes and drops (a causal convolution's cache after the last chunk) is not captured:
     it would be held, and a value leaving a row-streamed segment stops it."""

@@ -182,6 +182,20 @@ def test_a_stale_cache_entry_is_planned_again(monkeypatch, tmp_path):
     assert json.loads(entry.read_text())["plan"]["fingerprint"] != "0" * 32  # re-planned and written again
 
 
+def test_a_cache_entry_planned_by_other_planner_code_is_not_read(monkeypatch, tmp_path):
+    # a changed op rule or pass leaves the graph's fingerprint as it was: the planner's code is part of the key
+    from fxstream import plan_cache
+
+    monkeypatch.setenv("FXSTREAM_PLAN_CACHE", "1")
+    monkeypatch.setenv("FXSTREAM_CACHE_DIR", str(tmp_path))
+    m = _Small
+    fxstream.compile(m.module, chunks=2)(*m.args, **m.kwargs)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    monkeypatch.setattr(plan_cache, "_source_digest", lambda: "other planner code")
+    fxstream.compile(m.module, chunks=2)(*m.args, **m.kwargs)
+    assert len(list(tmp_path.glob("*.json"))) == 2  # planned again, under its own key
+
+
 def test_the_plan_cache_is_off_with_its_switch(monkeypatch, tmp_path):
     monkeypatch.setenv("FXSTREAM_PLAN_CACHE", "0")
     monkeypatch.setenv("FXSTREAM_CACHE_DIR", str(tmp_path))

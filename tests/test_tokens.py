@@ -146,3 +146,42 @@ def test_transformer_blocks_slice_the_query_chain_with_its_attention_one_layer_a
         got.activation_peak_bytes, eager.activation_peak_bytes)
     print(f"two DiT blocks, 256 tokens: eager {eager.activation_peak_bytes} B, minimum {got.activation_peak_bytes} B "
           f"(predicted {predicted} B)")
+
+
+class CausalFrameAttention(nn.Module):
+    """The HunyuanVideo VAE mid-block's attention, as its decoder runs it: every token of a frame attends to the
+    tokens of its own and earlier frames, through a dense additive mask built from a meshgrid of frame indices
+    (``prepare_causal_attention_mask``: 450 GB at 720p, 129 frames)."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn = Attention(query_dim=c, heads=1, dim_head=c, eps=1e-6, norm_num_groups=4,
+                              residual_connection=True, bias=True, upcast_softmax=True,
+                              _from_deprecated_attn_block=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import prepare_causal_attention_mask
+
+        b, _, t, height, width = h.shape
+        x = h.permute(0, 2, 3, 4, 1).flatten(1, 3)
+        mask = prepare_causal_attention_mask(t, height * width, x.dtype, x.device, batch_size=b)
+        x = self.attn(x, attention_mask=mask)
+        return x.unflatten(1, (t, height, width)).permute(0, 4, 1, 2, 3)
+
+
+def test_a_causal_mask_is_built_per_query_slice_and_never_whole():
+    m = CausalFrameAttention().eval().requires_grad_(False)
+    h = torch.randn(1, 16, 4, 16, 32, generator=torch.Generator().manual_seed(0))  # 2048 tokens: a 16 MiB mask
+    compiled = fxstream.compile(m)
+    with torch.no_grad():
+        eager = fxstream.measure(m, h)
+        compiled(h)
+        got = fxstream.measure(compiled, h)
+    assert (got.output - eager.output).abs().max() <= RTOL * eager.output.abs().max()
+    mask_bytes = 2048 * 2048 * 4
+    assert eager.activation_peak_bytes > mask_bytes
+    assert got.activation_peak_bytes <= 0.1 * mask_bytes  # the mask's rows only exist a query slice at a time
+    predicted = compiled.plan.predicted_activation_peak_bytes
+    assert abs(got.activation_peak_bytes - predicted) <= 0.1 * predicted
