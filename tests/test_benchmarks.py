@@ -89,3 +89,24 @@ def test_vae_plan_measures_a_tiny_decode_exactly(tmp_path):
     eager, low, predicted = (float(x) for x in row[2:5])
     assert low < eager and abs(low - predicted) <= 0.1 * predicted
     assert float(row[6]) <= 1e-5  # max relative error against eager's decode
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_vae_tiling_cpu_tiny_tiling_differs_and_fxstream_is_exact(tmp_path):
+    out = tmp_path / "vae_tiling_cpu.md"
+    _load("vae_tiling_cpu").main(["--models", "hunyuanvideo-vae-decoder", "--size", "tiny", "--repeats", "1",
+                                  "--out", str(out)])
+    text = out.read_text()
+    assert "- command: `" in text and "- machine: " in text and "- commit: " in text
+    header = _table_rows(text, "model")[0]
+    found = _table_rows(text, "hunyuanvideo-vae-decoder")
+    rows = {r[1]: dict(zip(header, r)) for r in found if len(r) == len(header)}
+    assert list(rows) == ["eager", "diffusers tiling", "fxstream min", "fxstream middle"]
+    # 16 px tiles of the 32x32 frames and windows of frames: tiling changes the decode, fxstream does not
+    assert float(rows["diffusers tiling"]["rel. error"]) > 1e-3
+    for variant in ("fxstream min", "fxstream middle"):
+        assert float(rows[variant]["rel. error"]) <= 1e-5
+        assert float(rows[variant]["activation peak MiB"]) < float(rows["eager"]["activation peak MiB"])
+    assert rows["fxstream min"]["row-streamed (bands)"] != "-"
+    (settings,) = [r[-1] for r in found if len(r) != len(header)]  # the tile settings table
+    assert "enable_tiling(tile_sample_min_height=16" in settings and "use_framewise_decoding" in settings
