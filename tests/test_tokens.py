@@ -185,3 +185,17 @@ def test_a_causal_mask_is_built_per_query_slice_and_never_whole():
     assert got.activation_peak_bytes <= 0.1 * mask_bytes  # the mask's rows only exist a query slice at a time
     predicted = compiled.plan.predicted_activation_peak_bytes
     assert abs(got.activation_peak_bytes - predicted) <= 0.1 * predicted
+
+
+def test_a_mask_over_every_pair_of_tokens_takes_more_than_the_usual_slices():
+    """16384 tokens (meta, planned only): a 1 GiB mask, whose rows per slice at the usual 64 slices would still be
+    64 times the hidden states; the group takes as many slices as bring a slice down to them."""
+    from passes.budget import MAX_SLICES
+
+    with torch.device("meta"):
+        m = CausalFrameAttention().eval().requires_grad_(False)
+        h = torch.empty(1, 16, 8, 32, 64)
+    plan = fxstream.plan(m, h)
+    assert max(g.slices for g in plan.groups) > MAX_SLICES
+    hidden = 16384 * 16 * 4
+    assert plan.predicted_activation_peak_bytes <= 16 * hidden  # the whole mask: 4096 hidden states' worth
