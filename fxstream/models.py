@@ -29,7 +29,21 @@ modelscope      32/64, 1, head dim 16   64/128/128, 2, head     320/640/1280/128
                                         dim 32
 svd-vae-dec.    32/32/32/32, 1          32/32/64/64, 1          128/256/512/512, 2; 14 x 576x1024
 sd-vae-dec.     16/16/32/32, 1          32/32/64/64, 1          128/256/512/512, 2; 16 x 512x512
+wan-vae-dec.    8/16/16/16, 9 x 32x32   32/64/128/128, 9 x      Wan 2.1 VAE; 81 x 480x832
+                                        128x128
+hunyuanvideo-   8/16/16 (4x), 9 x 32x32 32/32/64/64, 9 x        128/256/512/512; 129 x 720x1280
+vae-dec.                                128x128
+ltx-vae-dec.    32/32/32 (patch 2),     32/64/64/64, 17 x       LTX-Video 0.9.0; 121 x 512x768
+                9 x 32x32               256x256
+cogvideox-vae-  8/16/16 (4x), 9 x 32x32 32/32/64/64, 9 x        128/256/256/512; 49 x 480x720
+dec.                                    128x128
+mochi-vae-dec.  32/32/32/32, 7 x 32x32  32/32/64/64, 13 x       128/256/512/768; 163 x 480x848
+                                        128x128
 =============== ======================= ======================= ====================================
+
+The DiT-era VAE entries are the VAE's whole ``decode`` (:class:`VaeDecode`), with their own frame and size rules
+(frames 1 + 4k, LTX-Video 1 + 8k, Mochi 1 + 6k; pixels divisible by the VAE's factor); see the comment above
+``WAN_VAE_FULL``.
 
 Tiny and medium UNets keep the full model's block pattern (cross-attention levels, then one plain level) with
 fewer levels; cross-attention dims are 32 (tiny) and 64 (medium); VAE decoders keep all 4 levels so that the
