@@ -73,6 +73,33 @@ def _plain_call(module: nn.Module) -> Iterator[None]:
         module.__dict__["_compiled_call_impl"] = installed
 
 
+class _MetaAutocast(torch.autocast):
+    """``torch.autocast`` for a capture on the meta device: a region entered for the inputs' device type
+    (``torch.autocast(x.device.type, ...)``, Mochi's rotary embedding) runs as on the CPU with autocast off.
+    torch refuses device type "meta"; the models that do this ask for float32, which no device's autocast
+    supports (torch disables it there, with a warning), so off is what every real device runs."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype | None = None, enabled: bool = True,
+                 cache_enabled: bool | None = None):
+        if device_type == "meta":
+            device_type, enabled = "cpu", False
+        super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+
+@contextlib.contextmanager
+def _meta_autocast(args: tuple, kwargs: dict) -> Iterator[None]:
+    device = _first_tensor_device(args, kwargs)
+    if device is None or device.type != "meta":
+        yield
+        return
+    original = torch.autocast
+    torch.autocast = _MetaAutocast
+    try:
+        yield
+    finally:
+        torch.autocast = original
+
+
 @contextlib.contextmanager
 def _module_stack(module: nn.Module) -> Iterator[list[str]]:
     """Track which submodule is running, so a capture failure can name it."""
@@ -117,7 +144,8 @@ def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModul
         CaptureError: naming the submodule that was running and the operation that failed.
     """
     args, kwargs = normalize_inputs(module, args, kwargs)
-    with _CAPTURE_LOCK, _plain_call(module), hooks.traced_as_graph(module), _module_stack(module) as stack:
+    with (_CAPTURE_LOCK, _plain_call(module), hooks.traced_as_graph(module), _meta_autocast(args, kwargs),
+          _module_stack(module) as stack):
         try:
             exported = torch.export.export(module, args, kwargs, strict=False)
         except Exception as e:  # export raises many unrelated types; all mean "could not capture"

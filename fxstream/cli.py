@@ -43,8 +43,9 @@ SIZES = ("full", "medium", "tiny")
 DEFAULT_MODEL = "svd-xt"
 # The zoo's names and pixel factor, repeated here so that --help and argument errors need not import torch
 # and diffusers (seconds); tests/test_cli.py checks them against fxstream.models.
-MODELS = ("svd", "svd-xt", "animatediff", "modelscope", "svd-vae-decoder", "sd-vae-decoder", "wan-vae-decoder",
-          "hunyuanvideo-vae-decoder", "ltx-vae-decoder", "cogvideox-vae-decoder", "mochi-vae-decoder")
+MODELS = ("svd", "svd-xt", "animatediff", "modelscope", "wan2.1-1.3b", "wan2.1-14b", "hunyuanvideo", "ltx-video",
+          "cogvideox-5b", "mochi", "svd-vae-decoder", "sd-vae-decoder", "wan-vae-decoder", "hunyuanvideo-vae-decoder",
+          "ltx-vae-decoder", "cogvideox-vae-decoder", "mochi-vae-decoder")
 VAE_SCALE_FACTOR = 8
 SPINNER_INTERVAL_S = 0.2
 # Formats --plot writes (matplotlib's, by file extension) and the resolution of raster ones.

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+# the tiny transformer configs are the model zoo's, re-exported for tests/dit_models.py
+from fxstream.models import (COGVIDEOX_TRANSFORMER_TINY, HUNYUAN_TRANSFORMER_TINY, LTX_TRANSFORMER_TINY,
+                             MOCHI_TRANSFORMER_TINY, WAN_TRANSFORMER_TINY)
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -37,40 +40,6 @@ _SIZES = ("tiny",)
 # make the text the largest part of these tiny models; CogVideoX's transformer is sized for exactly this many).
 TEXT_SEQ_LEN = 16
 _IMAGE_WIDTH = 16  # Wan I2V's CLIP vision encoder
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tiny transformer configs (constructor kwargs), also the "never crash" models of tests/dit_models.py. Latent
-# channels are the tiny zoo VAEs' 8; text widths 16.
-
-# WanTransformer3DModel (Wan 2.1 T2V): rope splits head_dim 12 into t/h/w parts (4/4/4).
-WAN_TRANSFORMER_TINY = MappingProxyType(dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=8, out_channels=8, text_dim=16,
-    freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=64,
-))
-# LTXVideoTransformer3DModel (LTX-Video 0.9.0): inner dim 24, rope uses inner_dim // 6 frequencies per axis.
-LTX_TRANSFORMER_TINY = MappingProxyType(dict(
-    in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=12,
-    cross_attention_dim=24, num_layers=2, caption_channels=16,
-))
-# CogVideoXTransformer3DModel (CogVideoX-2b: sincos positional embeddings, no rotary). sample_* are latent sizes
-# (8x8 latents: 32x32 pixels through the tiny VAE's 4x), sample_frames pixel frames ((9 - 1) // 4 + 1 = 3 latent).
-COGVIDEOX_TRANSFORMER_TINY = MappingProxyType(dict(
-    num_attention_heads=2, attention_head_dim=8, in_channels=8, out_channels=8, time_embed_dim=16,
-    text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-    temporal_compression_ratio=4, max_text_seq_length=4,
-))
-# HunyuanVideoTransformer3DModel: rope_axes_dim sums to attention_head_dim; pooled_projection_dim is CLIP's width.
-HUNYUAN_TRANSFORMER_TINY = MappingProxyType(dict(
-    in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
-    num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
-    text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4),
-))
-# MochiTransformer3DModel (Mochi 1).
-MOCHI_TRANSFORMER_TINY = MappingProxyType(dict(
-    patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
-    in_channels=4, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, max_sequence_length=4,
-))
 
 # ----------------------------------------------------------------------------------------------------------------
 # Schedulers: the pipelines' scheduler classes with the released scheduler configs' settings.

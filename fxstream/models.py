@@ -421,6 +421,73 @@ MOCHI_VAE_TINY = _frozen(dict(encoder_block_out_channels=(32, 32, 32, 32),
 MOCHI_VAE_MEDIUM = _frozen(dict(encoder_block_out_channels=(32, 32, 64, 64),
                                 decoder_block_out_channels=(32, 32, 64, 64), layers_per_block=(1, 1, 1, 1, 1),
                                 add_attention_block=(False,) * 5))
+
+# Video transformers (the DiT-era denoisers): constructor arguments. Full: the released transformer/config.json
+# (Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers, hunyuanvideo-community/HunyuanVideo, Lightricks/LTX-Video
+# 0.9.0, THUDM/CogVideoX-5b, genmo/mochi-1-preview). Tiny: 2 heads of 8-12, 1-2 blocks, latent channels the tiny
+# VAEs' 8 (Mochi 4), text widths 16; shared with fxstream.dit_pipelines' tiny pipelines. Medium: 4 heads of 32,
+# 2 blocks, text width 64: a forward of about a thousand tokens in a second or so on this CPU.
+WAN_1_3B_TRANSFORMER = _frozen(dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+))
+WAN_14B_TRANSFORMER = _frozen({**WAN_1_3B_TRANSFORMER, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40})
+# rope splits head_dim 12 into t/h/w parts (4/4/4)
+WAN_TRANSFORMER_TINY = _frozen(dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=8, out_channels=8, text_dim=16,
+    freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=64,
+))
+WAN_TRANSFORMER_MEDIUM = _frozen({**WAN_1_3B_TRANSFORMER, "num_attention_heads": 4, "attention_head_dim": 32,
+                                  "text_dim": 64, "freq_dim": 32, "ffn_dim": 512, "num_layers": 2})
+HUNYUAN_TRANSFORMER_FULL = _frozen(dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+))
+# rope_axes_dim sums to attention_head_dim; pooled_projection_dim is CLIP's width
+HUNYUAN_TRANSFORMER_TINY = _frozen(dict(
+    in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+    num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
+    text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4),
+))
+HUNYUAN_TRANSFORMER_MEDIUM = _frozen({**HUNYUAN_TRANSFORMER_FULL, "num_attention_heads": 4, "attention_head_dim": 32,
+                                      "num_layers": 1, "num_single_layers": 1, "num_refiner_layers": 1,
+                                      "text_embed_dim": 64, "pooled_projection_dim": 32, "rope_axes_dim": (8, 12, 12)})
+LTX_TRANSFORMER_FULL = _frozen({})  # LTXVideoTransformer3DModel's defaults: 28 blocks of 32 x 64, 128 latents
+# inner dim 24; rope uses inner_dim // 6 frequencies per axis
+LTX_TRANSFORMER_TINY = _frozen(dict(
+    in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=12,
+    cross_attention_dim=24, num_layers=2, caption_channels=16,
+))
+LTX_TRANSFORMER_MEDIUM = _frozen(dict(num_attention_heads=4, attention_head_dim=36, cross_attention_dim=144,
+                                      num_layers=2, caption_channels=64))
+# CogVideoX-5b: rotary embeddings (the pipeline computes the table and passes it in), 42 blocks of 48 x 64
+COGVIDEOX_TRANSFORMER_FULL = _frozen(dict(
+    num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+    text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+    temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True,
+))
+# CogVideoX-2b style (sincos positional embeddings, no rotary), as the tiny pipeline runs it. sample_* are latent
+# sizes (8x8 latents: 32x32 pixels through the tiny VAE's 4x), sample_frames pixel frames (3 latent).
+COGVIDEOX_TRANSFORMER_TINY = _frozen(dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=8, out_channels=8, time_embed_dim=16,
+    text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+    temporal_compression_ratio=4, max_text_seq_length=4,
+))
+COGVIDEOX_TRANSFORMER_MEDIUM = _frozen({**COGVIDEOX_TRANSFORMER_FULL, "num_attention_heads": 4,
+                                        "attention_head_dim": 32, "time_embed_dim": 64, "text_embed_dim": 64,
+                                        "num_layers": 2, "sample_width": 32, "sample_height": 32, "sample_frames": 9,
+                                        "max_text_seq_length": 16})
+MOCHI_TRANSFORMER_FULL = _frozen({})  # MochiTransformer3DModel's defaults: 48 blocks of 24 x 128, 12 latents
+MOCHI_TRANSFORMER_TINY = _frozen(dict(
+    patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+    in_channels=4, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, max_sequence_length=4,
+))
+MOCHI_TRANSFORMER_MEDIUM = _frozen(dict(num_attention_heads=4, attention_head_dim=32, num_layers=2,
+                                        pooled_projection_dim=64, text_embed_dim=64, time_embed_dim=32,
+                                        max_sequence_length=16))
 # diffusers' memory switches of the video VAEs: all off in the zoo (one decode of the whole latent).
 VAE_SWITCHES = ("use_tiling", "use_slicing", "use_framewise_decoding", "use_framewise_encoding")
 VIDEO_VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo",
@@ -499,6 +566,15 @@ def _video_vae_builder(class_name: str) -> Callable[[Mapping[str, Any]], nn.Modu
     return build
 
 
+def _transformer_builder(class_name: str) -> Callable[[Mapping[str, Any]], nn.Module]:
+    def build(cfg: Mapping[str, Any]) -> nn.Module:
+        import diffusers
+
+        return getattr(diffusers, class_name)(**cfg)
+
+    return build
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Example inputs. ``rand(shape)`` draws from the seeded generator in the model dtype on the target device.
 
@@ -516,6 +592,7 @@ class _InputContext:
     dtype: torch.dtype
     device: torch.device
     rand: Callable[[tuple[int, ...]], torch.Tensor]
+    size: str = "tiny"
 
     def scalar(self, value: float | int, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(value, dtype=dtype, device=self.device)
@@ -589,6 +666,80 @@ def _video_vae_inputs(c: _InputContext) -> tuple[tuple, dict]:
     return (z,), {}
 
 
+# The video transformers' calls: (VAE temporal factor, spatial factor, prompt tokens at full size) per class, as
+# their pipelines encode the video and the prompt; tiny and medium prompts have TRANSFORMER_TEXT_TOKENS tokens
+# (CogVideoX's transformer takes exactly its max_text_seq_length).
+_TRANSFORMER_CALLS = {
+    "WanTransformer3DModel": (4, 8, 512),  # WanPipeline: UMT5, max_sequence_length 512
+    "HunyuanVideoTransformer3DModel": (4, 8, 256),  # Llama prompt, 256 tokens, + CLIP pooled
+    "LTXVideoTransformer3DModel": (8, 32, 128),  # T5, 128 tokens
+    "CogVideoXTransformer3DModel": (4, 8, 226),  # T5, 226 tokens
+    "MochiTransformer3DModel": (6, 8, 256),  # T5, 256 tokens
+}
+TRANSFORMER_TEXT_TOKENS = 16
+
+
+def _transformer_inputs(c: _InputContext) -> tuple[tuple, dict]:
+    """One denoising call of a video transformer, keyword for keyword as its pipeline makes it (the timestep is
+    the first of the schedule's, as a 1-element tensor: ``t.expand(batch)``)."""
+    model, config = c.module, c.module.config
+    name = type(model).__name__
+    t, s, text_full = _TRANSFORMER_CALLS[name]
+    if name == "CogVideoXTransformer3DModel":
+        text = config.max_text_seq_length
+    else:
+        text = text_full if c.size == "full" else TRANSFORMER_TEXT_TOKENS
+    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[-1]
+    for arg, value, factor in (("frames", c.frames - 1, t), ("height", c.height, s * patch),
+                               ("width", c.width, s * patch)):
+        if value % factor:
+            what = "frames - 1" if arg == "frames" else arg
+            raise ValueError(f"{arg}: {what} must be divisible by {factor} for {name}, got {value}")
+    b, f, h, w = c.cfg_batch, 1 + (c.frames - 1) // t, c.height // s, c.width // s
+    channels = config.in_channels
+    text_dim = config.get("text_dim") or config.get("text_embed_dim") or config.get("caption_channels")
+    prompt = c.rand((b, text, text_dim))
+
+    def full(value: float, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+        return torch.full(shape, value, dtype=dtype, device=c.device)
+
+    def mask(dtype: torch.dtype) -> torch.Tensor:  # the tokenizer's padding: the last quarter of the prompt
+        m = full(1, dtype, b, text)
+        if c.device.type != "meta":
+            m[:, text - text // 4:] = 0
+        return m
+
+    timestep = full(999.0, torch.float32, b)  # the first step of a 1000-step schedule
+    if name == "WanTransformer3DModel":
+        return (), dict(hidden_states=c.rand((b, channels, f, h, w)), timestep=timestep, encoder_hidden_states=prompt)
+    if name == "HunyuanVideoTransformer3DModel":
+        return (), dict(hidden_states=c.rand((b, channels, f, h, w)), timestep=timestep.to(c.dtype),
+                        encoder_hidden_states=prompt, encoder_attention_mask=mask(c.dtype),
+                        pooled_projections=c.rand((b, config.pooled_projection_dim)),
+                        guidance=full(6.0 * 1000.0, c.dtype, b))  # guidance_scale 6 * 1000
+    if name == "LTXVideoTransformer3DModel":
+        # LTXPipeline._pack_latents (patch 1): (B, C, F, H, W) -> (B, F*H*W, C)
+        packed = c.rand((b, f * h * w, channels))
+        return (), dict(hidden_states=packed, encoder_hidden_states=prompt, timestep=timestep,
+                        encoder_attention_mask=mask(torch.bool), num_frames=f, height=h, width=w,
+                        rope_interpolation_scale=(t / 25, s, s))  # (temporal / frame_rate 25, spatial, spatial)
+    if name == "CogVideoXTransformer3DModel":
+        rotary = None
+        if config.use_rotary_positional_embeddings:  # CogVideoXPipeline._prepare_rotary_positional_embeddings
+            from diffusers.models.embeddings import get_3d_rotary_pos_embed
+            from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+            grid = (h // patch, w // patch)
+            crops = get_resize_crop_region_for_grid(grid, config.sample_width // patch, config.sample_height // patch)
+            rotary = get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=crops, grid_size=grid,
+                                             temporal_size=f, device=c.device)
+        return (), dict(hidden_states=c.rand((b, f, channels, h, w)), encoder_hidden_states=prompt,
+                        timestep=full(999, torch.int64, b), image_rotary_emb=rotary)  # DDIM: int64 timesteps
+    # MochiTransformer3DModel: latents and timesteps in float32 (the pipeline samples in fp32)
+    return (), dict(hidden_states=c.rand((b, channels, f, h, w)), encoder_hidden_states=prompt,
+                    timestep=timestep, encoder_attention_mask=mask(torch.bool))
+
+
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -602,7 +753,7 @@ class ModelSpec:
     """
 
     name: str
-    family: str  # "unet" | "vae-decoder"
+    family: str  # "unet" | "transformer" | "vae-decoder"
     description: str
     default_frames: int
     default_height: int
@@ -701,6 +852,90 @@ ZOO: dict[str, ModelSpec] = {
             ),
             builder=_build_unet3d,
             make_inputs=_text_unet_inputs,
+        ),
+        ModelSpec(
+            name="wan2.1-1.3b",
+            family="transformer",
+            description="Wan 2.1 T2V 1.3B transformer (WanTransformer3DModel), 81 frames 480x832; the pipeline runs the two guidance branches as two calls",
+            default_frames=81,
+            default_height=480,
+            default_width=832,
+            module_class="WanTransformer3DModel",
+            configs=_frozen({"tiny": WAN_TRANSFORMER_TINY, "medium": WAN_TRANSFORMER_MEDIUM, "full": WAN_1_3B_TRANSFORMER}),
+            builder=_transformer_builder("WanTransformer3DModel"),
+            make_inputs=_transformer_inputs,
+            uses_cfg=False,
+            shapes=_frozen({"tiny": (9, 64, 64), "medium": (17, 256, 256)}),
+        ),
+        ModelSpec(
+            name="wan2.1-14b",
+            family="transformer",
+            description="Wan 2.1 T2V 14B transformer (WanTransformer3DModel), 81 frames 720x1280, one call per guidance branch",
+            default_frames=81,
+            default_height=720,
+            default_width=1280,
+            module_class="WanTransformer3DModel",
+            configs=_frozen({"tiny": WAN_TRANSFORMER_TINY, "medium": WAN_TRANSFORMER_MEDIUM, "full": WAN_14B_TRANSFORMER}),
+            builder=_transformer_builder("WanTransformer3DModel"),
+            make_inputs=_transformer_inputs,
+            uses_cfg=False,
+            shapes=_frozen({"tiny": (9, 64, 64), "medium": (17, 256, 256)}),
+        ),
+        ModelSpec(
+            name="hunyuanvideo",
+            family="transformer",
+            description="HunyuanVideo transformer (HunyuanVideoTransformer3DModel: 20 dual- and 40 single-stream blocks), 129 frames 720x1280, guidance distilled (one call per step)",
+            default_frames=129,
+            default_height=720,
+            default_width=1280,
+            module_class="HunyuanVideoTransformer3DModel",
+            configs=_frozen({"tiny": HUNYUAN_TRANSFORMER_TINY, "medium": HUNYUAN_TRANSFORMER_MEDIUM, "full": HUNYUAN_TRANSFORMER_FULL}),
+            builder=_transformer_builder("HunyuanVideoTransformer3DModel"),
+            make_inputs=_transformer_inputs,
+            uses_cfg=False,
+            shapes=_frozen({"tiny": (9, 64, 64), "medium": (17, 256, 256)}),
+        ),
+        ModelSpec(
+            name="ltx-video",
+            family="transformer",
+            description="LTX-Video 0.9.0 transformer (LTXVideoTransformer3DModel), 161 frames 512x704, classifier-free guidance batch",
+            default_frames=161,
+            default_height=512,
+            default_width=704,
+            module_class="LTXVideoTransformer3DModel",
+            configs=_frozen({"tiny": LTX_TRANSFORMER_TINY, "medium": LTX_TRANSFORMER_MEDIUM, "full": LTX_TRANSFORMER_FULL}),
+            builder=_transformer_builder("LTXVideoTransformer3DModel"),
+            make_inputs=_transformer_inputs,
+            uses_cfg=True,
+            shapes=_frozen({"tiny": (9, 128, 128), "medium": (17, 512, 512)}),
+        ),
+        ModelSpec(
+            name="cogvideox-5b",
+            family="transformer",
+            description="CogVideoX-5b transformer (CogVideoXTransformer3DModel, rotary embeddings), 49 frames 480x720, classifier-free guidance batch",
+            default_frames=49,
+            default_height=480,
+            default_width=720,
+            module_class="CogVideoXTransformer3DModel",
+            configs=_frozen({"tiny": COGVIDEOX_TRANSFORMER_TINY, "medium": COGVIDEOX_TRANSFORMER_MEDIUM, "full": COGVIDEOX_TRANSFORMER_FULL}),
+            builder=_transformer_builder("CogVideoXTransformer3DModel"),
+            make_inputs=_transformer_inputs,
+            uses_cfg=True,
+            shapes=_frozen({"tiny": (9, 64, 64), "medium": (17, 256, 256)}),
+        ),
+        ModelSpec(
+            name="mochi",
+            family="transformer",
+            description="Mochi 1 transformer (MochiTransformer3DModel), 19 frames 480x848, classifier-free guidance batch",
+            default_frames=19,
+            default_height=480,
+            default_width=848,
+            module_class="MochiTransformer3DModel",
+            configs=_frozen({"tiny": MOCHI_TRANSFORMER_TINY, "medium": MOCHI_TRANSFORMER_MEDIUM, "full": MOCHI_TRANSFORMER_FULL}),
+            builder=_transformer_builder("MochiTransformer3DModel"),
+            make_inputs=_transformer_inputs,
+            uses_cfg=True,
+            shapes=_frozen({"tiny": (7, 64, 64), "medium": (13, 256, 256)}),
         ),
         ModelSpec(
             name="svd-vae-decoder",
@@ -972,6 +1207,7 @@ def build(
         dtype=dtype,
         device=device,
         rand=_random_source(seed, dtype, device),
+        size=size,
     )
     args, kwargs = spec.make_inputs(ctx)
     return BuiltModel(

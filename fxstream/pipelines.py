@@ -7,10 +7,10 @@
 Supported pipelines and the components compiled in each (the phases whose activations set the pipeline's
 peak): ``StableVideoDiffusionPipeline``, ``AnimateDiffPipeline`` and ``TextToVideoSDPipeline``, each with its
 ``unet`` and its VAE decoder ``vae.decoder``; ``WanPipeline``, ``WanImageToVideoPipeline``,
-``HunyuanVideoPipeline``, ``LTXPipeline``, ``CogVideoXPipeline`` and ``MochiPipeline`` with their VAE's whole
-``decode`` (``"vae.decode"``: their decodes loop over latent frames around the decoder, so the loop is compiled
-with it; the compiled decode is set on the VAE instance as its ``decode``; their transformers stay as they are
-for now). The VAE encoder and the text / image encoders stay eager: they run once per generation on one image or
+``HunyuanVideoPipeline``, ``LTXPipeline``, ``CogVideoXPipeline`` and ``MochiPipeline`` with their
+``transformer`` (sliced along its tokens) and their VAE's whole ``decode`` (``"vae.decode"``: their decodes loop
+over latent frames around the decoder, so the loop is compiled with it; the compiled decode is set on the VAE
+instance as its ``decode``). The VAE encoder and the text / image encoders stay eager: they run once per generation on one image or
 one prompt, and their activations are far below the denoiser's and the decoder's
 (``benchmarks/results/pipeline_cpu.md`` measures each phase). A VAE decode is compiled with the switches the
 VAE has (``enable_tiling()``, framewise decoding): the output stays the pipeline's own; turn them off for the
@@ -57,13 +57,13 @@ SUPPORTED_PIPELINES: dict[str, tuple[str, ...]] = {
     "StableVideoDiffusionPipeline": ("unet", "vae.decoder"),
     "AnimateDiffPipeline": ("unet", "vae.decoder"),
     "TextToVideoSDPipeline": ("unet", "vae.decoder"),
-    # the DiT-era pipelines: the VAE decode (their transformers stay as they are for now)
-    "WanPipeline": ("vae.decode",),
-    "WanImageToVideoPipeline": ("vae.decode",),
-    "HunyuanVideoPipeline": ("vae.decode",),
-    "LTXPipeline": ("vae.decode",),
-    "CogVideoXPipeline": ("vae.decode",),
-    "MochiPipeline": ("vae.decode",),
+    # the DiT-era pipelines: the transformer and the VAE's whole decode
+    "WanPipeline": ("transformer", "vae.decode"),
+    "WanImageToVideoPipeline": ("transformer", "vae.decode"),
+    "HunyuanVideoPipeline": ("transformer", "vae.decode"),
+    "LTXPipeline": ("transformer", "vae.decode"),
+    "CogVideoXPipeline": ("transformer", "vae.decode"),
+    "MochiPipeline": ("transformer", "vae.decode"),
 }
 _DECODE = ".decode"
 
@@ -269,7 +269,7 @@ def optimize(
 
     Args:
         pipe: one of :data:`SUPPORTED_PIPELINES` (SVD, AnimateDiff, ModelScope: UNet and VAE decoder; Wan,
-            HunyuanVideo, LTX-Video, CogVideoX, Mochi: the VAE decode).
+            HunyuanVideo, LTX-Video, CogVideoX, Mochi: transformer and VAE decode).
         budget_gb: GiB for the whole pipeline: every component's weights plus the activations of the component
             that runs. Each compiled component gets this minus the weights of all the other components that stay
             on the device (components under ``enable_model_cpu_offload`` or group offloading to another device

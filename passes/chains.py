@@ -446,13 +446,13 @@ class _Grouper:
                     continue
                 by_group[gid]["sliced" if isinstance(r, SliceAxis) else "whole"].append(p)
             for gid, read in sorted(by_group.items()):
-                if not read["whole"]:
-                    continue
                 for out in read["sliced"]:
                     if self.group_of.get(out) == gid:
-                        self._move_cone(out, gid, hid)
+                        # beside keys and values read whole, any chain that may move; otherwise only one that
+                        # widens what it reads (a feed-forward's up-projection held across an attention)
+                        self._move_cone(out, gid, hid, widening=not read["whole"])
 
-    def _move_cone(self, out: torch.fx.Node, gid: int, hid: int) -> None:
+    def _move_cone(self, out: torch.fx.Node, gid: int, hid: int, widening: bool = False) -> None:
         g_members, h_members = set(self.members[gid]), set(self.members[hid])
         if any(u not in h_members for u in out.users):
             return
@@ -473,7 +473,8 @@ class _Grouper:
         if any(self.reqs[hid].get(p, r) != r for p, r in outside.items() if p not in cone):
             return
         handed = [p for p in outside if p in g_members]
-        if not handed or _distinct_bytes(handed) > _distinct_bytes([out]) or not self._convex(cone | h_members):
+        limit = _distinct_bytes([out]) - (1 if widening else 0)
+        if not handed or _distinct_bytes(handed) > limit or not self._convex(cone | h_members):
             return
         for n in nodes:
             self.group_of[n] = hid

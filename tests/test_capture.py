@@ -145,3 +145,24 @@ def test_capture_failure_names_the_module_and_operation():
 def test_arguments_that_do_not_match_the_signature_are_a_value_error():
     with pytest.raises(ValueError, match="arguments do not match"):
         capture(Scaled(), torch.randn(2, 4), 1, 2, 3)
+
+
+class _AutocastOnInputDevice(nn.Module):
+    """Mochi's rotary embedding: ``with torch.autocast(freqs.device.type, torch.float32)`` around its einsum."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, torch.float32):
+            return x @ x.transpose(-1, -2)
+
+
+def test_an_autocast_region_for_the_inputs_device_captures_on_meta_as_on_the_cpu():
+    m = _AutocastOnInputDevice()
+    x = torch.randn(2, 8, 4)
+    with pytest.raises(RuntimeError, match="meta"):
+        m(x.to("meta"))  # torch refuses autocast for device type "meta"
+    with pytest.warns(UserWarning, match="not supported. Disabling autocast"):
+        on_cpu = capture(m, x)
+    on_meta = capture(m, x.to("meta"))
+    assert [n.target for n in on_meta.graph.nodes] == [n.target for n in on_cpu.graph.nodes]
+    assert on_meta(x.to("meta")).dtype == on_cpu(x).dtype == torch.float32
+    assert torch.autocast is torch.amp.autocast_mode.autocast  # put back

@@ -10,9 +10,10 @@ import torch
 from fxstream import models
 from fxstream.capture import capture, normalize_inputs
 
-ALL = ["svd", "svd-xt", "animatediff", "modelscope", "svd-vae-decoder", "sd-vae-decoder", "wan-vae-decoder",
-       "hunyuanvideo-vae-decoder", "ltx-vae-decoder", "cogvideox-vae-decoder", "mochi-vae-decoder"]
-VIDEO_VAES = ALL[6:]
+TRANSFORMERS = ["wan2.1-1.3b", "wan2.1-14b", "hunyuanvideo", "ltx-video", "cogvideox-5b", "mochi"]
+VIDEO_VAES = ["wan-vae-decoder", "hunyuanvideo-vae-decoder", "ltx-vae-decoder", "cogvideox-vae-decoder",
+              "mochi-vae-decoder"]
+ALL = ["svd", "svd-xt", "animatediff", "modelscope", *TRANSFORMERS, "svd-vae-decoder", "sd-vae-decoder", *VIDEO_VAES]
 
 # Parameter counts of the full-size builds, computed once with diffusers 0.42.1 (see the config comments in
 # fxstream/models.py). They match the published sizes: SVD UNet 1.52 B, AnimateDiff 1.31 B (SD-1.5 UNet
@@ -32,6 +33,13 @@ FULL_PARAMS = {
     "ltx-vae-decoder": 419_193_649,
     "cogvideox-vae-decoder": 215_583_907,
     "mochi-vae-decoder": 459_748_611,
+    # the published transformer sizes: Wan 2.1 1.3B and 14B, HunyuanVideo 13B, LTX-Video 2B, CogVideoX 5B, Mochi 10B
+    "wan2.1-1.3b": 1_418_996_800,
+    "wan2.1-14b": 14_288_491_584,
+    "hunyuanvideo": 12_821_012_544,
+    "ltx-video": 1_923_385_472,
+    "cogvideox-5b": 5_570_283_072,
+    "mochi": 10_027_677_744,
 }
 
 
@@ -70,7 +78,7 @@ def test_names_and_zoo():
     assert set(models.ZOO) == set(ALL)
     for name, spec in models.ZOO.items():
         assert spec.name == name
-        assert spec.family in ("unet", "vae-decoder")
+        assert spec.family in ("unet", "transformer", "vae-decoder")
         assert set(spec.configs) == {"tiny", "medium", "full"}
         assert spec.description
     assert models.ZOO["svd"].default_frames == 14
@@ -93,6 +101,13 @@ TINY_OUT_SHAPES = {
     "ltx-vae-decoder": (1, 3, 9, 32, 32),
     "cogvideox-vae-decoder": (1, 3, 9, 32, 32),
     "mochi-vae-decoder": (1, 3, 7, 32, 32),
+    # the transformers' denoised latents, shaped as their inputs (LTX-Video: packed tokens)
+    "wan2.1-1.3b": (1, 8, 3, 8, 8),
+    "wan2.1-14b": (1, 8, 3, 8, 8),
+    "hunyuanvideo": (1, 8, 3, 8, 8),
+    "ltx-video": (2, 32, 8),
+    "cogvideox-5b": (2, 3, 8, 8, 8),
+    "mochi": (2, 4, 2, 8, 8),
 }
 
 
@@ -101,8 +116,10 @@ TINY_OUT_SHAPES = {
 def test_tiny_forward_and_capture_match_eager(name):
     m = _tiny(name)
     assert not m.module.training
-    assert (m.frames, m.height, m.width) == ((4, 128, 128) if name not in VIDEO_VAES else (TINY_OUT_SHAPES[name][2],
-                                                                                        32, 32))
+    shape = models.ZOO[name].shapes.get("tiny", (4, 128, 128))
+    assert (m.frames, m.height, m.width) == shape
+    if name in VIDEO_VAES:
+        assert TINY_OUT_SHAPES[name][2:] == shape
     with torch.no_grad():
         eager_out = m.module(*m.args, **m.kwargs)
     eager = _tensor_output(eager_out)
@@ -174,6 +191,40 @@ def test_full_example_inputs_follow_the_pipelines():
         assert not any(getattr(vae, flag, False) for flag in models.VAE_SWITCHES)  # one whole decode
 
 
+def test_full_transformer_inputs_follow_the_pipelines():
+    # latents 1 + (F - 1) / t frames (t = 4, LTX 8, Mochi 6) of pixels / 8 (LTX 32); prompts at the pipelines'
+    # max_sequence_length; the guidance batch where the pipeline batches it (LTX-Video, CogVideoX, Mochi)
+    expect = {
+        "wan2.1-1.3b": ((1, 16, 21, 60, 104), (1, 512, 4096)),
+        "wan2.1-14b": ((1, 16, 21, 90, 160), (1, 512, 4096)),
+        "hunyuanvideo": ((1, 16, 33, 90, 160), (1, 256, 4096)),
+        "ltx-video": ((2, 21 * 16 * 22, 128), (2, 128, 4096)),
+        "cogvideox-5b": ((2, 13, 16, 60, 90), (2, 226, 4096)),
+        "mochi": ((2, 12, 4, 60, 106), (2, 256, 4096)),
+    }
+    for name, (latents, prompt) in expect.items():
+        m = models.build(name, "full")
+        assert m.kwargs["hidden_states"].shape == latents, name
+        assert m.kwargs["encoder_hidden_states"].shape == prompt, name
+        assert m.kwargs["timestep"].shape == (latents[0],)
+    cos, sin = models.build("cogvideox-5b", "full").kwargs["image_rotary_emb"]
+    assert cos.shape == sin.shape == (13 * 30 * 45, 64)  # one row per patch, the head dim
+    ltx = models.build("ltx-video", "full").kwargs
+    assert (ltx["num_frames"], ltx["height"], ltx["width"]) == (21, 16, 22)
+    with pytest.raises(ValueError, match="frames - 1 must be divisible by 8"):
+        models.build("ltx-video", "tiny", frames=12)
+
+
+@pytest.mark.parametrize("name", [n for n in TRANSFORMERS if n != "mochi"])
+def test_full_transformers_run_on_meta(name):
+    # Mochi's rotary embedding enters torch.autocast(device_type=<the input's device>), which refuses "meta"
+    m = models.build(name, "full", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = _tensor_output(m())
+    assert out.device.type == "meta"
+    assert out.shape == m.kwargs["hidden_states"].shape
+
+
 def test_full_meta_forward_shapes():
     m = models.build("svd", "full", dtype=torch.float16)
     assert all(p.dtype == torch.float16 for p in m.module.parameters())
@@ -205,7 +256,7 @@ def test_cfg_batch_and_size_overrides():
 def test_medium_builds(name):
     m = models.build(name, "medium")
     assert (m.frames, m.height, m.width) == models.ZOO[name].default_shape("medium")
-    if name not in VIDEO_VAES:
+    if name not in VIDEO_VAES + TRANSFORMERS:
         assert (m.frames, m.height, m.width) == (8, 256, 256)
     assert 1e5 < m.num_parameters < 5e7
     assert all(p.device.type == "cpu" for p in m.module.parameters())

@@ -199,3 +199,4 @@ def test_a_mask_over_every_pair_of_tokens_takes_more_than_the_usual_slices():
     assert max(g.slices for g in plan.groups) > MAX_SLICES
     hidden = 16384 * 16 * 4
     assert plan.predicted_activation_peak_bytes <= 16 * hidden  # the whole mask: 4096 hidden states' worth
+
