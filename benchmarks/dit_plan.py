@@ -2,6 +2,7 @@
 
     python benchmarks/dit_plan.py                       # every model; writes benchmarks/results/dit_plan.md
     python benchmarks/dit_plan.py --models wan2.1-14b --layers 2 --out /tmp/dit_plan.md   # 2 blocks of each list
+    python benchmarks/dit_plan.py --medium              # measured on this CPU, medium configs: dit_medium_cpu.md
 
 Predictions of ``passes/memory.py`` on the model zoo's full-size transformers (the checkpoints'
 ``transformer/config.json``, :mod:`fxstream.models`) built on the ``meta`` device (no weights, no GPU): bf16,
@@ -67,16 +68,61 @@ def run(name: str, layers: int | None) -> list:
             f"{plan.peak_node} in {plan.peak_module_path or '<top level>'}"]
 
 
-HEADERS = ["model", "frames x size", "video tokens", "batch", "blocks", "eager act. GiB", "fxstream min act. GiB", "min / eager",
-           "sliced groups", "plan s", "bounded at"]
+HEADERS = ["model", "frames x size", "video tokens", "batch", "blocks", "eager act. GiB", "fxstream min act. GiB",
+           "min / eager", "sliced groups", "plan s", "bounded at"]
+
+
+def measure_medium(name: str) -> list:
+    """Medium config on this CPU (fp32, one thread): measured activation peaks of one call, eager and at the minimum,
+    the prediction, the error against eager and the time of a call (median of 3, interleaved)."""
+    torch.set_num_threads(1)
+    m = fxstream.models.build(name, "medium")
+    out = (lambda o: o.sample if hasattr(o, "sample") else o[0])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = fxstream.measure(m.module, *m.args, **m.kwargs)
+        compiled = fxstream.compile(m.module)
+        compiled(*m.args, **m.kwargs)
+        got = fxstream.measure(compiled, *m.args, **m.kwargs)
+        times: dict[str, list[float]] = {"eager": [], "min": []}
+        for _ in range(3):
+            for label, f in (("eager", m.module), ("min", compiled)):
+                start = time.perf_counter()
+                f(*m.args, **m.kwargs)
+                times[label].append(time.perf_counter() - start)
+    ref = out(eager.output)
+    err = float((out(got.output) - ref).abs().max()) / float(ref.abs().max())
+    predicted = compiled.plan.predicted_activation_peak_bytes
+    e, g = eager.activation_peak_bytes, got.activation_peak_bytes
+    te, tm = sorted(times["eager"])[1], sorted(times["min"])[1]
+    return [name, f"{m.frames} x {m.height}x{m.width}", video_tokens(m), f"{e / 2**20:.2f}", f"{g / 2**20:.2f}",
+            f"{100 * g / e:.0f}%", f"{100 * (g / predicted - 1):+.1f}%", f"{err:.1e}", f"{tm / te:.2f}x"]
+
+
+MEDIUM_HEADERS = ["model", "frames x size", "video tokens", "eager MiB", "fxstream min MiB", "min / eager",
+                  "vs predicted", "max rel. error", "time vs eager"]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--layers", type=int, default=None, help="build this many blocks (default: all)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dit_plan.md"))
+    parser.add_argument("--medium", action="store_true",
+                        help="measure the medium configs on this CPU instead (writes dit_medium_cpu.md)")
+    parser.add_argument("--out", default=None, help="results file (default benchmarks/results/dit_plan.md, or "
+                        "dit_medium_cpu.md with --medium)")
     args = parser.parse_args(argv)
+    results = Path(__file__).parent / "results"
+    if args.medium:
+        rows = [measure_medium(name) for name in args.models.split(",")]
+        table = tabulate(rows, MEDIUM_HEADERS, tablefmt="github")
+        print(table)
+        write_results(args.out or results / "dit_medium_cpu.md",
+                      "Medium video transformers on this CPU: measured activation peak of one call, eager vs fxstream",
+                      ["fp32, one thread, fxstream.measure; the minimum-memory plan (fxstream.compile with no budget); "
+                       "time: median of 3 calls each, interleaved. See benchmarks/dit_plan.py.", "", table])
+        return
+    args.out = args.out or results / "dit_plan.md"
     rows = []
     for name in args.models.split(","):
         rows.append(run(name, args.layers))

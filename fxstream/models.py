@@ -39,7 +39,23 @@ cogvideox-vae-  8/16/16 (4x), 9 x 32x32 32/32/64/64, 9 x        128/256/256/512;
 dec.                                    128x128
 mochi-vae-dec.  32/32/32/32, 7 x 32x32  32/32/64/64, 13 x       128/256/512/768; 163 x 480x848
                                         128x128
+wan2.1-1.3b,    2 heads of 12, 2        4 heads of 32, 2        12 / 40 heads of 128, 30 / 40
+wan2.1-14b      blocks; 9 x 64x64       blocks; 17 x 256x256    blocks; 81 x 480x832 / 720x1280
+hunyuanvideo    2 heads of 8, 1 + 1     4 heads of 32, 1 + 1    24 heads of 128, 20 + 40 blocks;
+                blocks; 9 x 64x64       blocks; 17 x 256x256    129 x 720x1280
+ltx-video       2 heads of 12, 2        4 heads of 36, 2        32 heads of 64, 28 blocks; 161 x
+                blocks; 9 x 128x128     blocks; 17 x 512x512    512x704
+cogvideox-5b    2 heads of 8, 2 blocks  4 heads of 32, 2        48 heads of 64, 42 blocks; 49 x
+                (sincos); 9 x 64x64     blocks; 17 x 256x256    480x720
+mochi           2 heads of 8, 2         4 heads of 32, 2        24 heads of 128, 48 blocks; 19 x
+                blocks; 7 x 64x64       blocks; 13 x 256x256    480x848
 =============== ======================= ======================= ====================================
+
+The video transformers are called as their pipelines call them (keyword arguments, the prompt at the
+pipeline's ``max_sequence_length`` at full size and 16 tokens below it, the guidance batch where the pipeline
+batches it); their frame and pixel rules are their VAEs' (latents 1 + (F - 1) / 4 frames of pixels / 8; LTX-Video
+1 + (F - 1) / 8 of pixels / 32, Mochi 1 + (F - 1) / 6). At full size, the eager forward of Mochi on meta fails in
+diffusers (``torch.autocast`` on the inputs' device type); :func:`fxstream.plan` captures it as on the CPU.
 
 The DiT-era VAE entries are the VAE's whole ``decode`` (:class:`VaeDecode`), with their own frame and size rules
 (frames 1 + 4k, LTX-Video 1 + 8k, Mochi 1 + 6k; pixels divisible by the VAE's factor); see the comment above

@@ -124,8 +124,23 @@ def _search(gm: torch.fx.GraphModule, groups: list[OperatorGroup], budget_bytes:
                  and node_info(n).group is not None}
     unsliced_step = {g.name: max((live_unsliced.get(n.name, 0) for n in g.nodes), default=0) for g in groups}
     mixed = {name: 1 if unsliced_step[name] < call_step.get(name, 0) else k for name, k in most.items()}
-    if mixed != most and floor_chunks is most:
+    if mixed != most:  # also where one such group alone made "every group sliced" worse than nothing sliced
         _, t_mixed = build(mixed)
+        # Where that is still no lower than nothing sliced, a group left whole because the all-sliced timeline made
+        # its call look larger (its neighbours' preallocated outputs) holds the peak: slice the groups at that peak
+        # again, while it helps.
+        for _ in range(REPAIR_ROUNDS if t_mixed.activation_peak_bytes >= t_unsliced.activation_peak_bytes else 0):
+            live = dict(zip(t_mixed.nodes, t_mixed.live_bytes))
+            peak = t_mixed.activation_peak_bytes
+            at_peak = {g.name for g in groups if mixed[g.name] == 1 and most[g.name] > 1
+                       and max((live.get(n.name, 0) for n in g.nodes), default=0) >= peak}
+            if not at_peak:
+                break
+            trial = {**mixed, **{name: most[name] for name in at_peak}}
+            _, t_trial = build(trial)
+            if t_trial.activation_peak_bytes >= peak:
+                break
+            mixed, t_mixed = trial, t_trial
         if t_mixed.activation_peak_bytes < t_floor.activation_peak_bytes:
             floor_chunks, t_floor = (mixed, t_mixed)
     # "as little as slicing can reach" allows MIN_SLACK above the floor: the last percent would slice dozens of

@@ -824,12 +824,78 @@ def group_operators(gm: torch.fx.GraphModule) -> Grouping:
     seeds: dict = {}
     first = _Grouper(work, seeds=seeds)
     first.run()
+    names: list[str] = []
     if not first.split_candidates:
-        return Grouping(work, _walk(work, first, seeds), [])
-    norms = list(dict.fromkeys(first.split_candidates))
-    names = [n.name for n in norms]
-    split_group_norms(work, norms)
-    return Grouping(work, _walk(work, None, {}), names)
+        groups = _walk(work, first, seeds)
+    else:
+        norms = list(dict.fromkeys(first.split_candidates))
+        names = [n.name for n in norms]
+        split_group_norms(work, norms)
+        groups = _walk(work, None, {})
+    if _recompute_cheap_inputs(work, groups):
+        groups = _walk(work, None, {})
+    return Grouping(work, groups, names)
+
+
+# A chain of cheap ops (no anchor) of at most this many nodes may be recomputed in a group that reads its result.
+MAX_RECOMPUTED_NODES = 12
+
+
+def _recompute_cheap_inputs(gm: torch.fx.GraphModule, groups: list[OperatorGroup]) -> bool:
+    """Give a group its own copy of a cheap chain whose result it reads sliced from another group that needs the
+    result too, when the chain reads nothing full-size the group does not read already (same axis).
+
+    A transformer block's modulated norm feeds the key and value projections (one group: the attention reads
+    them whole) and the query projection (the attention's group): the normed hidden state would cross between
+    the two full-size, beside the hidden state both read. Recomputed per slice in the attention's group (a norm
+    and a multiply-add, next to the projections), it stays inside the first group. Returns whether the graph
+    changed (the caller groups it again)."""
+    group_of = {n: g for g in groups for n in g.nodes}
+    changed = False
+    for h in groups:
+        members_h = set(h.nodes)
+        for p, axis in list(h.inputs.items()):
+            g = group_of.get(p)
+            if not isinstance(axis, SliceAxis) or g is None or g is h:
+                continue
+            members_g = set(g.nodes)
+            if not any(u in members_g for u in p.users):
+                continue  # p leaves g only for h: nothing is saved
+            if any(u not in members_g and u not in members_h for u in p.users):
+                continue  # read by a third group too: it stays full-size whatever h does
+            cone, stack = set(), [p]
+            while stack:
+                n = stack.pop()
+                if n in cone:
+                    continue
+                cone.add(n)
+                # back to what h reads already, sliced (the hidden state beside the normed one)
+                stack.extend(x for x in n.all_input_nodes if x in members_g and not isinstance(h.inputs.get(x), SliceAxis))
+            if (len(cone) > MAX_RECOMPUTED_NODES or any(ops.of(n).anchor or _is_list(n) for n in cone)
+                    or any(g.axes[n] is REDUCED or g.passes.get(n, 0) for n in cone)):
+                continue
+            small = tensor_bytes(val(p)) // 8
+            outside = {x for n in cone for x in n.all_input_nodes if x not in cone}
+            if any(tensor_bytes(val(x)) > small and not isinstance(h.inputs.get(x), SliceAxis) for x in outside):
+                continue
+            users = [u for u in p.users if u in members_h]
+            mapping: dict[torch.fx.Node, torch.fx.Node] = {}
+            with gm.graph.inserting_before(_earliest(gm, users)):
+                for n in [n for n in g.nodes if n in cone]:
+                    copy = gm.graph.node_copy(n, lambda x: mapping.get(x, x))
+                    copy.meta = dict(n.meta)
+                    mapping[n] = copy
+            for u in users:
+                u.replace_input_with(p, mapping[p])
+            changed = True
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _earliest(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> torch.fx.Node:
+    wanted = set(nodes)
+    return next(n for n in gm.graph.nodes if n in wanted)
 
 
 def _walk(gm: torch.fx.GraphModule, grouper: _Grouper | None, seeds: dict) -> list[OperatorGroup]:

@@ -110,3 +110,16 @@ def test_vae_tiling_cpu_tiny_tiling_differs_and_fxstream_is_exact(tmp_path):
     assert rows["fxstream min"]["row-streamed (bands)"] != "-"
     (settings,) = [r[-1] for r in found if len(r) != len(header)]  # the tile settings table
     assert "enable_tiling(tile_sample_min_height=16" in settings and "use_framewise_decoding" in settings
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_dit_plan_medium_measures_a_transformer(tmp_path):
+    out = tmp_path / "dit_medium_cpu.md"
+    _load("dit_plan").main(["--medium", "--models", "mochi", "--out", str(out)])
+    text = out.read_text()
+    assert "- command: `" in text and "- machine: " in text
+    header = _table_rows(text, "model")[0]
+    (row,) = _table_rows(text, "mochi")
+    row = dict(zip(header, row))
+    assert float(row["fxstream min MiB"]) < float(row["eager MiB"])
+    assert float(row["max rel. error"]) <= 1e-5

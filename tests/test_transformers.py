@@ -3,7 +3,7 @@ their tokens: exact at the lowest and a middle budget, the measured peak the pre
 
 Medium configs (768 to 1280 video tokens of width 128-144, 2 blocks): activations, not weights, are what a call
 adds, and the tokens outnumber the prompt's 16 by 50 to 80 times, as at full size. The lowest budget's peak is held
-to half of eager's where the per-token chains dominate (Wan, HunyuanVideo, Mochi: 41-47% measured); LTX-Video's
+to half of eager's where the per-token chains dominate (Wan, HunyuanVideo, Mochi: 37-47% measured); LTX-Video's
 and CogVideoX's keep full-size tables beside the hidden states (rotary cos/sin of every token, the joint text +
 video sequence), 57-58% of eager here, and are only held below eager.
 """
