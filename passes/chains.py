@@ -19,7 +19,10 @@ more bytes than they read are moved to the next group; a chain that only feeds a
 sliced, while that consumer reads others of the chain's group whole (an attention's queries, next to its keys
 and values), moves into the consumer's group; a group that would hold one layer's inputs while it makes the
 next layer's outputs is cut in two; small groups of cheap ops are absorbed into the group that consumes them;
-and views handed out of a group are redone outside it, on their base.
+and views handed out of a group are redone outside it, on their base. Last, a cheap chain (no anchor op) whose
+result one group reads sliced from another group that needs it too is copied into the reader, which recomputes
+it per slice from what it reads already (a transformer block's modulated norm, beside its query projection), and
+the copy regrouped.
 """
 
 from __future__ import annotations

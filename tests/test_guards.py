@@ -12,6 +12,7 @@ import copy
 import functools
 import gc
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -332,11 +333,13 @@ def _lora_state_dict(unet: nn.Module) -> dict:
     return {f"unet.{k}": v for k, v in state.items()}
 
 
-def test_lora_after_optimize_matches_the_plain_pipeline(animatediff):
-    # with peft importable, which the suite's processes are not (tests/conftest.py)
+def test_lora_after_optimize_matches_the_plain_pipeline(animatediff, tmp_path):
+    # with peft importable, which the suite's processes are not (tests/conftest.py); a plan cache of its own, as a
+    # user's machine has: unloading the LoRA gives back the first graph, whose plan is replayed
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch; torch.set_num_threads(1); "
             f"from tests.test_guards import check_lora_after_optimize; check_lora_after_optimize({animatediff!r})")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ, FXSTREAM_PLAN_CACHE="1", FXSTREAM_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

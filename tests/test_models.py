@@ -58,6 +58,12 @@ def _tiny(name: str) -> models.BuiltModel:
     return models.build(name, "tiny")
 
 
+@functools.cache
+def _full(name: str) -> models.BuiltModel:
+    """Full size on meta, built once per worker (a transformer takes 2-3 s)."""
+    return models.build(name, "full")
+
+
 def _tensor_output(out):
     """The sample tensor of a diffusers output (dataclass, tuple or plain tensor)."""
     if isinstance(out, torch.Tensor):
@@ -143,7 +149,7 @@ def test_tiny_forward_and_capture_match_eager(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_full_builds_on_meta_with_real_param_count(name):
-    m = models.build(name, "full")
+    m = _full(name)
     assert m.size == "full"
     params = list(m.module.parameters())
     assert all(p.device.type == "meta" for p in params)
@@ -156,7 +162,7 @@ def test_full_builds_on_meta_with_real_param_count(name):
 
 
 def test_full_example_inputs_follow_the_pipelines():
-    svd = models.build("svd", "full")
+    svd = _full("svd")
     sample, t = svd.args
     assert sample.shape == (2, 14, 8, 72, 128)
     assert t.dim() == 0
@@ -164,26 +170,26 @@ def test_full_example_inputs_follow_the_pipelines():
     assert svd.kwargs["added_time_ids"].shape == (2, 3)
     assert "return_dict" not in svd.kwargs
 
-    xt = models.build("svd-xt", "full")
+    xt = _full("svd-xt")
     assert xt.args[0].shape == (2, 25, 8, 72, 128)
 
-    ad = models.build("animatediff", "full")
+    ad = _full("animatediff")
     assert ad.args[0].shape == (2, 4, 16, 64, 64)
     assert ad.args[1].dim() == 0
     # AnimateDiffPipeline repeats the prompt embeddings per frame before calling the UNet.
     assert ad.kwargs["encoder_hidden_states"].shape == (2 * 16, 77, 768)
 
-    ms = models.build("modelscope", "full")
+    ms = _full("modelscope")
     assert ms.args[0].shape == (2, 4, 16, 32, 32)
     assert ms.kwargs["encoder_hidden_states"].shape == (2, 77, 1024)
 
-    vae = models.build("svd-vae-decoder", "full")
+    vae = _full("svd-vae-decoder")
     assert vae.args[0].shape == (14, 4, 72, 128)
     assert vae.kwargs["num_frames"] == 14
     assert vae.kwargs["image_only_indicator"].shape == (1, 14)
     assert vae.cfg is False
 
-    sd = models.build("sd-vae-decoder", "full")
+    sd = _full("sd-vae-decoder")
     assert sd.args[0].shape == (16, 4, 64, 64)
 
     # the DiT-era pipelines' latents: 1 + (F - 1) / t latent frames (t = 4, LTX 8, Mochi 6), pixels / 8 (LTX 32)
@@ -191,7 +197,7 @@ def test_full_example_inputs_follow_the_pipelines():
                "ltx-vae-decoder": (1, 128, 16, 16, 24), "cogvideox-vae-decoder": (1, 16, 13, 60, 90),
                "mochi-vae-decoder": (1, 12, 28, 60, 106)}
     for name, shape in latents.items():
-        m = models.build(name, "full")
+        m = _full(name)
         assert m.args[0].shape == shape and not m.kwargs
         vae = m.module.vae
         assert not any(getattr(vae, flag, False) for flag in models.VAE_SWITCHES)  # one whole decode
@@ -209,13 +215,13 @@ def test_full_transformer_inputs_follow_the_pipelines():
         "mochi": ((2, 12, 4, 60, 106), (2, 256, 4096)),
     }
     for name, (latents, prompt) in expect.items():
-        m = models.build(name, "full")
+        m = _full(name)
         assert m.kwargs["hidden_states"].shape == latents, name
         assert m.kwargs["encoder_hidden_states"].shape == prompt, name
         assert m.kwargs["timestep"].shape == (latents[0],)
-    cos, sin = models.build("cogvideox-5b", "full").kwargs["image_rotary_emb"]
+    cos, sin = _full("cogvideox-5b").kwargs["image_rotary_emb"]
     assert cos.shape == sin.shape == (13 * 30 * 45, 64)  # one row per patch, the head dim
-    ltx = models.build("ltx-video", "full").kwargs
+    ltx = _full("ltx-video").kwargs
     assert (ltx["num_frames"], ltx["height"], ltx["width"]) == (21, 16, 22)
     with pytest.raises(ValueError, match="frames - 1 must be divisible by 8"):
         models.build("ltx-video", "tiny", frames=12)
@@ -224,7 +230,7 @@ def test_full_transformer_inputs_follow_the_pipelines():
 @pytest.mark.parametrize("name", [n for n in TRANSFORMERS if n != "mochi"])
 def test_full_transformers_run_on_meta(name):
     # Mochi's rotary embedding enters torch.autocast(device_type=<the input's device>), which refuses "meta"
-    m = models.build(name, "full", dtype=torch.bfloat16)
+    m = _full(name)
     with torch.no_grad():
         out = _tensor_output(m())
     assert out.device.type == "meta"
