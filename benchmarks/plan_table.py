@@ -78,15 +78,19 @@ QUICK_SETUPS = [
     Setup("svd-vae-decoder", "svd-vae-decoder", None, None, None),
 ]
 
-# Parameters of the pipeline components that are not in the zoo, counted once on the meta device from the
-# model cards' configs (diffusers 0.42.1 / transformers): the whole VAEs (encoder included; it stays resident
-# with the decoder), and the CLIP encoders.
-SVD_VAE_PARAMS = 97_742_847  # AutoencoderKLTemporalDecoder, stable-video-diffusion-img2vid vae/config.json
-SD_VAE_PARAMS = 83_653_863  # AutoencoderKL, stable-diffusion-v1-5 vae/config.json
-# Assumption: SVD's image encoder is CLIPVisionModelWithProjection ViT-H/14 (hidden 1280, 32 layers,
-# projection 1024): 632,076,800 parameters, ~1.18 GiB in fp16.
-CLIP_VISION_H_PARAMS = 632_076_800
-CLIP_TEXT_L_PARAMS = 123_060_480  # CLIPTextModel ViT-L/14 (SD-1.5's text encoder, AnimateDiff's)
+# Parameters of the pipeline components that are not in the zoo, counted on the meta device from the released
+# pipelines' architectures (fxstream.pipelines.build(name, "full")): the whole VAEs (encoder included; it stays
+# resident with the decoder), and the CLIP encoders.
+def _params(pipeline: str, component: str) -> int:
+    from fxstream import pipelines
+
+    return sum(p.numel() for p in getattr(pipelines.build(pipeline, "full"), component).parameters())
+
+
+SVD_VAE_PARAMS = _params("svd", "vae")  # AutoencoderKLTemporalDecoder, 97,742,847
+SD_VAE_PARAMS = _params("animatediff", "vae")  # AutoencoderKL (SD-1.5's), 83,653,863
+CLIP_VISION_H_PARAMS = _params("svd", "image_encoder")  # CLIP ViT-H/14 with projection, 632,076,800
+CLIP_TEXT_L_PARAMS = _params("animatediff", "text_encoder")  # CLIP ViT-L/14's text encoder, 123,060,480
 FP16 = 2
 
 # Pipelines: (label, UNet setup, VAE-decoder setup, [(component, parameters)] resident besides the UNet).

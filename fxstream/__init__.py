@@ -21,6 +21,8 @@ _EXPORTS = {
     "compile": ("fxstream.api", "compile"),
     "plan": ("fxstream.api", "plan"),
     "optimize": ("fxstream.pipelines", "optimize"),
+    "plan_pipeline": ("fxstream.pipeline_plan", "plan_pipeline"),
+    "PipelinePlan": ("fxstream.pipeline_plan", "PipelinePlan"),
     "estimate": ("fxstream.analysis", "estimate"),
     "measure": ("fxstream.measure", "measure"),
     "Measurement": ("fxstream.measure", "Measurement"),
@@ -71,4 +73,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from fxstream.capture import capture
     from fxstream.measure import Measurement, measure
     from fxstream.module import StreamlinedModule
+    from fxstream.pipeline_plan import PipelinePlan, plan_pipeline
     from passes.plan import Plan

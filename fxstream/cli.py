@@ -41,6 +41,9 @@ STORAGE_DTYPES = {"fp8": "float8_e4m3fn", "fp8-e5m2": "float8_e5m2"}
 TARGETS = ("cuda", "cpu")
 SIZES = ("full", "medium", "tiny")
 DEFAULT_MODEL = "svd-xt"
+# Whole pipelines ``plan --pipeline`` plans (fxstream.pipeline_plan.PIPELINE_DEFAULTS; tests check they agree).
+PIPELINES = ("svd", "svd-xt", "animatediff", "modelscope")
+MIN_BUDGET = "min"  # --budget-gb min: as little memory as slicing reaches
 # The zoo's names and pixel factor, repeated here so that --help and argument errors need not import torch
 # and diffusers (seconds); tests/test_cli.py checks them against fxstream.models.
 MODELS = ("svd", "svd-xt", "animatediff", "modelscope", "wan2.1-1.3b", "wan2.1-14b", "hunyuanvideo", "ltx-video",
@@ -82,6 +85,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _budget(text: str) -> float | str:
+    return MIN_BUDGET if text.strip().lower() == MIN_BUDGET else _positive_float(text)
+
+
+def _budget_gb(args: argparse.Namespace) -> float | None:
+    """--budget-gb as fxstream's functions take it (None: the minimum)."""
+    return None if args.budget_gb in (None, MIN_BUDGET) else args.budget_gb
+
+
 def _pixels(text: str) -> int:
     value = _positive_int(text)
     if value % VAE_SCALE_FACTOR:
@@ -107,10 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="where a model's memory goes, and the slicing plan for a budget",
         description="Capture one forward of a zoo model and print its memory: weights, the activation peak "
         "and where it is, the largest tensors live there, and per-block peaks. With --budget-gb or --chunks, "
-        "also plan the slicing and print the planned side beside the baseline.",
+        "also plan the slicing and print the planned side beside the baseline. With --pipeline, plan a whole "
+        "pipeline at full size instead: each phase (encoders, one denoiser step, the VAE decode), eager and "
+        "with fxstream, the whole-pipeline peak, and whether it fits in --budget-gb GiB of device memory.",
+        epilog="Columns of --pipeline: weights resident = every component's weights on the device while the "
+        "phase runs (with --offload, the running component's only); held = decoded frames of earlier decode "
+        "calls; eager activations / eager peak = without fxstream; fxstream share = what the phase's tensors may "
+        "use (the budget less the CUDA allowance, the other weights and the held frames); fxstream peak = "
+        "weights + planned activations (encoders run eager, as under fxstream.optimize).",
     )
     plan.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL, metavar="NAME",
                       help=f"zoo model: {', '.join(MODELS)} (default: %(default)s)")
+    plan.add_argument("--pipeline", choices=PIPELINES, metavar="NAME",
+                      help=f"plan a whole pipeline at full size instead of one model: {', '.join(PIPELINES)}")
+    plan.add_argument("--decode-chunk-size", type=_positive_int, metavar="N",
+                      help="--pipeline: frames per VAE decode call (default: the pipeline's)")
+    plan.add_argument("--offload", action="store_true",
+                      help="--pipeline: with model CPU offload (fxstream.optimize(pipe, offload=True)): only the "
+                      "running component's weights on the device")
     plan.add_argument("--size", choices=SIZES, default="full",
                       help="full: the real architecture on the meta device (no weights, no memory); "
                       "medium / tiny: small random-weight versions on the CPU (default: %(default)s)")
@@ -127,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--target", choices=TARGETS, default="cuda",
                       help="device whose attention kernels the memory model assumes (default: %(default)s)")
     limit = plan.add_mutually_exclusive_group()
-    limit.add_argument("--budget-gb", type=_positive_float, metavar="GIB",
-                       help="plan slicing so that weights + activations fit in GIB GiB")
+    limit.add_argument("--budget-gb", type=_budget, metavar="GIB",
+                       help="plan slicing so that weights + activations fit in GIB GiB ('min': as little "
+                       "memory as slicing reaches); with --pipeline, the device's memory (the CUDA context and "
+                       "allocator allowance come off it)")
     limit.add_argument("--chunks", type=_positive_int, metavar="K",
                        help="slice every operator group K times, ignoring any budget (experiments)")
     plan.add_argument("--top", type=_positive_int, default=10, metavar="N",
@@ -240,6 +268,11 @@ def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
         _check_writable(args.json)  # before the work, not after it
     if args.plot:
         _check_plot(args.plot)
+    if args.pipeline is not None:
+        return _run_plan_pipeline(args, argv)
+    for option, given in (("--decode-chunk-size", args.decode_chunk_size), ("--offload", args.offload)):
+        if given:
+            raise UsageError(f"argument {option}: only with --pipeline")
     if args.rehash and args.full_steps > args.steps:
         raise UsageError(f"argument --full-steps: {args.full_steps} is more than --steps {args.steps}")
     label = f"{args.model} ({args.size}, {'meta' if args.size == 'full' else 'cpu'})"
@@ -256,9 +289,10 @@ def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
         raise ValueError(f"{args.model}: keyword-only arguments {sorted(keyword_only)} cannot be planned")
 
     if args.budget_gb is not None or args.chunks is not None:
-        limit = f"budget {args.budget_gb:g} GiB" if args.chunks is None else f"{args.chunks} chunks"
+        limit = (f"{args.chunks} chunks" if args.chunks is not None else "the minimum"
+                 if args.budget_gb == MIN_BUDGET else f"budget {args.budget_gb:g} GiB")
         with progress(f"capturing and planning {label} for {limit}"), _quiet_torch():
-            plan = fxstream.plan(built.module, *flat, budget_gb=args.budget_gb, chunks=args.chunks,
+            plan = fxstream.plan(built.module, *flat, budget_gb=_budget_gb(args), chunks=args.chunks,
                                  target=args.target)
         baseline, planned, graph_module = plan.details.baseline, plan.details.planned, plan.details.graph_module
     else:
@@ -280,6 +314,55 @@ def _run_plan(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"\nwrote {args.json}")
     if args.plot:
         _write_plot(args.plot, args, built, baseline, planned, plan, graph_module)
+        print(f"\nwrote {args.plot}")
+    return 0
+
+
+def _run_plan_pipeline(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from fxstream import __version__
+    from fxstream.pipeline_plan import plan_pipeline
+
+    if "--model" in argv or any(a.startswith("--model=") for a in argv):
+        raise UsageError("argument --pipeline: not allowed with --model (a pipeline plans its own models)")
+    for option, given in (("--chunks", args.chunks), ("--rehash", args.rehash),
+                          ("--layerwise-casting", args.layerwise_casting), ("--size", args.size != "full")):
+        if given:
+            raise UsageError(f"argument {option}: not allowed with --pipeline")
+    label = f"{args.pipeline} (full, meta)"
+    steps: list[Any] = []
+
+    def step(name: str) -> None:  # one progress line per phase
+        if steps:
+            steps.pop().__exit__(None, None, None)
+        steps.append(progress(f"planning {name}"))
+        steps[-1].__enter__()
+
+    with progress(f"building {label}"):
+        from fxstream import pipelines
+
+        pipe = pipelines.build(args.pipeline, "full", dtype=getattr(torch, DTYPES[args.dtype]))
+    try:
+        with _quiet_torch():
+            result = plan_pipeline(pipe, _budget_gb(args), frames=args.frames, height=args.height,
+                                   width=args.width, decode_chunk_size=args.decode_chunk_size, offload=args.offload,
+                                   cfg=args.cfg, target=args.target, progress=step)
+        result.pipeline = args.pipeline
+    finally:
+        while steps:
+            steps.pop().__exit__(None, None, None)
+    print(result.text())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"fxstream": __version__, "command": shlex.join([PROG, *argv]), **result.to_dict()}, f,
+                      indent=1)
+            f.write("\n")
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        from fxstream.viz import pipeline_figure
+
+        pipeline_figure(result).savefig(args.plot, dpi=PLOT_DPI)
         print(f"\nwrote {args.plot}")
     return 0
 
@@ -379,6 +462,7 @@ def _plan_text(args: argparse.Namespace, argv: list[str], built: BuiltModel, bas
     ]
     if plan is not None:
         limit = (f"{args.chunks} slices per operator group (forced)" if args.chunks is not None
+                 else "no budget: as little memory as slicing reaches" if plan.budget_bytes is None
                  else f"budget {format_bytes(plan.budget_bytes)}")
         out += [f"planned peak at {where(planned)}; {limit}", groups_line(plan)]
         if not plan.sliced_groups:
@@ -424,7 +508,7 @@ def _write_json(path: str, args: argparse.Namespace, built: BuiltModel, baseline
             "parameters": built.num_parameters,
             "storage_dtype": STORAGE_DTYPES.get(getattr(args, "layerwise_casting", None) or ""),
         },
-        "budget_bytes": None if args.budget_gb is None else int(args.budget_gb * 2**30),
+        "budget_bytes": None if _budget_gb(args) is None else int(args.budget_gb * 2**30),
         "chunks": args.chunks,
         "baseline": baseline.to_dict(),
         "plan": plan.to_dict() if plan is not None else None,

@@ -264,6 +264,7 @@ def optimize(
     *,
     rehash: Any = None,
     target: str | None = None,
+    offload: bool | str | torch.device = False,
 ) -> PipelineOptimization:
     """Compile ``pipe``'s UNet and VAE decoder in place so that the whole pipeline runs within ``budget_gb``.
 
@@ -282,6 +283,11 @@ def optimize(
             the next step (the last step always runs in full). ``result.rehash`` is the controller.
         target: ``"cuda"`` or ``"cpu"``: whose attention kernels the memory model assumes (default: the
             device the components run on).
+        offload: turn on diffusers' model CPU offload first (``pipe.enable_model_cpu_offload``; ``True``: on
+            diffusers' default accelerator, or the device given): the components wait on the CPU and each moves
+            to the device when it runs, so only the running one's weights count against the budget (what
+            ``fxstream plan --pipeline NAME --offload`` plans). Needs accelerate; :meth:`PipelineOptimization.restore`
+            leaves the offloading on.
 
     Returns:
         A :class:`PipelineOptimization` listing the compiled components; the pipeline is called exactly as
@@ -305,6 +311,8 @@ def optimize(
     if target is not None and target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     paths = _component_paths(pipe)
+    if offload is not False and offload is not None:
+        _enable_offload(pipe, None if offload is True else offload)
 
     # Every share is checked before anything is replaced: a budget error leaves the pipeline as it was.
     modules = _pipeline_modules(pipe)
@@ -329,7 +337,8 @@ def optimize(
             refuse_torch_compiled(original, path)
         own = _storages(original)
         own_bytes = sum(own.values())
-        other_bytes = sum(size for key, size in resident.items() if key not in own and key not in away)
+        running = _storages(_get_path(pipe, path.split(".")[0]))  # the component it is part of, on the device
+        other_bytes = other_weight_bytes(resident, own, away - running.keys())
         share = None if budget_bytes is None else budget_bytes - other_bytes
         if share is not None and share <= own_bytes:
             raise BudgetError(
@@ -357,6 +366,15 @@ def optimize(
     # An instance attribute, not a pipeline component: a second optimize finds this one and undoes it first.
     object.__setattr__(pipe, "_fxstream_optimization", result)
     return result
+
+
+def _enable_offload(pipe: Any, device: str | torch.device | None) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise ImportError("optimize(pipe, offload=...) uses diffusers' enable_model_cpu_offload, which needs "
+                          "accelerate: pip install accelerate")
+    pipe.enable_model_cpu_offload(device=device)
 
 
 def _component_paths(pipe: Any) -> tuple[str, ...]:
@@ -389,6 +407,14 @@ def _warn_if_tiled(vae: nn.Module, path: str) -> None:
         )
 
 
+def other_weight_bytes(resident: dict[tuple, int], own: dict[tuple, int], away: set | frozenset = frozenset()) -> int:
+    """The weights on the device while a module runs that are not its own: every resident storage (as
+    :func:`_storages` keys them) but the module's and those offloaded while idle (``away``; the rest of the
+    running module's own component is never away). The one rule :func:`optimize` and
+    :func:`fxstream.plan_pipeline` share."""
+    return sum(size for key, size in resident.items() if key not in own and key not in away)
+
+
 def _pipeline_modules(pipe: Any) -> list[nn.Module]:
     return [m for m in pipe.components.values() if isinstance(m, nn.Module)]
 
@@ -398,6 +424,9 @@ def _storages(*modules: nn.Module) -> dict[tuple, int]:
     out: dict[tuple, int] = {}
     for module in modules:
         for t in [*module.parameters(), *module.buffers()]:
+            if t.device.type == "meta":  # no storage to share: each tensor is its own
+                out[("meta", None, id(t))] = t.numel() * t.element_size()
+                continue
             storage = t.untyped_storage()
             out[(t.device.type, t.device.index, storage.data_ptr())] = storage.nbytes()
     return out
@@ -429,12 +458,23 @@ def _set_path(pipe: Any, path: str, module: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # Random-weight pipelines from configs (tests, CPU benchmarks).
 
-PIPELINE_NAMES = ("svd", "animatediff", "modelscope", "wan", "wan-i2v", "hunyuanvideo", "ltx", "cogvideox",
-                  "mochi")
-_SIZES = ("tiny", "medium")
-_DIT_PIPELINES = PIPELINE_NAMES[3:]  # fxstream.dit_pipelines: tiny only
+PIPELINE_NAMES = ("svd", "svd-xt", "animatediff", "modelscope", "wan", "wan-i2v", "hunyuanvideo", "ltx",
+                  "cogvideox", "mochi")
+_SIZES = ("tiny", "medium", "full")
+_DIT_PIPELINES = PIPELINE_NAMES[4:]  # fxstream.dit_pipelines: tiny only
 # Text encoders: CLIP's sequence length (the pipelines pad prompts to tokenizer.model_max_length).
 _TEXT_SEQ_LEN = 77
+# The released pipelines' encoders, for size "full" (transformers configs). SVD's image encoder: CLIP ViT-H/14
+# with projection (stable-video-diffusion-img2vid image_encoder/config.json), 632,076,800 parameters.
+CLIP_VISION_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                       image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
+# AnimateDiff's (SD-1.5's) text encoder: CLIP ViT-L/14's, 123,060,480 parameters.
+CLIP_TEXT_L14 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu")
+# ModelScope's (damo-vilab/text-to-video-ms-1.7b text_encoder/config.json): OpenCLIP ViT-H/14's text tower,
+# 23 layers of 1024, 340,387,840 parameters.
+OPEN_CLIP_TEXT_H14 = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                          num_attention_heads=16, projection_dim=512, hidden_act="gelu")
 # SVD's scheduler (stabilityai/stable-video-diffusion-img2vid scheduler/scheduler_config.json).
 _SVD_SCHEDULER = dict(
     beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, interpolation_type="linear",
@@ -448,12 +488,15 @@ _MODELSCOPE_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, 
                              clip_sample=False, set_alpha_to_one=False)
 
 
-def build(name: str, size: str = "tiny", *, seed: int = 0) -> DiffusionPipeline:
-    """A ``name`` pipeline (one of :data:`PIPELINE_NAMES`), random fp32 weights, on the CPU.
+def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | None = None) -> DiffusionPipeline:
+    """A ``name`` pipeline (one of :data:`PIPELINE_NAMES`), random weights, on the CPU (fp32 unless ``dtype``).
 
-    SVD, AnimateDiff, ModelScope: the UNet and VAE decoder take the zoo's configs at ``size`` (``"tiny"`` or
-    ``"medium"``, see :mod:`fxstream.models`); the VAE encoder mirrors the decoder, the CLIP encoders have one
-    layer, and the tokenizer is byte-level with no merges (every byte one token). Wan (``"wan"``, image-to-video
+    SVD (``"svd"``, and ``"svd-xt"``: its 25-frame UNet), AnimateDiff, ModelScope: the UNet and VAE decoder take
+    the zoo's configs at ``size`` (``"tiny"`` or ``"medium"``, see :mod:`fxstream.models`); the VAE encoder
+    mirrors the decoder, the CLIP encoders have one layer, and the tokenizer is byte-level with no merges (every
+    byte one token). ``"full"``: every component at its released size (the model cards' configs, the CLIP
+    encoders the released pipelines load) on the meta device, no weights and no memory, for planning
+    (:func:`fxstream.plan_pipeline`); ``dtype`` defaults to fp16 there. Wan (``"wan"``, image-to-video
     ``"wan-i2v"``), HunyuanVideo, LTX-Video, CogVideoX, Mochi: tiny only, see :mod:`fxstream.dit_pipelines` (and
     its calls: ``max_sequence_length=dit_pipelines.TEXT_SEQ_LEN``). Nothing is downloaded.
     """
@@ -464,30 +507,39 @@ def build(name: str, size: str = "tiny", *, seed: int = 0) -> DiffusionPipeline:
     sizes = ("tiny",) if name in _DIT_PIPELINES else _SIZES
     if size not in sizes:
         raise ValueError(f"size: expected one of {', '.join(sizes)} for {name}, got {size!r}")
-    with models._quiet_diffusers(), torch.random.fork_rng(devices=[]):
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    device = torch.device("meta" if size == "full" else "cpu")
+    dtype = dtype or (torch.float16 if size == "full" else torch.float32)
+    with models._quiet_diffusers(), torch.random.fork_rng(devices=[]), device:
         torch.manual_seed(seed)
         if name in _DIT_PIPELINES:
             from fxstream import dit_pipelines
 
             pipe = dit_pipelines.build(name, size)
         else:
-            builders = {"svd": _build_svd, "animatediff": _build_animatediff, "modelscope": _build_modelscope}
+            builders = {"svd": functools.partial(_build_svd, unet_name="svd"),
+                        "svd-xt": functools.partial(_build_svd, unet_name="svd-xt"),
+                        "animatediff": _build_animatediff, "modelscope": _build_modelscope}
             pipe = builders[name](size)
-    for module in _pipeline_modules(pipe):
-        models._rerandomize_zero_layers(module)
-        module.eval()
-        module.requires_grad_(False)
+        for module in _pipeline_modules(pipe):
+            if size != "full":
+                models._rerandomize_zero_layers(module)
+            # parameters made outside the device context (SVD's AlphaBlender) follow the others
+            module.to(device=device, dtype=dtype)
+            module.eval()
+            module.requires_grad_(False)
     return pipe
 
 
-def _build_svd(size: str) -> DiffusionPipeline:
+def _build_svd(size: str, unet_name: str = "svd") -> DiffusionPipeline:
     from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline
     from diffusers import UNetSpatioTemporalConditionModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from fxstream import models
 
-    unet = UNetSpatioTemporalConditionModel(**models.ZOO["svd"].configs[size])
+    unet = UNetSpatioTemporalConditionModel(**models.ZOO[unet_name].configs[size])
     decoder = models.ZOO["svd-vae-decoder"].configs[size]
     vae = AutoencoderKLTemporalDecoder(
         block_out_channels=decoder["block_out_channels"], layers_per_block=decoder["layers_per_block"],
@@ -496,11 +548,12 @@ def _build_svd(size: str) -> DiffusionPipeline:
     width = unet.config.cross_attention_dim
     # The pipeline resizes the image to 224x224 for CLIP; patches of 32 pixels: 49 tokens.
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=2,
-        image_size=224, patch_size=32, projection_dim=width,
+        **CLIP_VISION_H14 if size == "full" else dict(
+            hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=2,
+            image_size=224, patch_size=32, projection_dim=width)
     ))
     return StableVideoDiffusionPipeline(
-        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=EulerDiscreteScheduler(**_SVD_SCHEDULER),
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=_scheduler(EulerDiscreteScheduler, _SVD_SCHEDULER),
         feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
     )
 
@@ -513,9 +566,9 @@ def _build_animatediff(size: str) -> DiffusionPipeline:
     config = models.ZOO["animatediff"].configs[size]
     unet = UNet2DConditionModel(**config["unet"])
     return AnimateDiffPipeline(
-        vae=_sd_vae(size), text_encoder=_text_encoder(unet.config.cross_attention_dim),
+        vae=_sd_vae(size), text_encoder=_text_encoder(unet.config.cross_attention_dim, size, CLIP_TEXT_L14),
         tokenizer=_tokenizer(), unet=unet, motion_adapter=MotionAdapter(**config["motion_adapter"]),
-        scheduler=DDIMScheduler(**_ANIMATEDIFF_SCHEDULER),
+        scheduler=_scheduler(DDIMScheduler, _ANIMATEDIFF_SCHEDULER),
     )
 
 
@@ -526,9 +579,15 @@ def _build_modelscope(size: str) -> DiffusionPipeline:
 
     unet = UNet3DConditionModel(**models.ZOO["modelscope"].configs[size])
     return TextToVideoSDPipeline(
-        vae=_sd_vae(size), text_encoder=_text_encoder(unet.config.cross_attention_dim),
-        tokenizer=_tokenizer(), unet=unet, scheduler=DDIMScheduler(**_MODELSCOPE_SCHEDULER),
+        vae=_sd_vae(size), text_encoder=_text_encoder(unet.config.cross_attention_dim, size, OPEN_CLIP_TEXT_H14),
+        tokenizer=_tokenizer(), unet=unet, scheduler=_scheduler(DDIMScheduler, _MODELSCOPE_SCHEDULER),
     )
+
+
+def _scheduler(cls: type, config: dict) -> Any:
+    """A scheduler, its tables on the CPU even while the modules are built on the meta device."""
+    with torch.device("cpu"):
+        return cls(**config)
 
 
 def _sd_vae(size: str) -> nn.Module:
@@ -562,9 +621,11 @@ def _tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_TEXT_SEQ_LEN)
 
 
-def _text_encoder(width: int) -> nn.Module:
+def _text_encoder(width: int, size: str = "tiny", full: dict | None = None) -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if size == "full" and full is not None:
+        return CLIPTextModel(CLIPTextConfig(**full, max_position_embeddings=_TEXT_SEQ_LEN))
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=2 + 2 * 256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=_TEXT_SEQ_LEN, projection_dim=width,

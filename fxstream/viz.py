@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import matplotlib.colors as mcolors
@@ -768,3 +768,35 @@ __all__ = [
     "GraphUnit", "KIND_COLORS", "aligned_positions", "byte_unit", "graph_figure", "group_graph",
     "memory_curve", "memory_timeline_figure", "step_similarity_figure",
 ]
+
+
+def pipeline_figure(plan: Any) -> Figure:
+    """A whole pipeline's phases (:class:`fxstream.pipeline_plan.PipelinePlan`): each phase's peak eager beside
+    fxstream's, the resident weights and held frames as the bars' lower part, the tensors' budget as a line."""
+    phases = plan.phases
+    peaks = [p.eager_peak_bytes for p in phases] + [p.least_bytes for p in phases]
+    unit, scale = byte_unit(max(peaks + [plan.tensor_budget_bytes or 0]))
+    fig = Figure(figsize=(10.0, 4.8), layout="constrained")
+    ax = fig.subplots()
+    x = range(len(phases))
+    width = 0.38
+    for offset, label, color, values in (
+        (-width / 2, "eager", BASELINE_COLOR, [p.eager_peak_bytes for p in phases]),
+        (width / 2, "fxstream", PLANNED_COLOR,
+         [p.peak_bytes if p.peak_bytes is not None else p.least_bytes for p in phases]),
+    ):
+        xs = [i + offset for i in x]
+        resident = [p.resident_bytes / scale for p in phases]
+        ax.bar(xs, [v / scale for v in values], width, color=color, label=f"{label} peak")
+        ax.bar(xs, resident, width, color="0.75", label="weights resident + held" if offset > 0 else None)
+    if plan.tensor_budget_bytes is not None:
+        ax.axhline(plan.tensor_budget_bytes / scale, color="black", linestyle="--",
+                   label=f"budget for tensors ({plan.tensor_budget_bytes / scale:.2f} {unit})")
+    ax.set_xticks(list(x), [f"{p.name}\n{p.calls}" for p in phases], fontsize=8)
+    ax.set_ylabel(unit)
+    ax.set_title(f"{plan.pipeline}: {plan.frames} frames {plan.height}x{plan.width}, {plan.dtype}"
+                 + (", model CPU offload" if plan.offload else "") + f", target {plan.target}"
+                 + ("" if plan.fits is None else f": fits in {format_bytes(plan.budget_bytes)}: "
+                    + ("yes" if plan.fits else "no")), fontsize=9)
+    ax.legend(fontsize=8)
+    return fig

@@ -261,4 +261,33 @@ def test_build_arguments():
     with pytest.raises(ValueError, match="unknown pipeline"):
         pipelines.build("sdxl")
     with pytest.raises(ValueError, match="size"):
-        pipelines.build("svd", "full")
+        pipelines.build("svd", "huge")
+    with pytest.raises(ValueError, match="size"):
+        pipelines.build("wan", "full")  # the DiT-era pipelines: tiny only
+    with pytest.raises(ValueError, match="dtype"):
+        pipelines.build("svd", dtype=torch.int8)
+
+
+@pytest.mark.parametrize("name, unet_params", [("svd", 1_524_623_082), ("svd-xt", 1_524_623_082),
+                                               ("modelscope", 1_411_233_860)])
+def test_full_size_pipelines_on_meta(name, unet_params):
+    # The released architectures, no memory: the planning side of fxstream.plan_pipeline.
+    pipe = pipelines.build(name, "full")
+    for module in pipelines._pipeline_modules(pipe):
+        assert {p.device.type for p in module.parameters()} == {"meta"}
+        assert {p.dtype for p in module.parameters()} == {torch.float16}
+    assert sum(p.numel() for p in pipe.unet.parameters()) == unet_params
+    if name == "svd-xt":
+        assert pipe.unet.config.num_frames == 25
+
+
+def test_optimize_with_offload_keeps_the_frames(saved):
+    # optimize(pipe, offload=...) turns on diffusers' model CPU offload (accelerate's hooks) and compiles under
+    # it; on this CPU the hooks run around each compiled call (offloading to the CPU moves nothing).
+    pipe = _load(saved["animatediff"])
+    reference = _generate(pipe, "animatediff")
+    result = fxstream.optimize(pipe, offload="cpu")
+    assert "_hf_hook" in pipe.unet.__dict__ and "_hf_hook" in pipe.vae.__dict__
+    np.testing.assert_allclose(_generate(pipe, "animatediff"), reference, rtol=0, atol=ATOL)
+    assert result.component("unet").compiled_signatures == 1
+    assert result.component("vae.decoder").compiled_signatures == 1

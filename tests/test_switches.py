@@ -244,3 +244,19 @@ def test_components_offloaded_while_idle_do_not_count_against_the_others(animate
     assert decoder.other_weight_bytes == decoder_before.other_weight_bytes - unet_bytes
     assert decoder.budget_bytes == decoder_before.budget_bytes + unet_bytes
     assert after.resident_weight_bytes == before.resident_weight_bytes - unet_bytes
+
+
+def test_the_running_component_is_never_away(animatediff):
+    # The whole VAE is offloaded while idle; while its decoder runs, the VAE's encoder is on the device too.
+    from accelerate import cpu_offload_with_hook
+
+    pipe = load(animatediff)
+    for component in (pipe.unet, pipe.vae):
+        cpu_offload_with_hook(component, "cuda")
+    result = fxstream.optimize(pipe, budget_gb=1.0)
+    decoder = result.component("vae.decoder")
+    encoder_rest = sum(p.numel() * p.element_size() for p in [*pipe.vae.parameters(), *pipe.vae.buffers()]) \
+        - decoder.weight_bytes
+    assert encoder_rest > 0
+    assert decoder.other_weight_bytes == result.resident_weight_bytes + encoder_rest
+    assert result.component("unet").other_weight_bytes == result.resident_weight_bytes
