@@ -8,7 +8,7 @@ The pipeline is ``fxstream.pipelines.build("svd", "medium")``: the zoo's medium 
 ``--height`` x ``--width``, all frames decoded at once (SVD's default ``decode_chunk_size``). Variants:
 
 - eager: the pipeline as diffusers runs it.
-- fxstream min: ``fxstream.optimize(pipe)``: the lowest peak the planner reaches for the UNet and the decoder.
+- fxstream min: ``fxstream.optimize(pipe, "min")``: the lowest peak the planner reaches for the UNet and the decoder.
 - fxstream budget: ``fxstream.optimize(pipe, budget_gb=B)`` with B halfway between the min plan's predicted
   whole-pipeline peak and the eager one (the larger of the two components' peaks, all weights included).
 - fxstream budget (the UNet's floor): B is the UNet's minimum predicted whole-pipeline peak, so the decoder only

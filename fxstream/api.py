@@ -34,8 +34,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
 
     Args:
         module: any ``nn.Module`` torch.export can capture (diffusers video UNets, VAE decoders...).
-        budget_gb: memory budget in GiB for the module's weights and activations. None: as little memory as
-            slicing can reach. A budget the model already fits in leaves it unsliced (fastest).
+        budget_gb: memory budget in GiB for the module's weights and activations. None (also spelled
+            ``"min"``): as little memory as slicing can reach. A budget the model already fits in leaves it
+            unsliced (fastest).
         chunks: force this many slices in every operator group, ignoring the budget (experiments, tests).
         target: ``"cuda"`` or ``"cpu"``: the device whose attention kernels the memory model assumes.
             None: the device of the inputs.
@@ -155,11 +156,17 @@ def _check(module: Any, budget_gb: Any, chunks: Any, target: Any) -> int | None:
     return budget_bytes
 
 
+MIN_BUDGET = "min"  # budget_gb="min": as None, as little memory as slicing reaches
+
+
 def budget_bytes_of(budget_gb: Any) -> int | None:
-    """``budget_gb`` in bytes (None stays None); ValueError unless it is a positive, finite number of GiB."""
+    """``budget_gb`` in bytes (None and ``"min"``: None); ValueError unless it is a positive, finite number of
+    GiB."""
+    if isinstance(budget_gb, str) and budget_gb == MIN_BUDGET:
+        return None
     if budget_gb is not None and (
         isinstance(budget_gb, bool) or not isinstance(budget_gb, numbers.Real) or not budget_gb > 0
         or not math.isfinite(budget_gb)
     ):
-        raise ValueError(f"budget_gb must be a positive, finite number of GiB, got {budget_gb!r}")
+        raise ValueError(f"budget_gb must be a positive, finite number of GiB or 'min', got {budget_gb!r}")
     return None if budget_gb is None else int(budget_gb * 2**30)

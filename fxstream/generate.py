@@ -63,9 +63,10 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--decode-chunk-size", type=_positive_int, metavar="N",
                      help="frames the VAE decodes at once (SVD, AnimateDiff; default: the pipeline's)")
     mode = gen.add_mutually_exclusive_group()
-    mode.add_argument("--budget-gb", type=_positive_float, metavar="GIB",
-                      help="whole-pipeline memory budget: all weights + the running component's activations "
-                      "(default: as little memory as slicing can reach)")
+    mode.add_argument("--budget-gb", type=_generate_budget, default="auto", metavar="GIB|auto|min",
+                      help="whole-pipeline memory budget: all weights + the running component's activations; "
+                      "'auto' (default): what fits the device now, slicing only what must be (fastest); 'min': "
+                      "as little memory as slicing can reach (slowest)")
     mode.add_argument("--eager", action="store_true", help="run the pipeline unmodified, for comparison")
     gen.add_argument("--rehash", default="off", metavar="auto|off|CONFIG.json",
                      help="Step Rehash for the UNet: 'auto' caches the decoder's last temporal layer and runs "
@@ -103,8 +104,11 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
         import fxstream
 
         optimization = fxstream.optimize(pipe, args.budget_gb, rehash=rehash)
-    budget = "eager (no fxstream)" if args.eager else (
-        f"budget {args.budget_gb:g} GiB" if args.budget_gb is not None else "minimum memory")
+    from passes.memory import format_bytes
+
+    budget = ("eager (no fxstream)" if optimization is None else "minimum memory"
+              if optimization.budget_bytes is None else f"budget {format_bytes(optimization.budget_bytes)}"
+              + (" (auto)" if args.budget_gb == "auto" else ""))
     print(f"{kind}: {call['num_frames']} frames {call['height']}x{call['width']}, "
           f"{call['num_inference_steps']} steps, {dtype_name} on {device}, {budget}", file=sys.stderr)
     if optimization is not None:
@@ -116,8 +120,6 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
 
     with progress(f"writing {out}"):
         written = _write_video(out, frames, _fps(kind))
-
-    from passes.memory import format_bytes
 
     compile_seconds = optimization.compile_seconds if optimization is not None else 0.0
     if optimization is not None:
@@ -143,6 +145,11 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- arguments
+
+
+def _generate_budget(text: str) -> float | str:
+    word = text.strip().lower()
+    return word if word in ("auto", "min") else _positive_float(text)
 
 
 def _check_rehash(value: str, eager: bool) -> Any:

@@ -27,6 +27,7 @@ Everything is planned on the modules as they are: on the meta device (``fxstream
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,45 @@ def tensor_budget_bytes(budget_bytes: int, target: str = "cuda") -> int:
     if target != "cuda":
         return budget_bytes
     return max(0, int((budget_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK)))
+
+
+# budget_gb="auto" on the CPU: this much of the RAM available now (the rest for the process and the system).
+CPU_AUTO_FRACTION = 0.9
+
+
+def available_bytes(device: str | torch.device) -> int:
+    """Bytes tensors may still take on ``device``: on CUDA, the free memory plus what PyTorch's allocator has
+    reserved and could reuse (the context is already paid), less the allocator's slack; on the CPU,
+    :data:`CPU_AUTO_FRACTION` of the available RAM (``MemAvailable``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int((free + torch.cuda.memory_reserved(device)) / (1 + ALLOCATOR_SLACK))
+    return int(_available_ram() * CPU_AUTO_FRACTION)
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def auto_budget_bytes(device: str | torch.device, resident_bytes: int) -> int:
+    """``budget_gb="auto"``: the budget that fits the device as it is now, for a pipeline whose components hold
+    ``resident_bytes`` of weights (on CUDA they are already in the allocator's reserve, and count there; on the
+    CPU they are already taken from the RAM, so they are added back)."""
+    available = available_bytes(device)
+    return available if torch.device(device).type == "cuda" else available + resident_bytes
 
 
 @dataclass

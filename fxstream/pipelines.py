@@ -258,9 +258,12 @@ class PipelineOptimization:
         self.pipeline.__dict__.pop("_fxstream_optimization", None)
 
 
+AUTO_BUDGET = "auto"
+
+
 def optimize(
     pipe: DiffusionPipeline,
-    budget_gb: float | None = None,
+    budget_gb: float | str | None = AUTO_BUDGET,
     *,
     rehash: Any = None,
     target: str | None = None,
@@ -272,10 +275,14 @@ def optimize(
         pipe: one of :data:`SUPPORTED_PIPELINES` (SVD, AnimateDiff, ModelScope: UNet and VAE decoder; Wan,
             HunyuanVideo, LTX-Video, CogVideoX, Mochi: transformer and VAE decode).
         budget_gb: GiB for the whole pipeline: every component's weights plus the activations of the component
-            that runs. Each compiled component gets this minus the weights of all the other components that stay
+            that runs. ``"auto"`` (the default): what fits the device the pipeline runs on as it is now, so
+            that only what must be sliced is (fastest): on CUDA its free memory and the allocator's reserve less
+            the allocator's slack, on the CPU 90% of the available RAM plus the weights already loaded
+            (:func:`fxstream.pipeline_plan.auto_budget_bytes`); the budget chosen is printed to stderr and kept
+            in ``result.budget_bytes``. None or ``"min"``: as little memory as slicing can reach. Each compiled component gets this minus the weights of all the other components that stay
             on the device (components under ``enable_model_cpu_offload`` or group offloading to another device
             are not counted while idle: enable those before ``optimize``). Weights count at their stored size
-            (``enable_layerwise_casting``: float8). None: as little memory as slicing can reach.
+            (``enable_layerwise_casting``: float8).
         rehash: Step Rehash for the UNet (off by default: it changes the output, by design): ``"auto"``, a
             :class:`~fxstream.RehashConfig` (from :func:`fxstream.calibrate`) or anything
             :func:`fxstream.compile` takes. Each pipeline call starts a new generation: when the pipeline sets
@@ -307,7 +314,8 @@ def optimize(
     from fxstream.runtime.rehash import as_config
 
     rehash_config = as_config(rehash)
-    budget_bytes = budget_bytes_of(budget_gb)
+    auto = isinstance(budget_gb, str) and budget_gb == AUTO_BUDGET
+    budget_bytes = None if auto else budget_bytes_of(budget_gb)
     if target is not None and target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     paths = _component_paths(pipe)
@@ -321,6 +329,8 @@ def optimize(
     # the compute device while another component runs
     away = {key for m in modules if hooks.away_while_idle(m) for key in _storages(m)}
     resident_bytes = sum(size for key, size in resident.items() if key not in away)
+    if auto:
+        budget_bytes = _auto_budget(pipe, resident_bytes)
     shares = []
     for path in paths:
         if path.endswith(_DECODE):  # the VAE's whole decode, as one module
@@ -366,6 +376,22 @@ def optimize(
     # An instance attribute, not a pipeline component: a second optimize finds this one and undoes it first.
     object.__setattr__(pipe, "_fxstream_optimization", result)
     return result
+
+
+def _auto_budget(pipe: Any, resident_bytes: int) -> int:
+    """``budget_gb="auto"`` for ``pipe`` on the device it computes on (the offload device under model CPU
+    offload), printed."""
+    import sys
+
+    from fxstream.pipeline_plan import auto_budget_bytes
+
+    offloaded = any("_hf_hook" in m.__dict__ for m in _pipeline_modules(pipe))
+    device = getattr(pipe, "_offload_device", None) if offloaded else None
+    device = device or pipe.device
+    budget = auto_budget_bytes(device, resident_bytes)
+    print(f"fxstream: budget auto: {format_bytes(budget)} (what fits {device} now; budget_gb=... to choose, "
+          "'min' for the least memory)", file=sys.stderr)
+    return budget
 
 
 def _enable_offload(pipe: Any, device: str | torch.device | None) -> None:

@@ -71,7 +71,8 @@ def test_svd_video_and_peak_memory(saved, image, tmp_path, capsys):
     _, _, eager = _peak(out)
 
     mp4 = str(tmp_path / "video.mp4")
-    code, out, err = run(capsys, ["--model", saved["svd"], "--image", image, *SMALL, "--out", mp4])
+    code, out, err = run(capsys, ["--model", saved["svd"], "--image", image, *SMALL, "--budget-gb", "min",
+                                  "--out", mp4])
     assert code == 0, err
     assert "StableVideoDiffusionPipeline: 4 frames 64x64, 2 steps, fp32 on cpu, minimum memory" in err
     written = re.search(r"^wrote (\S+):", out, re.MULTILINE).group(1)
@@ -95,6 +96,18 @@ def test_text_pipeline_gif(saved, tmp_path, capsys):
     assert re.search(r"^wrote .*fox\.gif: 4 frames 64x64$", out, re.MULTILINE)
     assert _read_video(gif).shape[1:] == (64, 64, 3)
     assert re.search(r"^time: [\d.]+ s$", out, re.MULTILINE)
+
+
+def test_the_default_budget_fits_the_device(saved, tmp_path, capsys):
+    # budget auto: what this machine's RAM holds, printed; the tiny pipeline fits it unsliced.
+    gif = str(tmp_path / "auto.gif")
+    code, out, err = run(capsys, ["--model", saved["animatediff"], "--prompt", "a fox", *SMALL, "--out", gif])
+    assert code == 0, err
+    chosen = re.search(r"^fxstream: budget auto: ([\d.]+) GiB", err, re.MULTILINE)
+    assert chosen and float(chosen.group(1)) > 1
+    assert re.search(r"fp32 on cpu, budget [\d.]+ GiB \(auto\)$", err, re.MULTILINE)
+    rows = [line for line in out.splitlines() if line.startswith(("| unet", "| vae.decoder"))]
+    assert len(rows) == 2 and all(line.rstrip(" |").endswith(" 0") for line in rows)  # nothing sliced
 
 
 def test_rehash_auto_reports_full_steps(saved, tmp_path, capsys):

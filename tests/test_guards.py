@@ -346,7 +346,7 @@ def test_lora_after_optimize_matches_the_plain_pipeline(animatediff, tmp_path):
 def check_lora_after_optimize(animatediff: str) -> None:
     """LoRA (load, scale, disable, fuse, unload) through the pipeline after optimize, against the plain one."""
     plain, pipe = load(animatediff), load(animatediff)
-    result = fxstream.optimize(pipe)
+    result = fxstream.optimize(pipe, "min")
     assert pipe.unet is result.component("unet").original and installed(pipe.unet) is not None
     _assert_exact(unet_call(pipe), unet_call(plain))
     base = unet_call(plain)
@@ -372,7 +372,7 @@ def check_lora_after_optimize(animatediff: str) -> None:
 
 def test_free_noise_after_optimize_matches_the_plain_pipeline(animatediff):
     plain, pipe = load(animatediff), load(animatediff)
-    fxstream.optimize(pipe)
+    fxstream.optimize(pipe, "min")
     frames = 4
     _assert_exact(unet_call(pipe, frames), unet_call(plain, frames))
     before = unet_call(plain, frames)

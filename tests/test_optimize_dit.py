@@ -72,7 +72,7 @@ def test_optimize_streams_the_vae_decode_and_keeps_the_frames(name):
     vae, transformer = pipe.vae, pipe.transformer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # HunyuanVideo's framewise decoding is on by default: see the test below
-        result = fxstream.optimize(pipe)
+        result = fxstream.optimize(pipe, "min")
     assert [c.path for c in result.components] == ["transformer", "vae.decode"]
     denoiser, component = result.components
     assert component.original.vae is vae and isinstance(vae.decode, CompiledDecode)
@@ -98,7 +98,7 @@ def test_optimize_streams_the_vae_decode_and_keeps_the_frames(name):
 def test_a_budget_for_the_whole_pipeline_covers_the_decode_and_a_second_optimize_replaces_the_first():
     pipe = _build("ltx")
     reference = _generate(pipe, "ltx")
-    minimum = fxstream.optimize(pipe)
+    minimum = fxstream.optimize(pipe, "min")
     _generate(pipe, "ltx")
     [(_, baseline, floor)] = minimum.component("vae.decode").pipeline_peaks()
     budget = (floor + baseline) // 2  # resident weights + what the decode needs between its floor and eager's
@@ -114,8 +114,8 @@ def test_a_decode_switch_that_tiles_is_kept_and_named_in_a_warning():
     assert pipe.vae.use_framewise_decoding  # the class default: temporal tiles, blended
     with pytest.warns(UserWarning, match=r"vae \(AutoencoderKLHunyuanVideo\) has use_framewise_decoding on.*"
                                          r"vae.use_framewise_decoding = False"):
-        fxstream.optimize(pipe)
+        fxstream.optimize(pipe, "min")
     pipe.vae.use_framewise_decoding = False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fxstream.optimize(pipe)
+        fxstream.optimize(pipe, "min")

@@ -157,3 +157,29 @@ def test_cli_min_budget(capsys):
     assert code == 0, err
     assert "planning sd-vae-decoder (tiny, cpu) for the minimum" in err
     assert "sliced operator groups" in out
+
+
+def test_auto_budget_on_the_cpu(monkeypatch):
+    # On the CPU the loaded weights are already out of the available RAM: they are added back.
+    monkeypatch.setattr(pipeline_plan, "_available_ram", lambda: 10 * GIB)
+    assert pipeline_plan.auto_budget_bytes("cpu", 3 * GIB) == int(10 * GIB * pipeline_plan.CPU_AUTO_FRACTION) + 3 * GIB
+
+
+def test_optimize_defaults_to_the_auto_budget(monkeypatch, capsys):
+    import fxstream
+
+    monkeypatch.setattr(pipeline_plan, "_available_ram", lambda: 2 * GIB)
+    pipe = pipelines.build("modelscope")
+    result = fxstream.optimize(pipe)
+    assert result.budget_bytes == int(2 * GIB * pipeline_plan.CPU_AUTO_FRACTION) + result.resident_weight_bytes
+    assert "fxstream: budget auto: " in capsys.readouterr().err
+    assert fxstream.optimize(pipe, "min").budget_bytes is None
+    assert fxstream.optimize(pipe, None).budget_bytes is None
+
+
+def test_min_is_no_budget():
+    from fxstream.api import budget_bytes_of
+
+    assert budget_bytes_of("min") is None and budget_bytes_of(None) is None
+    with pytest.raises(ValueError, match="or 'min'"):
+        budget_bytes_of("max")

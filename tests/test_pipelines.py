@@ -96,7 +96,7 @@ def test_optimize_exact_under_shared_budget(saved, name):
     assert reference.shape == (1, frames, *size, 3)
 
     # Minimum memory: exact, and each component's floor.
-    minimum = fxstream.optimize(pipe)
+    minimum = fxstream.optimize(pipe, "min")
     np.testing.assert_allclose(_generate(pipe, name), reference, rtol=0, atol=ATOL)
     floors = _floors(minimum)
     assert set(floors) == {"unet", "vae.decoder"}
@@ -125,7 +125,7 @@ def test_decode_chunks_compile_once_per_shape(saved):
     pipe = _load(saved["animatediff"])
     latents = _latents((1, 4, FRAMES, 8, 8))
     reference = pipe.decode_latents(latents, decode_chunk_size=3)
-    result = fxstream.optimize(pipe)
+    result = fxstream.optimize(pipe, "min")
     for _ in range(2):
         with torch.no_grad():  # as in the pipeline's call (with grad the original would run)
             decoded = pipe.decode_latents(latents, decode_chunk_size=3)
@@ -139,7 +139,7 @@ def test_vae_slicing(saved):
     pipe.vae.enable_slicing()
     latents = _latents((1, 4, FRAMES, 8, 8))
     reference = pipe.decode_latents(latents)
-    result = fxstream.optimize(pipe)
+    result = fxstream.optimize(pipe, "min")
     with torch.no_grad():
         torch.testing.assert_close(pipe.decode_latents(latents), reference, rtol=0, atol=ATOL)
     decoder = result.component("vae.decoder")
@@ -152,7 +152,7 @@ def test_drop_in_and_restore(saved, tmp_path):
     unet, decoder = pipe.unet, pipe.vae.decoder
     config = {k: v for k, v in pipe.config.items() if not k.startswith("_")}  # the components' classes
     keys = set(pipe.vae.state_dict())
-    first = fxstream.optimize(pipe)
+    first = fxstream.optimize(pipe, "min")
     # the components stay the very modules they were: only their calls run the compiled graphs
     assert pipe.unet is unet and pipe.vae.decoder is decoder and pipe.components["unet"] is unet
     assert installed(unet).original is unet and installed(decoder).original is decoder
@@ -174,7 +174,7 @@ def test_drop_in_and_restore(saved, tmp_path):
 
     # A module compiled with fxstream.compile and set on the pipeline is optimized from its original.
     pipe.unet = fxstream.compile(unet)
-    third = fxstream.optimize(pipe)
+    third = fxstream.optimize(pipe, "min")
     assert pipe.unet is unet and installed(unet) is third.component("unet").module
 
     third.restore()
@@ -191,7 +191,7 @@ def test_budget_below_resident_weights(saved):
     assert e.value.min_peak_bytes >= resident
     assert installed(pipe.unet) is None  # nothing was compiled
 
-    first = fxstream.optimize(pipe)
+    first = fxstream.optimize(pipe, "min")
     with pytest.raises(BudgetError):
         fxstream.optimize(pipe, budget_gb=resident / 2 / GIB)
     assert installed(pipe.unet) is first.component("unet").module  # the earlier optimization stands
@@ -199,7 +199,7 @@ def test_budget_below_resident_weights(saved):
 
 def test_unmet_budget_names_the_pipeline(saved):
     pipe = _load(saved["modelscope"])
-    result = fxstream.optimize(pipe)
+    result = fxstream.optimize(pipe, "min")
     # Room for the weights and barely any activations: the decoder cannot fit its share.
     tight = fxstream.optimize(pipe, budget_gb=(result.resident_weight_bytes + 1024) / GIB)
     with pytest.raises(BudgetError, match=r"TextToVideoSDPipeline does not fit .* while vae.decoder") as e, \

@@ -42,7 +42,7 @@ def _switch_takes_effect(folder: str, switch, *, moves: bool = True):
     """optimize, call, switch both pipelines, call: the compiled output follows the plain one exactly.
     Returns (plain, compiled) pipelines, switched."""
     plain, pipe = load(folder), load(folder)
-    fxstream.optimize(pipe)
+    fxstream.optimize(pipe, "min")
     before = unet_call(plain)
     assert _rel(unet_call(pipe), before) <= RTOL
     switch(plain)
@@ -104,9 +104,9 @@ def test_layerwise_casting_keeps_float8_weights_and_the_output(animatediff, when
     _cast(plain)
     if when == "before":
         _cast(pipe)
-        result = fxstream.optimize(pipe)
+        result = fxstream.optimize(pipe, "min")
     else:
-        result = fxstream.optimize(pipe)
+        result = fxstream.optimize(pipe, "min")
         uncast = result.resident_weight_bytes
         unet_call(pipe, 4, 16)
         _cast(pipe)
@@ -135,7 +135,7 @@ def test_layerwise_casting_keeps_float8_weights_and_the_output(animatediff, when
     # the memory model counts the weights at their storage size
     assert compiled.plan.weight_bytes < sum(p.numel() for p in pipe.unet.parameters()) * 4
     if when == "after":
-        assert fxstream.optimize(pipe).resident_weight_bytes < uncast
+        assert fxstream.optimize(pipe, "min").resident_weight_bytes < uncast
 
 
 # -- offloading ------------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_group_offloading_moves_each_group_around_its_own_nodes(animatediff, vis
     plain.unet.enable_group_offload(**options)
     assert _rel(unet_call(plain), ref) <= RTOL  # diffusers' own hooks, as the baseline
     pipe.unet.enable_group_offload(**options)
-    fxstream.optimize(pipe)
+    fxstream.optimize(pipe, "min")
     offloaded = len(visible_offload)
     assert offloaded > 0
     out = unet_call(pipe)
@@ -208,7 +208,7 @@ def test_model_cpu_offload_runs_its_hook_around_the_compiled_call(animatediff, m
     plain, pipe = load(animatediff), load(animatediff)
     for p in (plain, pipe):
         p.enable_model_cpu_offload(device="cpu")
-    fxstream.optimize(pipe)
+    fxstream.optimize(pipe, "min")
     ref = unet_call(plain)
     calls.clear()
     assert _rel(unet_call(pipe), ref) <= RTOL
@@ -218,13 +218,13 @@ def test_model_cpu_offload_runs_its_hook_around_the_compiled_call(animatediff, m
 
 def test_save_and_load_round_trip_after_optimize(animatediff, tmp_path):
     pipe = load(animatediff)
-    fxstream.optimize(pipe)
+    fxstream.optimize(pipe, "min")
     ref = unet_call(pipe)
     pipe.save_pretrained(tmp_path)
     loaded = load(str(tmp_path))
     assert installed(loaded.unet) is None
     assert _rel(unet_call(loaded), ref) <= RTOL
-    fxstream.optimize(loaded)
+    fxstream.optimize(loaded, "min")
     assert _rel(unet_call(loaded), ref) <= RTOL
 
 
