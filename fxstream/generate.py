@@ -1,7 +1,14 @@
 """``fxstream generate``: run a whole diffusers video pipeline under fxstream and write the video.
 
+    fxstream generate --out demo.gif                     # the built-in demo: offline, seconds, on the CPU
+    fxstream generate --prompt "moving up" --out up.gif  # ... its shapes moving up (right, left, down, up)
     fxstream generate --model ./svd-xt --image cat.png --frames 25 --budget-gb 12 --out cat.mp4
     fxstream generate --model ./animatediff --prompt "a fox in the snow" --steps 25 --out fox.gif
+
+With no ``--model``: the built-in demo, fxstream's own tiny trained models (no download): the reference
+AnimateDiff-architecture UNet (:mod:`fxstream.reference`) denoises 8 frames of 16x16 latents in which shapes move
+in the direction the prompt names, and the reference decoder turns them into 128x128 RGB frames; both compiled
+with :func:`fxstream.compile` under the budget, on the CPU.
 
 The pipeline is loaded with ``DiffusionPipeline.from_pretrained`` (a local folder works offline; a Hub id is
 fetched by diffusers), its UNet and VAE decoder compiled with :func:`fxstream.optimize` for the budget, and
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.util
 import inspect
 import json
 import os
@@ -49,11 +57,14 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
         "pipeline, compile its UNet and VAE decoder for the memory budget, generate one video and write it; "
         "print the measured peak memory and the time.",
     )
-    gen.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID",
-                     help="a pipeline folder (save_pretrained / a Hub snapshot) or a Hugging Face Hub id")
-    source = gen.add_mutually_exclusive_group(required=True)
+    gen.add_argument("--model", metavar="PATH_OR_HUB_ID",
+                     help="a pipeline folder (save_pretrained / a Hub snapshot) or a Hugging Face Hub id "
+                     "(default: the built-in demo, fxstream's tiny trained models: 8 frames 128x128 of moving "
+                     "shapes, offline, on the CPU)")
+    source = gen.add_mutually_exclusive_group()
     source.add_argument("--image", metavar="IN.png", help="conditioning image (Stable Video Diffusion)")
-    source.add_argument("--prompt", metavar="TEXT", help="text prompt (AnimateDiff, TextToVideoSD)")
+    source.add_argument("--prompt", metavar="TEXT", help="text prompt (AnimateDiff, TextToVideoSD; the demo: "
+                        f"the direction its shapes move, one of {', '.join(DEMO_DIRECTIONS)})")
     gen.add_argument("--frames", type=_positive_int, metavar="N", help="frames (default: the pipeline's)")
     gen.add_argument("--height", type=_positive_int, metavar="H", help="pixels (default: the pipeline's)")
     gen.add_argument("--width", type=_positive_int, metavar="W", help="pixels (default: the pipeline's)")
@@ -82,6 +93,10 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
 def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
     # Cheap checks first: nothing is loaded until the arguments are known to be usable.
     out = _check_output(args.out)
+    if args.model is None:
+        return run_demo(args, out)
+    if args.image is None and args.prompt is None:
+        raise UsageError("one of the arguments --image --prompt is required with --model")
     image = _read_image(args.image) if args.image is not None else None
     local = _check_model(args.model)
     rehash = _check_rehash(args.rehash, args.eager)
@@ -118,8 +133,9 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
     frames = _to_uint8(output)
     del output
 
-    with progress(f"writing {out}"):
-        written = _write_video(out, frames, _fps(kind))
+    written = _video_path(out)
+    with progress(f"writing {written}"):
+        _write_video(written, frames, _fps(kind))
 
     compile_seconds = optimization.compile_seconds if optimization is not None else 0.0
     if optimization is not None:
@@ -145,6 +161,112 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- arguments
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+
+DEMO_DIRECTIONS = ("right", "left", "down", "up")  # fxstream.reference.CLASSES, without importing torch
+DEMO_FPS = 8
+
+
+def _demo_direction(prompt: str | None) -> str:
+    if prompt is None:
+        return DEMO_DIRECTIONS[0]
+    words = re.findall(r"[a-z]+", prompt.lower())
+    for word in words:
+        if word in DEMO_DIRECTIONS:
+            return word
+    raise UsageError(f"argument --prompt: the built-in demo's prompt names the direction its shapes move, one of "
+                     f"{', '.join(DEMO_DIRECTIONS)}; got {prompt!r} (pass --model for a text-to-video pipeline)")
+
+
+def run_demo(args: argparse.Namespace, out: str) -> int:
+    """The built-in demo: the reference AnimateDiff UNet and the reference decoder, compiled, on the CPU."""
+    if args.image is not None:
+        raise UsageError("argument --image: the built-in demo takes --prompt (a direction); pass --model for "
+                         "Stable Video Diffusion")
+    for option, value in (("--frames", args.frames), ("--height", args.height), ("--width", args.width),
+                          ("--decode-chunk-size", args.decode_chunk_size), ("--dtype", args.dtype),
+                          ("--device", args.device if args.device != "cpu" else None)):
+        if value is not None:
+            raise UsageError(f"argument {option}: the built-in demo is 8 frames 128x128, fp32, on the CPU; "
+                             "pass --model for a pipeline of your own")
+    direction = _demo_direction(args.prompt)
+    rehash = _check_rehash(args.rehash, args.eager)
+    steps = args.steps or 25
+
+    import torch
+
+    import fxstream
+    from fxstream import reference
+    from fxstream.pipelines import _storages
+    from passes.memory import format_bytes
+
+    with progress("loading the built-in demo (fxstream's trained reference UNet and decoder)"):
+        model = reference.load("animatediff")
+        decoder = reference.load_decoder()
+    own = {"unet": sum(_storages(model.unet).values()),
+           "decoder": sum(_storages(decoder).values())}
+    weights = sum(_storages(model.unet, model.conditioner, decoder).values())
+    unet, decode = model.unet, decoder
+    if args.eager:
+        budget = "eager (no fxstream)"
+    else:
+        budget_bytes = _demo_budget(args.budget_gb, weights)
+        budget = "minimum memory" if budget_bytes is None else f"budget {format_bytes(budget_bytes)}" + (
+            " (auto)" if args.budget_gb == "auto" else "")
+
+        def share(name: str) -> float | None:  # the budget less the other components' weights
+            return None if budget_bytes is None else (budget_bytes - weights + own[name]) / 2**30
+
+        unet = fxstream.compile(model.unet, budget_gb=share("unet"), rehash=rehash)
+        decode = fxstream.compile(decoder, budget_gb=share("decoder"))
+    print(f"built-in demo: shapes moving {direction}, 8 frames 128x128, {steps} steps, fp32 on cpu, {budget}",
+          file=sys.stderr)
+    classes = torch.tensor([reference.CLASSES.index(direction)])
+
+    def run() -> Any:
+        video = model.sample(steps=steps, seed=args.seed, unet=unet, classes=classes, progress=True)
+        return reference.decode(video, decode)[0]
+
+    from fxstream.measure import measure
+
+    with _compile_outside_measurement():
+        m = measure(run)
+    frames = m.output.numpy()
+    written = _video_path(out)
+    with progress(f"writing {written}"):
+        _write_video(written, frames, DEMO_FPS)
+    compile_seconds = 0.0
+    if not args.eager:
+        compile_seconds = sum(e.compile_seconds for c in (unet, decode) for e in c._fx_cache.values())
+        for name, c in (("unet", unet), ("decoder", decode)):
+            print(f"{name}: {len(c.plan.sliced_groups)} sliced groups, predicted peak "
+                  f"{format_bytes(c.plan.predicted_peak_bytes)} (eager {format_bytes(c.plan.baseline_peak_bytes)})")
+    print(f"peak memory: {format_bytes(weights + m.activation_peak_bytes)} (weights {format_bytes(weights)} + "
+          f"activations {format_bytes(m.activation_peak_bytes)}; fxstream.measure: live tensor storage)")
+    compiling = f" (compiling {compile_seconds:.1f} s, generating {m.seconds - compile_seconds:.1f} s)" \
+        if not args.eager else ""
+    print(f"time: {m.seconds:.1f} s{compiling}")
+    print(f"wrote {written}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}")
+    return 0
+
+
+def _demo_budget(budget_gb: Any, weights: int) -> int | None:
+    if budget_gb == "auto":
+        from fxstream.pipeline_plan import auto_budget_bytes
+
+        budget = auto_budget_bytes("cpu", weights)
+        print(f"fxstream: budget auto: {budget / 2**30:.2f} GiB (what fits cpu now; --budget-gb GIB to choose, "
+              "'min' for the least memory)", file=sys.stderr)
+        return budget
+    if budget_gb == "min":
+        return None
+    budget = int(budget_gb * 2**30)
+    if budget <= weights:
+        raise UsageError(f"argument --budget-gb: {budget_gb:g} GiB does not cover the demo's weights "
+                         f"({weights / 2**20:.1f} MiB)")
+    return budget
 
 
 def _generate_budget(text: str) -> float | str:
@@ -372,24 +494,25 @@ def _fps(kind: str) -> int:
     return {**_IMAGE_PIPELINES, **_TEXT_PIPELINES}[kind]
 
 
+def _video_path(path: str) -> str:
+    """The file a video for ``path`` is written to: an ``.mp4`` without ffmpeg becomes a ``.gif`` beside it."""
+    if path.lower().endswith(".mp4") and importlib.util.find_spec("imageio_ffmpeg") is None:
+        return os.path.splitext(path)[0] + ".gif"
+    return path
+
+
 def _write_video(path: str, frames: Any, fps: int) -> str:
-    """Write ``frames`` to ``path``; an ``.mp4`` without ffmpeg becomes a ``.gif`` beside it. Returns the path
-    written."""
+    """Write ``frames`` to ``path`` (from :func:`_video_path`). Returns the path written."""
     import imageio.v3 as iio
 
     if path.lower().endswith(".mp4"):
-        try:
-            import imageio_ffmpeg  # noqa: F401 - the FFMPEG plugin's binary
-        except ImportError:
-            path = os.path.splitext(path)[0] + ".gif"
-        else:
-            import imageio.v2
+        import imageio.v2
 
-            # libx264 with yuv420p, which players expect; sizes are multiples of 8, so no resizing.
-            with imageio.v2.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1,
-                                       quality=8) as writer:
-                for frame in frames:
-                    writer.append_data(frame)
-            return path
+        # libx264 with yuv420p, which players expect; sizes are multiples of 8, so no resizing.
+        with imageio.v2.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1,
+                                   quality=8) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        return path
     iio.imwrite(path, frames, extension=".gif", duration=1000 / fps, loop=0)
     return path

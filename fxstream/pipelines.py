@@ -399,7 +399,7 @@ def _enable_offload(pipe: Any, device: str | torch.device | None) -> None:
 
     if importlib.util.find_spec("accelerate") is None:
         raise ImportError("optimize(pipe, offload=...) uses diffusers' enable_model_cpu_offload, which needs "
-                          "accelerate: pip install accelerate")
+                          "accelerate: pip install 'fxstream[offload]'")
     pipe.enable_model_cpu_offload(device=device)
 
 

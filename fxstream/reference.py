@@ -76,22 +76,28 @@ def make_clips(
     frames: int = FRAMES,
     size: int = SIZE,
     classes: torch.Tensor | None = None,
+    scale: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch`` clips (batch, frames, 4, size, size) in [-1, 1] and their motion class (batch,).
 
     Each clip has a background colour and one or two discs or squares (radius 2-4 px) of bright colours
     moving in a straight line; the class is the direction of the first shape (see :data:`CLASSES`), drawn at
-    random unless ``classes`` is given. Channels are RGB plus a fourth colour channel.
+    random unless ``classes`` is given. Channels are RGB plus a fourth colour channel. ``scale``: the same
+    clips (the same draws from ``generator``) rendered at ``size * scale`` pixels, edges as sharp as at
+    ``size`` (what :data:`DECODER_SCALE` decodes latents to).
     """
     g = generator
     if classes is None:
         classes = torch.randint(len(CLASSES), (batch,), generator=g)
     directions = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # (dx, dy) per class
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                            indexing="ij")
+    pixels = size * scale
+    # pixel centres in the units of a size-pixel clip
+    grid = (torch.arange(pixels, dtype=torch.float32) + 0.5) / scale - 0.5 if scale != 1 else \
+        torch.arange(size, dtype=torch.float32)
+    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
     t = torch.arange(frames, dtype=torch.float32)
     video = (torch.rand(batch, 1, CHANNELS, 1, 1, generator=g) * 0.6 - 0.9).expand(
-        batch, frames, CHANNELS, size, size).clone()
+        batch, frames, CHANNELS, pixels, pixels).clone()
     n_shapes = torch.randint(1, 3, (batch,), generator=g)
     for b in range(batch):
         for s in range(int(n_shapes[b])):
@@ -114,7 +120,8 @@ def make_clips(
             dx = xx[None] - cx[:, None, None]
             dy = yy[None] - cy[:, None, None]
             dist = torch.maximum(dx.abs(), dy.abs()) if square else torch.sqrt(dx * dx + dy * dy)
-            alpha = (radius + 0.5 - dist).clamp(0, 1)  # (frames, size, size), anti-aliased edge
+            # (frames, pixels, pixels), anti-aliased over one pixel of the rendering
+            alpha = ((radius + 0.5 - dist) if scale == 1 else ((radius - dist) * scale + 0.5)).clamp(0, 1)
             video[b] = video[b] * (1 - alpha[:, None]) + color[None, :, None, None] * alpha[:, None]
     return video.clamp(-1, 1), classes
 
@@ -301,6 +308,70 @@ def load(name: str, path: str | Path | None = None) -> ReferenceModel:
     for m in (unet, conditioner):
         m.eval().requires_grad_(False)
     return ReferenceModel(name, unet, conditioner, metadata)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The decoder: the reference models' 16x16 "latents" to 128x128 RGB frames, trained on the same clips rendered at
+# both sizes (make_clips(scale=DECODER_SCALE)), so a sample becomes a video a person can watch.
+
+DECODER_NAME = "decoder"
+DECODER_SCALE = 8
+# The zoo's medium SD-1.5 VAE decoder architecture (fxstream.models.SD_VAE_DECODER_MEDIUM): 4 latent channels
+# to RGB, 3 upsamplers (x8).
+DECODER_CONFIG: dict[str, Any] = dict(_models.SD_VAE_DECODER_MEDIUM)
+
+
+class ReferenceDecoder(nn.Module):
+    """(N, 4, 16, 16) latents in [-1, 1] -> (N, 3, 128, 128) RGB in [-1, 1]: the latent's RGB channels upsampled
+    (nearest, x8) plus what diffusers' VAE ``Decoder`` adds to them (edges, the shapes' outlines). The skip
+    carries the colours: the decoder's GroupNorms remove each channel's mean, a flat background's colour."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers.models.autoencoders.vae import Decoder
+
+        with _models._quiet_diffusers():
+            self.decoder = Decoder(**DECODER_CONFIG)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        skip = torch.nn.functional.interpolate(z[:, :3], scale_factor=DECODER_SCALE, mode="nearest")
+        return skip + self.decoder(z)
+
+
+def build_decoder(seed: int = 0) -> nn.Module:
+    """The untrained :class:`ReferenceDecoder`."""
+    torch.manual_seed(seed)
+    return ReferenceDecoder()
+
+
+def save_decoder(path: str | Path, decoder: nn.Module, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous() for k, v in decoder.state_dict().items()}
+    save_file(tensors, str(path), metadata={"name": DECODER_NAME, **metadata})
+
+
+def load_decoder(path: str | Path | None = None) -> nn.Module:
+    """The shipped trained decoder, fp32, CPU, eval; ``decoder(latents.flatten(0, 1))`` decodes a sample's
+    frames (see :func:`decode`)."""
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else weights_path(DECODER_NAME)
+    if not path.exists():
+        raise FileNotFoundError(f"no weights for the reference decoder at {path}")
+    decoder = build_decoder()
+    decoder.load_state_dict(load_file(str(path)))
+    return decoder.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode(video: torch.Tensor, decoder: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A sample (B, F, 4, 16, 16) -> uint8 frames (B, F, 128, 128, 3), through ``decoder`` (the module from
+    :func:`load_decoder`, or a compiled one)."""
+    b, f = video.shape[:2]
+    rgb = decoder(video.flatten(0, 1).clamp(-1, 1))
+    rgb = rgb.reshape(b, f, *rgb.shape[1:])
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1)
 
 
 def to_rgb(video: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
     python scripts/train_reference.py --model svd --minutes 40 --threads 1
     python scripts/train_reference.py --model animatediff --minutes 40 --threads 1
+    python scripts/train_reference.py --model decoder --minutes 20 --threads 1 --lr 1e-3
 
 Writes ``fxstream/weights/<model>.safetensors`` (the EMA weights, with this command, the step count and the
 final loss in its metadata; rewritten every few minutes, so an interrupted run still leaves a usable file) and
@@ -124,9 +125,59 @@ def save_samples(name: str, weights: Path, out_dir: Path, steps: int = 25, seeds
     return png
 
 
+def train_decoder(args, out: Path, command: str) -> int:
+    """The decoder: the 16x16 clips to the same clips rendered at 128x128 (L1 on RGB), inputs jittered with a
+    little noise so that imperfect samples decode cleanly too."""
+    decoder = ref.build_decoder(seed=args.seed).train()
+    ema = copy.deepcopy(decoder).eval()
+    opt = torch.optim.AdamW(decoder.parameters(), lr=args.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed)
+    start = last_save = time.time()
+    deadline = start + args.minutes * 60
+    step, avg = 0, None
+    clips_per_step = max(1, args.batch // ref.FRAMES)
+
+    def checkpoint(final: bool) -> None:
+        meta = {"command": command, "steps": str(step), "loss_ema": f"{avg:.5f}",
+                "minutes": f"{(time.time() - start) / 60:.1f}", "torch": torch.__version__, "final": str(final)}
+        ref.save_decoder(out, ema, meta)
+
+    while time.time() < deadline:
+        state = g.get_state()
+        small, _ = ref.make_clips(clips_per_step, generator=g)
+        g_big = torch.Generator()
+        g_big.set_state(state)
+        big, _ = ref.make_clips(clips_per_step, generator=g_big, scale=ref.DECODER_SCALE)
+        x = small.flatten(0, 1)
+        x = x + 0.05 * torch.randn(x.shape, generator=g)
+        target = big.flatten(0, 1)[:, :3]
+        loss = (decoder(x) - target).abs().mean()
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 200)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), decoder.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
+        if step % 50 == 0:
+            print(f"step {step} loss {avg:.4f} ({step / (time.time() - start):.2f} steps/s)", flush=True)
+        if time.time() - last_save > args.save_every * 60:
+            checkpoint(False)
+            last_save = time.time()
+    checkpoint(True)
+    print(f"saved {out} after {step} steps, loss {avg:.4f}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=ref.NAMES, required=True)
+    p.add_argument("--model", choices=(*ref.NAMES, ref.DECODER_NAME), required=True,
+                   help="a reference UNet, or the decoder that turns their latents into 128x128 RGB frames")
     p.add_argument("--minutes", type=float, default=40.0, help="wall-clock training time")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -142,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or ref.weights_path(args.model)
+    if args.model == ref.DECODER_NAME:
+        if args.samples_only:
+            raise SystemExit("--samples-only: the decoder's samples are fxstream generate's videos")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = "python scripts/train_reference.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        return train_decoder(args, out, command)
     if args.samples_only:
         png = save_samples(args.model, out, args.samples_dir)
         print(f"samples: {png} and {png.with_suffix('.gif')}", flush=True)

@@ -126,8 +126,9 @@ def test_rehash_auto_reports_full_steps(saved, tmp_path, capsys):
 def test_mp4_without_ffmpeg_writes_gif(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "imageio_ffmpeg", None)  # import fails: no ffmpeg
     frames = np.random.default_rng(0).integers(0, 255, (3, 16, 24, 3), dtype=np.uint8)
-    written = generate._write_video(str(tmp_path / "v.mp4"), frames, fps=8)
+    written = generate._video_path(str(tmp_path / "v.mp4"))  # decided before writing: one name in every line
     assert written == str(tmp_path / "v.gif")
+    assert generate._write_video(written, frames, fps=8) == written
     assert _read_video(written).shape == (3, 16, 24, 3)
 
 
@@ -165,10 +166,48 @@ def test_errors(saved, image, tmp_path, capsys, argv, message):
 
 def test_help_lists_generate(capsys):
     assert cli.main(["generate"]) == 2
-    assert "the following arguments are required: --model" in capsys.readouterr().err
+    assert "the following arguments are required: --out" in capsys.readouterr().err
     assert cli.main(["--help"]) == 0
     assert "generate" in capsys.readouterr().out
     assert cli.main(["generate", "--help"]) == 0
     help_text = capsys.readouterr().out
     for option in ("--model", "--image", "--prompt", "--budget-gb", "--dtype", "--device", "--out"):
         assert option in help_text
+
+
+def _centroids(video: np.ndarray) -> np.ndarray:
+    """(frames, 2) x, y centroid of the pixels that differ from each frame's background (its median colour)."""
+    out = []
+    for frame in video.astype(np.float32):
+        background = np.median(frame.reshape(-1, 3), axis=0)
+        weight = np.abs(frame - background).sum(axis=-1)
+        weight = np.where(weight > 0.5 * weight.max(), weight, 0.0)
+        ys, xs = np.indices(weight.shape)
+        out.append([(weight * xs).sum() / weight.sum(), (weight * ys).sum() / weight.sum()])
+    return np.asarray(out)
+
+
+def test_the_builtin_demo_makes_a_video_of_moving_shapes(tmp_path, capsys):
+    # No --model: fxstream's own trained reference UNet and decoder, offline. The shapes must move.
+    gif = str(tmp_path / "demo.gif")
+    code, out, err = run(capsys, ["--out", gif])
+    assert code == 0, err
+    assert "built-in demo: shapes moving right, 8 frames 128x128, 25 steps" in err
+    assert re.search(r"^wrote .*demo\.gif: 8 frames 128x128$", out, re.MULTILINE)
+    video = iio.imread(gif, index=None)
+    assert video.shape[0] >= 8 and video.shape[1:] == (128, 128, 3)
+    path = _centroids(video)
+    assert np.linalg.norm(path[-1] - path[0]) >= 10, path  # pixels, of 128
+    assert re.search(r"^time: [\d.]+ s \(compiling", out, re.MULTILINE)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--prompt", "a fox", "--out", "x.gif"], "names the direction its shapes move"),
+    (["--frames", "16", "--out", "x.gif"], "the built-in demo is 8 frames 128x128"),
+    (["--image", "in.png", "--out", "x.gif"], "the built-in demo takes --prompt"),
+])
+def test_builtin_demo_argument_errors(capsys, tmp_path, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    code, _, err = run(capsys, argv)
+    assert code == 2 and match in err and err.count("\n") == 1
