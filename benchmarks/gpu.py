@@ -51,6 +51,7 @@ class Meter:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.slack: list[float] = []
         self.nvml = None
         if device.type == "cuda":
             try:
@@ -70,10 +71,24 @@ class Meter:
             out = fn()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before
+            # the caching allocator's reserve above the live tensors at the peak (pipeline_plan.ALLOCATOR_SLACK)
+            self.slack.append(torch.cuda.max_memory_reserved() / max(1, torch.cuda.max_memory_allocated()) - 1)
             used = self._pynvml.nvmlDeviceGetMemoryInfo(self.nvml).used if self.nvml else None
             return out, peak, used
         m = fxstream.measure(fn)
         return m.output, m.activation_peak_bytes, None
+
+
+def cuda_context_bytes(device: torch.device) -> int:
+    """Device memory the process holds outside PyTorch's allocator after CUDA starts (the context, the kernels
+    loaded, cuDNN and cuBLAS handles after one convolution and one matmul): what
+    ``fxstream.pipeline_plan.CUDA_CONTEXT_BYTES`` assumes."""
+    x = torch.randn(1, 8, 16, 16, device=device, dtype=torch.float16)
+    torch.nn.functional.conv2d(x, torch.randn(8, 8, 3, 3, device=device, dtype=torch.float16))
+    x.flatten(1) @ torch.randn(8 * 16 * 16, 8, device=device, dtype=torch.float16)
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
 
 
 def run_model(name, frames, height, width, *, size, device, dtype, budgets, repeats, meter):
@@ -148,6 +163,13 @@ def main(argv=None) -> int:
     rows: list[list] = []
     started = time.perf_counter()
     notes = []
+    if device.type == "cuda":
+        from fxstream.pipeline_plan import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
+
+        context = cuda_context_bytes(device)
+        notes.append(f"- CUDA context and libraries outside the allocator: {context / 2**20:.0f} MiB "
+                     f"(fxstream.pipeline_plan assumes {CUDA_CONTEXT_BYTES / 2**20:.0f} MiB)")
+    slack_note = len(notes)
     for name, frames, height, width in setups:
         if time.perf_counter() - started > args.time_limit:
             notes.append(f"- skipped {name}: time limit {args.time_limit:.0f} s reached")
@@ -164,6 +186,10 @@ def main(argv=None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if meter.slack:
+            note = (f"- allocator reserve above the live tensors at each measured peak: up to {max(meter.slack):.1%}"
+                    f" (fxstream.pipeline_plan assumes {ALLOCATOR_SLACK:.0%})")
+            notes[slack_note:slack_note + 1] = [note]
         table = tabulate(rows, headers=HEADERS, tablefmt="github")
         write_results(out, "fxstream GPU benchmark" + (" (tiny smoke run)" if args.tiny else ""),
                       [f"Setups: {', '.join(f'{n} {f}f {h}x{w}' for n, f, h, w in setups)}; "

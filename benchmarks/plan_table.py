@@ -398,7 +398,7 @@ def main(argv=None) -> int:
         "",
         *pnotes,
         *(["## Failures", "", *failures, ""] if failures else []),
-        "Step Rehash FLOPs at full size: `fxstream plan --model svd-xt --rehash` (see the README).",
+        "Step Rehash FLOPs at full size: `fxstream plan --model svd-xt --rehash` (see docs/results.md).",
     ]
     print(table)
     print()

@@ -122,7 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
         "also plan the slicing and print the planned side beside the baseline. With --pipeline, plan a whole "
         "pipeline at full size instead: each phase (encoders, one denoiser step, the VAE decode), eager and "
         "with fxstream, the whole-pipeline peak, and whether it fits in --budget-gb GiB of device memory.",
-        epilog="Columns of --pipeline: weights resident = every component's weights on the device while the "
+        epilog="Tables of --model: weights / activation peak / total peak = the module's parameters, the most "
+        "bytes of activations live at once, and their sum (what a budget bounds); baseline = eager PyTorch, "
+        "planned = fxstream's plan. Largest tensors: what is alive at the peak, the module and op that made "
+        "each, its share of the peak. Per block: each top-level block's activation peak. Sliced operator "
+        "groups: where a chain of ops runs slice by slice (runs in: its module), what it is sliced along "
+        "(frames, pixels, rows, or a tensor dim), slices of the axis length, ops in the chain, and values "
+        "computed: the bytes of every value it computes, were they all alive at once (slicing keeps about "
+        "1/slices of them live, so it can exceed the peak). Guidance: classifier-free guidance, which doubles "
+        "the denoiser's batch. "
+        "Columns of --pipeline: weights resident = every component's weights on the device while the "
         "phase runs (with --offload, the running component's only); held = decoded frames of earlier decode "
         "calls; eager activations / eager peak = without fxstream; fxstream share = what the phase's tensors may "
         "use (the budget less the CUDA allowance, the other weights and the held frames); fxstream peak = "
@@ -161,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="slice every operator group K times, ignoring any budget (experiments)")
     plan.add_argument("--top", type=_positive_int, default=10, metavar="N",
                       help="live tensors to list at each peak (default: %(default)s)")
+    plan.add_argument("--verbose", action="store_true",
+                      help="name graph nodes (the ATen ops' names) and group kinds and dims, for debugging")
     plan.add_argument("--json", metavar="PATH", help="also write the baseline timeline and the plan as JSON")
     plan.add_argument("--plot", metavar="PATH",
                       help="also draw the memory timeline (baseline vs plan, the budget line, per-block "
@@ -445,7 +456,9 @@ def _plan_text(args: argparse.Namespace, argv: list[str], built: BuiltModel, bas
     )
     from passes.memory import format_bytes
 
-    cfg = "CFG on" if built.cfg else "CFG off" if built.spec.uses_cfg else "no CFG (VAE decoder)"
+    cfg = ("guidance on (batch 2)" if built.cfg else "guidance off" if built.spec.uses_cfg
+           else "no guidance (VAE decoder)")
+    verbose = getattr(args, "verbose", False)
     dtype = str(built.dtype).removeprefix("torch.")
     out = [
         f"{built.name}: diffusers {built.spec.module_class}, {built.num_parameters:,} parameters, "
@@ -458,24 +471,25 @@ def _plan_text(args: argparse.Namespace, argv: list[str], built: BuiltModel, bas
         "",
         summary_table(baseline, plan),
         "",
-        f"baseline peak at {where(baseline)}",
+        f"baseline peak {where(baseline, verbose)}",
     ]
     if plan is not None:
         limit = (f"{args.chunks} slices per operator group (forced)" if args.chunks is not None
                  else "no budget: as little memory as slicing reaches" if plan.budget_bytes is None
                  else f"budget {format_bytes(plan.budget_bytes)}")
-        out += [f"planned peak at {where(planned)}; {limit}", groups_line(plan)]
+        out += [f"planned peak {where(planned, verbose)}; {limit}", groups_line(plan)]
         if not plan.sliced_groups:
             out.append("no slicing needed: planned differs from baseline only because a compiled graph frees "
                        "each value after its last use")
-    out += ["", f"largest tensors live at the baseline peak ({baseline.peak_node})",
-            live_table(baseline, args.top)]
+    at = (lambda t: f" ({t.peak_node})") if verbose else (lambda t: "")
+    out += ["", f"largest tensors live at the baseline peak{at(baseline)}",
+            live_table(baseline, args.top, verbose)]
     if planned is not None:
-        out += ["", f"largest tensors live at the planned peak ({planned.peak_node})",
-                live_table(planned, args.top)]
-    out += ["", "activation peak per block", block_table(baseline, planned)]
+        out += ["", f"largest tensors live at the planned peak{at(planned)}",
+                live_table(planned, args.top, verbose)]
+    out += ["", "activation peak per block", block_table(baseline, planned, verbose)]
     if plan is not None and plan.sliced_groups:
-        out += ["", "sliced operator groups (largest intermediates first)", groups_table(plan)]
+        out += ["", "sliced operator groups (largest first)", groups_table(plan, verbose=verbose)]
 
     out.append("")
     if plan is None:
@@ -523,7 +537,7 @@ def _write_plot(path: str, args: argparse.Namespace, built: BuiltModel, baseline
                 planned: MemoryTimeline | None, plan: Plan | None, graph_module: Any) -> None:
     from fxstream.viz import memory_timeline_figure
 
-    cfg = "CFG on" if built.cfg else "CFG off" if built.spec.uses_cfg else "no CFG"
+    cfg = "guidance on" if built.cfg else "guidance off" if built.spec.uses_cfg else "no guidance"
     title = (f"{built.name} ({built.size}): {built.frames} frames {built.height}x{built.width}, "
              f"{str(built.dtype).removeprefix('torch.')}, {cfg}, target {args.target}")
     if args.chunks is not None:

@@ -480,14 +480,13 @@ class StreamlinedModule(nn.Module):
         return self._fx_last
 
     def report(self) -> str:
-        """Baseline (eager) vs planned memory, per block, for the most recent input signature."""
+        """Baseline (eager) vs planned memory, per block, for the most recent input signature, as text
+        (``print(unet.report())``; as :meth:`fxstream.pipelines.PipelineOptimization.report`)."""
         from fxstream.report import plan_report
 
         if self._fx_last is None:
             return "not compiled yet: call the module once"
-        text = plan_report(self._fx_last)
-        print(text)
-        return text
+        return plan_report(self._fx_last)
 
     # -- drop-in attributes ------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

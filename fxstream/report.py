@@ -7,6 +7,7 @@ by the caller before the call and are shown apart.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from tabulate import tabulate
@@ -20,9 +21,26 @@ if TYPE_CHECKING:
 TABLE_FORMAT = "github"
 
 
-def where(timeline: MemoryTimeline) -> str:
-    """``node in module.path``: where the activation peak of ``timeline`` is."""
-    return f"'{timeline.peak_node}' in '{timeline.peak_module_path or TOP_LEVEL}'"
+# What each kind of operator group is sliced along, in the user's words (passes.chains._group_kind).
+AXIS_WORDS = {"spatial": "frames", "temporal": "pixels", "rows": "rows"}
+
+
+def where(timeline: MemoryTimeline, verbose: bool = True) -> str:
+    """Where the activation peak of ``timeline`` is: ``in 'module.path'``, or ``at 'node' in 'module.path'`` if
+    ``verbose``."""
+    module = f"'{timeline.peak_module_path or TOP_LEVEL}'"
+    return f"at '{timeline.peak_node}' in {module}" if verbose else f"in {module}"
+
+
+def _made_by(node: str, workspace: bool) -> str:
+    """A graph node's name in words: the op that made the tensor (``linear_93`` -> ``linear``), or a sliced
+    group's output or workspace."""
+    if node.startswith("sliced_"):
+        return "sliced group's workspace" if workspace else "sliced group's output"
+    if node.startswith("rows_"):
+        return "row-streamed segment's workspace" if workspace else "row-streamed segment's output"
+    base = re.sub(r"_\d+$", "", node)
+    return base + (" workspace" if workspace else "")
 
 
 def total_bytes(timeline: MemoryTimeline) -> int:
@@ -48,22 +66,27 @@ def summary_table(baseline: MemoryTimeline, plan: Plan | None = None) -> str:
     return tabulate(rows, headers=["", "baseline (eager)", "planned"], tablefmt=TABLE_FORMAT)
 
 
-def live_table(timeline: MemoryTimeline, top: int = 10) -> str:
-    """The largest storages live at the activation peak, with the node and module that produced each."""
+def live_table(timeline: MemoryTimeline, top: int = 10, verbose: bool = True) -> str:
+    """The largest storages live at the activation peak, with the module that produced each and the op (the
+    graph node's name if ``verbose``)."""
     peak = timeline.activation_peak_bytes
     rows = [
-        [x.node + (" (workspace)" if x.workspace else ""), x.module_path or TOP_LEVEL,
-         "x".join(map(str, x.shape)) or "-", x.dtype or "-", format_bytes(x.nbytes),
+        [x.node + (" (workspace)" if x.workspace else "") if verbose else _made_by(x.node, x.workspace),
+         x.module_path or TOP_LEVEL, "x".join(map(str, x.shape)) or "-", x.dtype or "-", format_bytes(x.nbytes),
          f"{x.nbytes / peak:.0%}" if peak else "-"]
         for x in timeline.live_at_peak[:top]
     ]
-    return tabulate(rows, headers=["tensor", "module", "shape", "dtype", "bytes", "of peak"],
-                    tablefmt=TABLE_FORMAT)
+    return tabulate(rows, headers=["tensor" if verbose else "made by", "module", "shape", "dtype", "bytes",
+                                   "of peak"], tablefmt=TABLE_FORMAT)
 
 
-def block_table(baseline: MemoryTimeline, planned: MemoryTimeline | None = None) -> str:
-    """Per-block activation peaks: the baseline's (with the node), or side by side with the planned ones."""
+def block_table(baseline: MemoryTimeline, planned: MemoryTimeline | None = None, verbose: bool = True) -> str:
+    """Per-block activation peaks: the baseline's (with the node if ``verbose``), or side by side with the
+    planned ones."""
     if planned is None:
+        if not verbose:
+            rows = [[b.block, format_bytes(b.peak_bytes)] for b in baseline.blocks]
+            return tabulate(rows, headers=["block", "activation peak"], tablefmt=TABLE_FORMAT)
         rows = [[b.block, format_bytes(b.peak_bytes), b.node] for b in baseline.blocks]
         return tabulate(rows, headers=["block", "activation peak", "at node"], tablefmt=TABLE_FORMAT)
     planned_by = {b.block: b.peak_bytes for b in planned.blocks}
@@ -75,11 +98,17 @@ def block_table(baseline: MemoryTimeline, planned: MemoryTimeline | None = None)
     return tabulate(rows, headers=["block", "baseline peak", "planned peak", "ratio"], tablefmt=TABLE_FORMAT)
 
 
-def groups_table(plan: Plan, top: int = 15) -> str:
-    """The sliced operator groups, largest intermediates first."""
-    rows = [[g.name, g.kind, g.axis, g.length, g.slices, g.nodes, format_bytes(g.intermediate_bytes)]
-            for g in sorted(plan.sliced_groups, key=lambda g: -g.intermediate_bytes)[:top]]
-    return tabulate(rows, headers=["group", "kind", "axis", "length", "slices", "nodes", "intermediates"],
+def groups_table(plan: Plan, top: int = 15, verbose: bool = True) -> str:
+    """The sliced operator groups, largest first (by the bytes of all the values each computes)."""
+    ordered = sorted(plan.sliced_groups, key=lambda g: -g.intermediate_bytes)[:top]
+    if verbose:
+        rows = [[g.name, g.kind, g.axis, g.length, g.slices, g.nodes, format_bytes(g.intermediate_bytes)]
+                for g in ordered]
+        return tabulate(rows, headers=["group", "kind", "axis", "length", "slices", "nodes", "intermediates"],
+                        tablefmt=TABLE_FORMAT)
+    rows = [[g.name, AXIS_WORDS.get(g.kind, g.axis), f"{g.slices} of {g.length}", g.nodes,
+             format_bytes(g.intermediate_bytes)] for g in ordered]
+    return tabulate(rows, headers=["runs in", "sliced along", "slices", "ops", "values computed"],
                     tablefmt=TABLE_FORMAT)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -63,16 +64,18 @@ def test_baseline_prints_tables(full_baseline):
     code, out, err, data = full_baseline
     assert code == 0
     assert "sd-vae-decoder: diffusers Decoder, 49,490,179 parameters, size full" in out
-    assert "2 frames 64x64, float16, no CFG (VAE decoder), target cuda" in out
+    assert "2 frames 64x64, float16, no guidance (VAE decoder), target cuda" in out
     # The tables print what the analysis found (the JSON holds the same timeline).
     baseline = MemoryTimeline.from_dict(data["baseline"])
     assert format_bytes(baseline.weight_bytes) in _row(out, "weights")
     assert format_bytes(baseline.activation_peak_bytes) in _row(out, "activation peak")
     assert format_bytes(baseline.weight_bytes + baseline.activation_peak_bytes) in _row(
         out, "total (weights + activations)")
-    assert f"baseline peak at '{baseline.peak_node}' in '{baseline.peak_module_path}'" in out
+    # in the user's words: the module and the op, no graph node names (those with --verbose)
+    assert f"baseline peak in '{baseline.peak_module_path}'" in out and baseline.peak_node not in out
     live = out.split("largest tensors live at the baseline peak")[1].split("\n\n")[0]
-    assert f"| {baseline.live_at_peak[0].node} " in live
+    first = baseline.live_at_peak[0]
+    assert re.search(rf"^\| {first.node.rsplit('_', 1)[0]} +\| {re.escape(first.module_path)} ", live, re.MULTILINE)
     blocks = out.split("activation peak per block")[1].split("\n\n")[0]
     assert [b.block for b in baseline.blocks][-4:] == ["up_blocks.3", "conv_norm_out", "conv_act", "conv_out"]
     assert all(f"| {b.block} " in blocks for b in baseline.blocks)
@@ -115,7 +118,7 @@ def test_budget_plans_beside_baseline(tiny_budget):
     assert code == 0, err
     header = next(line for line in out.splitlines() if "baseline (eager)" in line)
     assert header.rstrip(" |").endswith("planned")
-    assert "planned peak at" in out and "budget 5.12 MiB" in out
+    assert "planned peak in" in out and "budget 5.12 MiB" in out
     assert "largest tensors live at the planned peak" in out
     assert "sliced operator groups" in out and "| ratio" in out
     assert "capturing and planning sd-vae-decoder (tiny, cpu) for budget 0.005 GiB ... done in" in err
@@ -127,13 +130,22 @@ def test_budget_plans_beside_baseline(tiny_budget):
     assert any(line.startswith("total: ") and "baseline -> " in line for line in out.splitlines())
 
 
+def test_verbose_names_the_graph_nodes(capsys):
+    code, out, _ = run(capsys, [*TINY_BUDGET, "--verbose"])
+    assert code == 0
+    assert re.search(r"^baseline peak at '\w+' in '", out, re.MULTILINE)
+    assert "| kind " in out and "| axis " in out and "| tensor " in out
+    code, plain, _ = run(capsys, TINY_BUDGET)
+    assert "| sliced along " in plain and "| kind " not in plain and "| made by " in plain
+
+
 def test_forced_chunks_on_full_size(capsys):
     code, out, _ = run(capsys, [*FULL_SMALL, "--chunks", "2", "--top", "3"])
     assert code == 0
     assert "2 slices per operator group (forced)" in out
     assert "planned" in next(line for line in out.splitlines() if "baseline (eager)" in line)
     live = out.split("largest tensors live at the planned peak")[1].split("\n\n")[0]
-    assert len([line for line in live.splitlines() if line.startswith("| ") and "tensor" not in line]) <= 3
+    assert len([line for line in live.splitlines() if line.startswith("| ") and "made by" not in line]) <= 3
 
 
 @pytest.mark.parametrize(
