@@ -60,6 +60,35 @@ _COGVIDEOX_SCHEDULER = dict(  # THUDM/CogVideoX-2b (CogVideoXDDIMScheduler)
 )
 
 
+# Full size, on the meta device, for planning (fxstream.plan_pipeline): the released Wan 2.1 pipelines' parts.
+# UMT5-XXL (google/umt5-xxl, Wan-AI/Wan2.1-T2V-*-Diffusers text_encoder/config.json): 5.68 B parameters.
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+FULL_NAMES = ("wan2.1-1.3b", "wan2.1-14b")
+
+
+def build_full(name: str) -> DiffusionPipeline:
+    """The released ``name`` pipeline's architecture (one of :data:`FULL_NAMES`: a ``WanPipeline`` with the zoo's
+    transformer config, AutoencoderKLWan's defaults and UMT5-XXL), constructed in the caller's device context (the
+    meta device: no memory); fxstream.pipelines.build(name, "full") calls it."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from fxstream import models
+
+    if name not in FULL_NAMES:
+        raise ValueError(f"name: unknown pipeline {name!r}; expected one of {', '.join(FULL_NAMES)}")
+    transformer = WanTransformer3DModel(**models.ZOO[name].configs["full"])
+    import torch
+
+    with torch.device("cpu"):
+        scheduler = FlowMatchEulerDiscreteScheduler(**_WAN_SCHEDULER)
+    return WanPipeline(vae=AutoencoderKLWan(**models.ZOO["wan-vae-decoder"].configs["full"]),
+                       transformer=transformer, scheduler=scheduler, tokenizer=_t5_tokenizer(),
+                       text_encoder=UMT5EncoderModel(UMT5Config(**UMT5_XXL)))
+
+
 def build(name: str, size: str = "tiny") -> DiffusionPipeline:
     """A ``name`` pipeline (one of :data:`NAMES`) of random fp32 weights on the CPU, constructed only (see above)."""
     if name not in NAMES:

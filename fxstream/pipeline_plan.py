@@ -6,7 +6,8 @@
 
 A pipeline runs in phases, one component at a time: its encoders (the prompt's text encoder, SVD's CLIP image
 encoder and the VAE encoding the conditioning image), one denoiser step (the UNet, the batch doubled for
-guidance; repeated every step, so its peak is the step's), and the VAE decode of the frames as the pipeline
+guidance; Wan's transformer, called once for each of the guidance pair; repeated every step, so its peak is
+the step's), and the VAE decode of the frames as the pipeline
 decodes them (``decode_chunk_size`` frames a call; the frames of earlier calls stay held). Each phase's peak is
 the weights resident while it runs plus its activations; the pipeline's peak is the largest phase's. Without
 offloading every component stays resident; with ``offload=True`` (diffusers' model CPU offload, as
@@ -55,9 +56,13 @@ PIPELINE_DEFAULTS: dict[str, tuple[int, int, int, int | None]] = {
     "svd-xt": (25, 576, 1024, None),
     "animatediff": (16, 512, 512, 16),  # AnimateDiffPipeline: decode_chunk_size 16
     "modelscope": (16, 256, 256, None),  # TextToVideoSDPipeline decodes all frames at once
+    "wan2.1-1.3b": (81, 480, 832, None),  # WanPipeline's defaults; its VAE decodes every frame in one call
+    "wan2.1-14b": (81, 720, 1280, None),
 }
 _CLASSES = {"StableVideoDiffusionPipeline": "svd", "AnimateDiffPipeline": "animatediff",
-            "TextToVideoSDPipeline": "modelscope"}
+            "TextToVideoSDPipeline": "modelscope", "WanPipeline": "wan"}
+_KIND_DEFAULTS = {"svd": "svd", "animatediff": "animatediff", "modelscope": "modelscope", "wan": "wan2.1-1.3b"}
+_WAN_TEXT_TOKENS = 512  # WanPipeline: max_sequence_length 512
 _TEXT_TOKENS = 77  # CLIP prompts are padded to the tokenizer's model_max_length
 _CLIP_IMAGE = 224  # SVD resizes the conditioning image to 224x224 for CLIP
 
@@ -261,7 +266,8 @@ class PipelinePlan:
 
         rows = []
         for p in self.phases:
-            share = "-" if p.share_bytes is None else format_bytes(p.share_bytes)
+            share = ("-" if p.share_bytes is None else format_bytes(p.share_bytes) if p.share_bytes > 0
+                     else "none (weights and frames exceed the budget)")
             if p.compiled:
                 fx = ("no plan fits" if p.peak_bytes is None
                       else f"{format_bytes(p.peak_bytes)} ({p.sliced_groups} sliced)")
@@ -335,6 +341,17 @@ class _VaeEncode(nn.Module):
         return self.vae.encode(image).latent_dist.mode()
 
 
+class _T5Embeds(nn.Module):
+    """A T5 / UMT5 encoder on one padded prompt with its mask, as WanPipeline's ``_get_t5_prompt_embeds``."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(ids, mask).last_hidden_state
+
+
 class _TextEmbeds(nn.Module):
     """A CLIP text encoder on one padded prompt (the pipelines encode the prompt and the negative prompt one
     after the other)."""
@@ -361,7 +378,8 @@ class _Phase:
 
 def _zoo_inputs(zoo_name: str, module: nn.Module, frames: int, height: int, width: int, dtype: torch.dtype,
                 device: torch.device, cfg: bool = True) -> tuple[tuple, dict]:
-    """A zoo model's call, as its pipeline makes it, for ``module`` (the pipeline's own component)."""
+    """A zoo model's call, as its pipeline makes it, for ``module`` (the pipeline's own component; on the meta
+    device, with the released pipelines' prompt lengths)."""
     from fxstream import models
 
     spec = models.ZOO[zoo_name]
@@ -369,18 +387,21 @@ def _zoo_inputs(zoo_name: str, module: nn.Module, frames: int, height: int, widt
         module=module, batch=1, cfg_batch=2 if cfg and spec.uses_cfg else 1, frames=frames, height=height,
         width=width, latent_h=height // models.VAE_SCALE_FACTOR, latent_w=width // models.VAE_SCALE_FACTOR,
         dtype=dtype, device=device, rand=models._random_source(0, dtype, device),
+        size="full" if device.type == "meta" else "tiny",
     )
     return spec.make_inputs(ctx)
 
 
 def _phases(pipe: Any, kind: str, frames: int, height: int, width: int, chunk: int, cfg: bool) -> list[_Phase]:
-    unet = pipe.unet
+    unet = pipe.unet if kind != "wan" else pipe.transformer
     param = next(unet.parameters())
     dtype, device = param.dtype, param.device
     empty = (lambda *shape: torch.zeros(shape, dtype=dtype, device=device)) if device.type != "meta" else (
         lambda *shape: torch.empty(shape, dtype=dtype, device=device))
     batch = "batch 2 for guidance" if cfg else "batch 1"
     out: list[_Phase] = []
+    if kind == "wan":
+        return _wan_phases(pipe, frames, height, width, cfg, dtype, device)
     if kind == "svd":
         out.append(_Phase("image encoder", "image_encoder", f"1 image {_CLIP_IMAGE}x{_CLIP_IMAGE}",
                           _ImageEmbeds(pipe.image_encoder), (empty(1, 3, _CLIP_IMAGE, _CLIP_IMAGE),), {}, False))
@@ -403,6 +424,35 @@ def _phases(pipe: Any, kind: str, frames: int, height: int, width: int, chunk: i
     return out
 
 
+def _wan_phases(pipe: Any, frames: int, height: int, width: int, cfg: bool, dtype: torch.dtype,
+                device: torch.device) -> list[_Phase]:
+    """WanPipeline: the UMT5 prompt (and the negative one), the transformer called once per step for each of
+    the guidance pair (batch 1 each), the VAE's whole decode (its own loop over latent frames)."""
+    from fxstream.models import VaeDecode
+
+    tokens = _WAN_TEXT_TOKENS if device.type == "meta" else _dit_text_tokens()
+    ids = torch.zeros(1, tokens, dtype=torch.int64, device=device)
+    mask = torch.ones(1, tokens, dtype=torch.int64, device=device)
+    twice = " twice a step (guidance)" if cfg else ""
+    decode = VaeDecode(pipe.vae)
+    args, kwargs = _zoo_inputs("wan2.1-1.3b", pipe.transformer, frames, height, width, dtype, device, cfg)
+    d_args, d_kwargs = _zoo_inputs("wan-vae-decoder", decode, frames, height, width, dtype, device)
+    return [
+        _Phase("text encoder", "text_encoder", f"1 prompt of {tokens} tokens" + (", twice (and the negative)"
+                                                                                   if cfg else ""),
+               _T5Embeds(pipe.text_encoder), (ids, mask), {}, False),
+        _Phase("denoiser step", "transformer", f"{frames} frames, batch 1{twice}", pipe.transformer, args, kwargs,
+               True),
+        _Phase("VAE decode", "vae", f"{frames} frames, 1 call", decode, d_args, d_kwargs, True),
+    ]
+
+
+def _dit_text_tokens() -> int:
+    from fxstream.dit_pipelines import TEXT_SEQ_LEN
+
+    return TEXT_SEQ_LEN
+
+
 def plan_pipeline(
     pipe: Any,
     budget_gb: float | None = None,
@@ -421,8 +471,8 @@ def plan_pipeline(
 
     Args:
         pipe: a pipeline name (one of :data:`PIPELINE_DEFAULTS`: built at full size on the meta device, in
-            ``dtype``) or a diffusers ``StableVideoDiffusionPipeline``, ``AnimateDiffPipeline`` or
-            ``TextToVideoSDPipeline`` (planned as its modules are: their dtype and device).
+            ``dtype``) or a diffusers ``StableVideoDiffusionPipeline``, ``AnimateDiffPipeline``,
+            ``TextToVideoSDPipeline`` or ``WanPipeline`` (planned as its modules are: their dtype and device).
         budget_gb: the device's memory in GiB (the card: on CUDA the context and allocator allowance come off
             it, see :func:`tensor_budget_bytes`). None: fxstream's least memory.
         frames, height, width: the video (default: the pipeline's; height and width multiples of 8).
@@ -459,7 +509,7 @@ def plan_pipeline(
     if kind is None:
         raise ValueError(f"pipeline: plan_pipeline plans {', '.join(_CLASSES)}, not {type(pipe).__name__}")
     if name not in PIPELINE_DEFAULTS:
-        defaults = PIPELINE_DEFAULTS[kind]
+        defaults = PIPELINE_DEFAULTS[_KIND_DEFAULTS[kind]]
         if kind == "svd":  # the UNet's own frame count
             defaults = (pipe.unet.config.num_frames, *defaults[1:])
     frames = _positive("frames", frames, defaults[0])
@@ -467,11 +517,16 @@ def plan_pipeline(
     width = _positive("width", width, defaults[2], multiple=8)
     chunk = min(frames, _positive("decode_chunk_size", decode_chunk_size, defaults[3] or frames))
     cfg = True if kind == "svd" else bool(cfg)
+    if kind == "wan" and decode_chunk_size is not None:
+        raise ValueError("decode_chunk_size: WanPipeline decodes every frame in one call (its VAE loops itself)")
+    if kind == "wan" and (frames - 1) % 4:
+        raise ValueError(f"frames: frames - 1 must be divisible by 4 for WanPipeline, got {frames}")
 
     weights = {n: sum(pipelines._storages(m).values()) for n, m in pipe.components.items() if isinstance(m, nn.Module)}
     storages = pipelines._storages(*[m for m in pipe.components.values() if isinstance(m, nn.Module)])
     tensors = None if budget_bytes is None else tensor_budget_bytes(budget_bytes, target)
-    dtype_name = str(next(pipe.unet.parameters()).dtype).removeprefix("torch.")
+    denoiser = pipe.transformer if kind == "wan" else pipe.unet
+    dtype_name = str(next(denoiser.parameters()).dtype).removeprefix("torch.")
     result = PipelinePlan(name, frames, height, width, dtype_name, chunk, target, bool(offload), budget_bytes,
                           tensors, weights)
     previous = None

@@ -485,9 +485,10 @@ def _set_path(pipe: Any, path: str, module: nn.Module) -> None:
 # Random-weight pipelines from configs (tests, CPU benchmarks).
 
 PIPELINE_NAMES = ("svd", "svd-xt", "animatediff", "modelscope", "wan", "wan-i2v", "hunyuanvideo", "ltx",
-                  "cogvideox", "mochi")
+                  "cogvideox", "mochi", "wan2.1-1.3b", "wan2.1-14b")
+_FULL_ONLY = ("wan2.1-1.3b", "wan2.1-14b")  # fxstream.dit_pipelines.build_full: the released Wan 2.1 pipelines
 _SIZES = ("tiny", "medium", "full")
-_DIT_PIPELINES = PIPELINE_NAMES[4:]  # fxstream.dit_pipelines: tiny only
+_DIT_PIPELINES = PIPELINE_NAMES[4:10]  # fxstream.dit_pipelines: tiny only
 # Text encoders: CLIP's sequence length (the pipelines pad prompts to tokenizer.model_max_length).
 _TEXT_SEQ_LEN = 77
 # The released pipelines' encoders, for size "full" (transformers configs). SVD's image encoder: CLIP ViT-H/14
@@ -522,7 +523,8 @@ def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | 
     mirrors the decoder, the CLIP encoders have one layer, and the tokenizer is byte-level with no merges (every
     byte one token). ``"full"``: every component at its released size (the model cards' configs, the CLIP
     encoders the released pipelines load) on the meta device, no weights and no memory, for planning
-    (:func:`fxstream.plan_pipeline`); ``dtype`` defaults to fp16 there. Wan (``"wan"``, image-to-video
+    (:func:`fxstream.plan_pipeline`); ``dtype`` defaults to fp16 there; ``"wan2.1-1.3b"`` and ``"wan2.1-14b"``
+    (full only): the released Wan 2.1 text-to-video pipelines, UMT5-XXL included. Wan (``"wan"``, image-to-video
     ``"wan-i2v"``), HunyuanVideo, LTX-Video, CogVideoX, Mochi: tiny only, see :mod:`fxstream.dit_pipelines` (and
     its calls: ``max_sequence_length=dit_pipelines.TEXT_SEQ_LEN``). Nothing is downloaded.
     """
@@ -530,7 +532,7 @@ def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | 
 
     if name not in PIPELINE_NAMES:
         raise ValueError(f"name: unknown pipeline {name!r}; expected one of {', '.join(PIPELINE_NAMES)}")
-    sizes = ("tiny",) if name in _DIT_PIPELINES else _SIZES
+    sizes = ("tiny",) if name in _DIT_PIPELINES else ("full",) if name in _FULL_ONLY else _SIZES
     if size not in sizes:
         raise ValueError(f"size: expected one of {', '.join(sizes)} for {name}, got {size!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -539,10 +541,10 @@ def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | 
     dtype = dtype or (torch.float16 if size == "full" else torch.float32)
     with models._quiet_diffusers(), torch.random.fork_rng(devices=[]), device:
         torch.manual_seed(seed)
-        if name in _DIT_PIPELINES:
+        if name in _DIT_PIPELINES or name in _FULL_ONLY:
             from fxstream import dit_pipelines
 
-            pipe = dit_pipelines.build(name, size)
+            pipe = dit_pipelines.build(name, size) if name in _DIT_PIPELINES else dit_pipelines.build_full(name)
         else:
             builders = {"svd": functools.partial(_build_svd, unet_name="svd"),
                         "svd-xt": functools.partial(_build_svd, unet_name="svd-xt"),

@@ -183,3 +183,27 @@ def test_min_is_no_budget():
     assert budget_bytes_of("min") is None and budget_bytes_of(None) is None
     with pytest.raises(ValueError, match="or 'min'"):
         budget_bytes_of("max")
+
+
+def test_the_wan_pipeline_phases():
+    # WanPipeline: the UMT5 prompt, the transformer (batch 1, called twice a step for guidance), the whole decode.
+    pipe = pipelines.build("wan")
+    plan = plan_pipeline(pipe, target="cpu", frames=9, height=32, width=32)
+    assert [(p.name, p.component, p.compiled) for p in plan.phases] == [
+        ("text encoder", "text_encoder", False), ("denoiser step", "transformer", True),
+        ("VAE decode", "vae", True)]
+    assert "twice a step" in plan.phases[1].calls
+    assert plan.peak_bytes == plan.resident_weight_bytes + max(
+        p.eager_activation_bytes if not p.compiled else p.planned_activation_bytes for p in plan.phases)
+    with pytest.raises(ValueError, match="decode_chunk_size"):
+        plan_pipeline(pipe, decode_chunk_size=2)
+    with pytest.raises(ValueError, match="frames - 1"):
+        plan_pipeline(pipe, frames=10)
+
+
+def test_the_released_wan_pipeline_on_meta():
+    pipe = pipelines.build("wan2.1-1.3b", "full", dtype=torch.bfloat16)
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in pipe.components.items()
+              if isinstance(m, torch.nn.Module)}
+    assert 5.6e9 < params["text_encoder"] < 5.8e9  # UMT5-XXL: the pipeline's largest weights
+    assert 1.3e9 < params["transformer"] < 1.5e9
