@@ -125,52 +125,65 @@ def save_samples(name: str, weights: Path, out_dir: Path, steps: int = 25, seeds
     return png
 
 
-def train_decoder(args, out: Path, command: str) -> int:
-    """The decoder: the 16x16 clips to the same clips rendered at 128x128 (L1 on RGB), inputs jittered with a
-    little noise so that imperfect samples decode cleanly too."""
-    decoder = ref.build_decoder(seed=args.seed).train()
-    ema = copy.deepcopy(decoder).eval()
-    opt = torch.optim.AdamW(decoder.parameters(), lr=args.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(args.seed)
+def train(args, models: list[tuple[torch.nn.Module, torch.nn.Module]], loss_fn, save, every: int = 100):
+    """AdamW with a 200-step warm-up, gradient clipping and an EMA of each (model, ema) pair, until
+    ``args.minutes`` have passed; ``save(ema models, metadata)`` every ``args.save_every`` minutes and at the end.
+    ``loss_fn(step)`` draws a batch and returns its loss. Returns (steps, final loss EMA)."""
+    params = [p for m, _ in models for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    command = "python scripts/train_reference.py " + " ".join(shlex.quote(a) for a in args.argv)
     start = last_save = time.time()
     deadline = start + args.minutes * 60
     step, avg = 0, None
-    clips_per_step = max(1, args.batch // ref.FRAMES)
 
     def checkpoint(final: bool) -> None:
-        meta = {"command": command, "steps": str(step), "loss_ema": f"{avg:.5f}",
-                "minutes": f"{(time.time() - start) / 60:.1f}", "torch": torch.__version__, "final": str(final)}
-        ref.save_decoder(out, ema, meta)
+        save({"command": command, "steps": str(step), "loss_ema": f"{avg:.5f}",
+              "minutes": f"{(time.time() - start) / 60:.1f}", "torch": torch.__version__, "final": str(final)})
 
     while time.time() < deadline:
-        state = g.get_state()
-        small, _ = ref.make_clips(clips_per_step, generator=g)
-        g_big = torch.Generator()
-        g_big.set_state(state)
-        big, _ = ref.make_clips(clips_per_step, generator=g_big, scale=ref.DECODER_SCALE)
-        x = small.flatten(0, 1)
-        x = x + 0.05 * torch.randn(x.shape, generator=g)
-        target = big.flatten(0, 1)[:, :3]
-        loss = (decoder(x) - target).abs().mean()
+        loss = loss_fn(step)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 200)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), decoder.parameters()):
-                pe.lerp_(pm, 1 - decay)
+            for m, e in models:
+                for pe, pm in zip(e.parameters(), m.parameters()):
+                    pe.lerp_(pm, 1 - decay)
         step += 1
         avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
-        if step % 50 == 0:
+        if step % every == 0:
             print(f"step {step} loss {avg:.4f} ({step / (time.time() - start):.2f} steps/s)", flush=True)
         if time.time() - last_save > args.save_every * 60:
             checkpoint(False)
             last_save = time.time()
     checkpoint(True)
-    print(f"saved {out} after {step} steps, loss {avg:.4f}", flush=True)
+    return step, avg
+
+
+def train_decoder(args, out: Path) -> int:
+    """The decoder: the 16x16 clips to the same clips rendered at 128x128 (L1 on RGB), inputs jittered with a
+    little noise so that imperfect samples decode cleanly too."""
+    decoder = ref.build_decoder(seed=args.seed).train()
+    ema = copy.deepcopy(decoder).eval()
+    g = torch.Generator().manual_seed(args.seed)
+    clips_per_step = max(1, args.batch // ref.FRAMES)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        state = g.get_state()
+        small, _ = ref.make_clips(clips_per_step, generator=g)
+        g_big = torch.Generator()
+        g_big.set_state(state)  # the same draws: the same scene, rendered larger
+        big, _ = ref.make_clips(clips_per_step, generator=g_big, scale=ref.DECODER_SCALE)
+        x = small.flatten(0, 1)
+        x = x + 0.05 * torch.randn(x.shape, generator=g)
+        return (decoder(x) - big.flatten(0, 1)[:, :3]).abs().mean()
+
+    steps, avg = train(args, [(decoder, ema)], loss_fn, lambda meta: ref.save_decoder(out, ema, meta), every=50)
+    print(f"saved {out} after {steps} steps, loss {avg:.4f}", flush=True)
     return 0
 
 
@@ -190,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-only", action="store_true",
                    help="do not train: write the sample strip and GIF of the existing weights")
     args = p.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or ref.weights_path(args.model)
@@ -197,64 +211,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.samples_only:
             raise SystemExit("--samples-only: the decoder's samples are fxstream generate's videos")
         out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python scripts/train_reference.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        return train_decoder(args, out, command)
+        return train_decoder(args, out)
     if args.samples_only:
         png = save_samples(args.model, out, args.samples_dir)
         print(f"samples: {png} and {png.with_suffix('.gif')}", flush=True)
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python scripts/train_reference.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-
     torch.manual_seed(args.seed)
     unet = ref.build_unet(args.model, seed=args.seed).train()
     conditioner = ref.build_conditioner(args.model).train()
-    params = list(unet.parameters()) + list(conditioner.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ema_unet, ema_cond = copy.deepcopy(unet).eval(), copy.deepcopy(conditioner).eval()
     g = torch.Generator().manual_seed(args.seed)
     ddpm = DDPM() if args.model == "animatediff" else None
 
-    start = last_save = time.time()
-    step, avg = 0, None
-    deadline = start + args.minutes * 60
-
-    def checkpoint(final: bool) -> None:
-        meta = {
-            "command": command, "steps": str(step), "loss_ema": f"{avg:.5f}",
-            "minutes": f"{(time.time() - start) / 60:.1f}", "torch": torch.__version__,
-            "final": str(final),
-        }
-        ref.save(out, args.model, ema_unet, ema_cond, meta)
-
-    while time.time() < deadline:
+    def loss_fn(step: int) -> torch.Tensor:
         clips, classes = ref.make_clips(args.batch, generator=g)
         if args.model == "svd":
-            loss = svd_loss(unet, conditioner, clips, g)
-        else:
-            loss = animatediff_loss(unet, conditioner, clips, classes, g, ddpm)
-        warm = min(1.0, (step + 1) / 200)
-        for group in opt.param_groups:
-            group["lr"] = args.lr * warm
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for m, e in ((unet, ema_unet), (conditioner, ema_cond)):
-                for pe, pm in zip(e.parameters(), m.parameters()):
-                    pe.lerp_(pm, 1 - decay)
-        step += 1
-        avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
-        if step % 100 == 0:
-            rate = step / (time.time() - start)
-            print(f"step {step} loss {avg:.4f} ({rate:.2f} steps/s)", flush=True)
-        if time.time() - last_save > args.save_every * 60:
-            checkpoint(False)
-            last_save = time.time()
-    checkpoint(True)
-    print(f"saved {out} after {step} steps, loss {avg:.4f}", flush=True)
+            return svd_loss(unet, conditioner, clips, g)
+        return animatediff_loss(unet, conditioner, clips, classes, g, ddpm)
+
+    steps, avg = train(args, [(unet, ema_unet), (conditioner, ema_cond)], loss_fn,
+                       lambda meta: ref.save(out, args.model, ema_unet, ema_cond, meta))
+    print(f"saved {out} after {steps} steps, loss {avg:.4f}", flush=True)
     png = save_samples(args.model, out, args.samples_dir)
     print(f"samples: {png} and {png.with_suffix('.gif')}", flush=True)
     return 0
