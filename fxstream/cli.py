@@ -42,7 +42,8 @@ TARGETS = ("cuda", "cpu")
 SIZES = ("full", "medium", "tiny")
 DEFAULT_MODEL = "svd-xt"
 # Whole pipelines ``plan --pipeline`` plans (fxstream.pipeline_plan.PIPELINE_DEFAULTS; tests check they agree).
-PIPELINES = ("svd", "svd-xt", "animatediff", "modelscope", "wan2.1-1.3b", "wan2.1-14b")
+PIPELINES = ("svd", "svd-xt", "animatediff", "modelscope", "wan2.1-1.3b", "wan2.1-14b", "ltx-video",
+             "cogvideox-5b", "mochi")
 MIN_BUDGET = "min"  # --budget-gb min: as little memory as slicing reaches
 # The zoo's names and pixel factor, repeated here so that --help and argument errors need not import torch
 # and diffusers (seconds); tests/test_cli.py checks them against fxstream.models.

@@ -60,33 +60,50 @@ _COGVIDEOX_SCHEDULER = dict(  # THUDM/CogVideoX-2b (CogVideoXDDIMScheduler)
 )
 
 
-# Full size, on the meta device, for planning (fxstream.plan_pipeline): the released Wan 2.1 pipelines' parts.
+# Full size, on the meta device, for planning (fxstream.plan_pipeline): the released pipelines' parts.
 # UMT5-XXL (google/umt5-xxl, Wan-AI/Wan2.1-T2V-*-Diffusers text_encoder/config.json): 5.68 B parameters.
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
                 feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-FULL_NAMES = ("wan2.1-1.3b", "wan2.1-14b")
+# T5 v1.1 XXL's encoder (google/t5-v1_1-xxl: LTX-Video's, CogVideoX's and Mochi's text_encoder): 4.76 B parameters.
+T5_XXL = dict(UMT5_XXL, vocab_size=32128)
+# name -> (pipeline class, zoo transformer, zoo VAE decode, text encoder); the VAEs are the zoo's full configs with
+# every tiling / framewise switch off (the exact whole decode fxstream streams).
+FULL_PIPELINES = {
+    "wan2.1-1.3b": ("WanPipeline", "wan2.1-1.3b", "wan-vae-decoder", "umt5"),
+    "wan2.1-14b": ("WanPipeline", "wan2.1-14b", "wan-vae-decoder", "umt5"),
+    "ltx-video": ("LTXPipeline", "ltx-video", "ltx-vae-decoder", "t5"),
+    "cogvideox-5b": ("CogVideoXPipeline", "cogvideox-5b", "cogvideox-vae-decoder", "t5"),
+    "mochi": ("MochiPipeline", "mochi", "mochi-vae-decoder", "t5"),
+}
+FULL_NAMES = tuple(FULL_PIPELINES)
+_FULL_SCHEDULERS = {"WanPipeline": ("FlowMatchEulerDiscreteScheduler", _WAN_SCHEDULER),
+                    "LTXPipeline": ("FlowMatchEulerDiscreteScheduler", _LTX_SCHEDULER),
+                    "CogVideoXPipeline": ("CogVideoXDDIMScheduler", _COGVIDEOX_SCHEDULER),
+                    "MochiPipeline": ("FlowMatchEulerDiscreteScheduler", _MOCHI_SCHEDULER)}
 
 
 def build_full(name: str) -> DiffusionPipeline:
-    """The released ``name`` pipeline's architecture (one of :data:`FULL_NAMES`: a ``WanPipeline`` with the zoo's
-    transformer config, AutoencoderKLWan's defaults and UMT5-XXL), constructed in the caller's device context (the
-    meta device: no memory); fxstream.pipelines.build(name, "full") calls it."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    """The released ``name`` pipeline's architecture (one of :data:`FULL_NAMES`), constructed in the caller's
+    device context (the meta device: no memory); ``fxstream.pipelines.build(name, "full")`` calls it."""
+    import diffusers
+    import torch
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     from fxstream import models
 
-    if name not in FULL_NAMES:
+    if name not in FULL_PIPELINES:
         raise ValueError(f"name: unknown pipeline {name!r}; expected one of {', '.join(FULL_NAMES)}")
-    transformer = WanTransformer3DModel(**models.ZOO[name].configs["full"])
-    import torch
-
+    pipeline, transformer, decode, text = FULL_PIPELINES[name]
+    spec, vae_spec = models.ZOO[transformer], models.ZOO[decode]
+    scheduler_class, scheduler_config = _FULL_SCHEDULERS[pipeline]
     with torch.device("cpu"):
-        scheduler = FlowMatchEulerDiscreteScheduler(**_WAN_SCHEDULER)
-    return WanPipeline(vae=AutoencoderKLWan(**models.ZOO["wan-vae-decoder"].configs["full"]),
-                       transformer=transformer, scheduler=scheduler, tokenizer=_t5_tokenizer(),
-                       text_encoder=UMT5EncoderModel(UMT5Config(**UMT5_XXL)))
+        scheduler = getattr(diffusers, scheduler_class)(**scheduler_config)
+    encoder = (UMT5EncoderModel(UMT5Config(**UMT5_XXL)) if text == "umt5"
+               else T5EncoderModel(T5Config(**T5_XXL)))
+    return getattr(diffusers, pipeline)(
+        vae=vae_spec.builder(vae_spec.configs["full"]).vae, transformer=spec.builder(spec.configs["full"]),
+        scheduler=scheduler, tokenizer=_t5_tokenizer(), text_encoder=encoder)
 
 
 def build(name: str, size: str = "tiny") -> DiffusionPipeline:

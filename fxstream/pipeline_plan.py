@@ -6,8 +6,8 @@
 
 A pipeline runs in phases, one component at a time: its encoders (the prompt's text encoder, SVD's CLIP image
 encoder and the VAE encoding the conditioning image), one denoiser step (the UNet, the batch doubled for
-guidance; Wan's transformer, called once for each of the guidance pair; repeated every step, so its peak is
-the step's), and the VAE decode of the frames as the pipeline
+guidance; a DiT-era transformer as its pipeline calls it, Wan's once for each of the guidance pair;
+repeated every step, so its peak is the step's), and the VAE decode of the frames as the pipeline
 decodes them (``decode_chunk_size`` frames a call; the frames of earlier calls stay held). Each phase's peak is
 the weights resident while it runs plus its activations; the pipeline's peak is the largest phase's. Without
 offloading every component stays resident; with ``offload=True`` (diffusers' model CPU offload, as
@@ -56,13 +56,26 @@ PIPELINE_DEFAULTS: dict[str, tuple[int, int, int, int | None]] = {
     "svd-xt": (25, 576, 1024, None),
     "animatediff": (16, 512, 512, 16),  # AnimateDiffPipeline: decode_chunk_size 16
     "modelscope": (16, 256, 256, None),  # TextToVideoSDPipeline decodes all frames at once
-    "wan2.1-1.3b": (81, 480, 832, None),  # WanPipeline's defaults; its VAE decodes every frame in one call
+    # the DiT-era pipelines (the zoo transformers' sizes): their VAEs decode every frame in one call
+    "wan2.1-1.3b": (81, 480, 832, None),
     "wan2.1-14b": (81, 720, 1280, None),
+    "ltx-video": (161, 512, 704, None),
+    "cogvideox-5b": (49, 480, 720, None),
+    "mochi": (19, 480, 848, None),
 }
 _CLASSES = {"StableVideoDiffusionPipeline": "svd", "AnimateDiffPipeline": "animatediff",
-            "TextToVideoSDPipeline": "modelscope", "WanPipeline": "wan"}
-_KIND_DEFAULTS = {"svd": "svd", "animatediff": "animatediff", "modelscope": "modelscope", "wan": "wan2.1-1.3b"}
-_WAN_TEXT_TOKENS = 512  # WanPipeline: max_sequence_length 512
+            "TextToVideoSDPipeline": "modelscope", "WanPipeline": "wan", "LTXPipeline": "ltx",
+            "CogVideoXPipeline": "cogvideox", "MochiPipeline": "mochi"}
+_KIND_DEFAULTS = {"svd": "svd", "animatediff": "animatediff", "modelscope": "modelscope", "wan": "wan2.1-1.3b",
+                  "ltx": "ltx-video", "cogvideox": "cogvideox-5b", "mochi": "mochi"}
+# The DiT-era pipelines: (zoo transformer, zoo VAE decode, prompt tokens at full size, guidance as the pipeline
+# runs it: "twice" = the transformer called once for each of the pair, batch 1; "batch" = one call of batch 2).
+_DIT_KINDS = {
+    "wan": ("wan2.1-1.3b", "wan-vae-decoder", 512, "twice"),  # max_sequence_length 512
+    "ltx": ("ltx-video", "ltx-vae-decoder", 128, "batch"),
+    "cogvideox": ("cogvideox-5b", "cogvideox-vae-decoder", 226, "batch"),
+    "mochi": ("mochi", "mochi-vae-decoder", 256, "batch"),
+}
 _TEXT_TOKENS = 77  # CLIP prompts are padded to the tokenizer's model_max_length
 _CLIP_IMAGE = 224  # SVD resizes the conditioning image to 224x224 for CLIP
 
@@ -393,15 +406,15 @@ def _zoo_inputs(zoo_name: str, module: nn.Module, frames: int, height: int, widt
 
 
 def _phases(pipe: Any, kind: str, frames: int, height: int, width: int, chunk: int, cfg: bool) -> list[_Phase]:
-    unet = pipe.unet if kind != "wan" else pipe.transformer
+    unet = pipe.transformer if kind in _DIT_KINDS else pipe.unet
     param = next(unet.parameters())
     dtype, device = param.dtype, param.device
     empty = (lambda *shape: torch.zeros(shape, dtype=dtype, device=device)) if device.type != "meta" else (
         lambda *shape: torch.empty(shape, dtype=dtype, device=device))
     batch = "batch 2 for guidance" if cfg else "batch 1"
     out: list[_Phase] = []
-    if kind == "wan":
-        return _wan_phases(pipe, frames, height, width, cfg, dtype, device)
+    if kind in _DIT_KINDS:
+        return _dit_phases(pipe, kind, frames, height, width, cfg, dtype, device)
     if kind == "svd":
         out.append(_Phase("image encoder", "image_encoder", f"1 image {_CLIP_IMAGE}x{_CLIP_IMAGE}",
                           _ImageEmbeds(pipe.image_encoder), (empty(1, 3, _CLIP_IMAGE, _CLIP_IMAGE),), {}, False))
@@ -424,25 +437,26 @@ def _phases(pipe: Any, kind: str, frames: int, height: int, width: int, chunk: i
     return out
 
 
-def _wan_phases(pipe: Any, frames: int, height: int, width: int, cfg: bool, dtype: torch.dtype,
+def _dit_phases(pipe: Any, kind: str, frames: int, height: int, width: int, cfg: bool, dtype: torch.dtype,
                 device: torch.device) -> list[_Phase]:
-    """WanPipeline: the UMT5 prompt (and the negative one), the transformer called once per step for each of
-    the guidance pair (batch 1 each), the VAE's whole decode (its own loop over latent frames)."""
+    """The DiT-era pipelines: the T5 / UMT5 prompt (and the negative one), one transformer step as the pipeline
+    calls it for guidance, the VAE's whole decode (its own loop over latent frames)."""
     from fxstream.models import VaeDecode
 
-    tokens = _WAN_TEXT_TOKENS if device.type == "meta" else _dit_text_tokens()
+    transformer_zoo, decode_zoo, full_tokens, guidance = _DIT_KINDS[kind]
+    tokens = full_tokens if device.type == "meta" else _dit_text_tokens()
     ids = torch.zeros(1, tokens, dtype=torch.int64, device=device)
     mask = torch.ones(1, tokens, dtype=torch.int64, device=device)
-    twice = " twice a step (guidance)" if cfg else ""
+    step = (("batch 1, twice a step for guidance" if guidance == "twice" else "batch 2 for guidance") if cfg
+            else "batch 1")
     decode = VaeDecode(pipe.vae)
-    args, kwargs = _zoo_inputs("wan2.1-1.3b", pipe.transformer, frames, height, width, dtype, device, cfg)
-    d_args, d_kwargs = _zoo_inputs("wan-vae-decoder", decode, frames, height, width, dtype, device)
+    args, kwargs = _zoo_inputs(transformer_zoo, pipe.transformer, frames, height, width, dtype, device, cfg)
+    d_args, d_kwargs = _zoo_inputs(decode_zoo, decode, frames, height, width, dtype, device)
     return [
         _Phase("text encoder", "text_encoder", f"1 prompt of {tokens} tokens" + (", twice (and the negative)"
                                                                                    if cfg else ""),
                _T5Embeds(pipe.text_encoder), (ids, mask), {}, False),
-        _Phase("denoiser step", "transformer", f"{frames} frames, batch 1{twice}", pipe.transformer, args, kwargs,
-               True),
+        _Phase("denoiser step", "transformer", f"{frames} frames, {step}", pipe.transformer, args, kwargs, True),
         _Phase("VAE decode", "vae", f"{frames} frames, 1 call", decode, d_args, d_kwargs, True),
     ]
 
@@ -472,7 +486,8 @@ def plan_pipeline(
     Args:
         pipe: a pipeline name (one of :data:`PIPELINE_DEFAULTS`: built at full size on the meta device, in
             ``dtype``) or a diffusers ``StableVideoDiffusionPipeline``, ``AnimateDiffPipeline``,
-            ``TextToVideoSDPipeline`` or ``WanPipeline`` (planned as its modules are: their dtype and device).
+            ``TextToVideoSDPipeline``, ``WanPipeline``, ``LTXPipeline``, ``CogVideoXPipeline`` or ``MochiPipeline``
+            (planned as its modules are: their dtype and device).
         budget_gb: the device's memory in GiB (the card: on CUDA the context and allocator allowance come off
             it, see :func:`tensor_budget_bytes`). None: fxstream's least memory.
         frames, height, width: the video (default: the pipeline's; height and width multiples of 8).
@@ -517,15 +532,14 @@ def plan_pipeline(
     width = _positive("width", width, defaults[2], multiple=8)
     chunk = min(frames, _positive("decode_chunk_size", decode_chunk_size, defaults[3] or frames))
     cfg = True if kind == "svd" else bool(cfg)
-    if kind == "wan" and decode_chunk_size is not None:
-        raise ValueError("decode_chunk_size: WanPipeline decodes every frame in one call (its VAE loops itself)")
-    if kind == "wan" and (frames - 1) % 4:
-        raise ValueError(f"frames: frames - 1 must be divisible by 4 for WanPipeline, got {frames}")
+    if kind in _DIT_KINDS and decode_chunk_size is not None:
+        raise ValueError(f"decode_chunk_size: {type(pipe).__name__} decodes every frame in one call (its VAE "
+                         "loops itself)")
 
     weights = {n: sum(pipelines._storages(m).values()) for n, m in pipe.components.items() if isinstance(m, nn.Module)}
     storages = pipelines._storages(*[m for m in pipe.components.values() if isinstance(m, nn.Module)])
     tensors = None if budget_bytes is None else tensor_budget_bytes(budget_bytes, target)
-    denoiser = pipe.transformer if kind == "wan" else pipe.unet
+    denoiser = pipe.transformer if kind in _DIT_KINDS else pipe.unet
     dtype_name = str(next(denoiser.parameters()).dtype).removeprefix("torch.")
     result = PipelinePlan(name, frames, height, width, dtype_name, chunk, target, bool(offload), budget_bytes,
                           tensors, weights)

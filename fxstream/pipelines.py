@@ -485,8 +485,9 @@ def _set_path(pipe: Any, path: str, module: nn.Module) -> None:
 # Random-weight pipelines from configs (tests, CPU benchmarks).
 
 PIPELINE_NAMES = ("svd", "svd-xt", "animatediff", "modelscope", "wan", "wan-i2v", "hunyuanvideo", "ltx",
-                  "cogvideox", "mochi", "wan2.1-1.3b", "wan2.1-14b")
-_FULL_ONLY = ("wan2.1-1.3b", "wan2.1-14b")  # fxstream.dit_pipelines.build_full: the released Wan 2.1 pipelines
+                  "cogvideox", "mochi", "wan2.1-1.3b", "wan2.1-14b", "ltx-video", "cogvideox-5b")
+# fxstream.dit_pipelines.build_full: the released DiT-era pipelines, full size only ("mochi" is both: tiny there)
+_FULL_ONLY = ("wan2.1-1.3b", "wan2.1-14b", "ltx-video", "cogvideox-5b")
 _SIZES = ("tiny", "medium", "full")
 _DIT_PIPELINES = PIPELINE_NAMES[4:10]  # fxstream.dit_pipelines: tiny only
 # Text encoders: CLIP's sequence length (the pipelines pad prompts to tokenizer.model_max_length).
@@ -523,8 +524,9 @@ def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | 
     mirrors the decoder, the CLIP encoders have one layer, and the tokenizer is byte-level with no merges (every
     byte one token). ``"full"``: every component at its released size (the model cards' configs, the CLIP
     encoders the released pipelines load) on the meta device, no weights and no memory, for planning
-    (:func:`fxstream.plan_pipeline`); ``dtype`` defaults to fp16 there; ``"wan2.1-1.3b"`` and ``"wan2.1-14b"``
-    (full only): the released Wan 2.1 text-to-video pipelines, UMT5-XXL included. Wan (``"wan"``, image-to-video
+    (:func:`fxstream.plan_pipeline`); ``dtype`` defaults to fp16 there; ``"wan2.1-1.3b"``, ``"wan2.1-14b"``,
+    ``"ltx-video"``, ``"cogvideox-5b"`` and ``"mochi"`` at ``"full"``: the released DiT-era text-to-video pipelines,
+    their T5 / UMT5 text encoders included (:func:`fxstream.dit_pipelines.build_full`). Wan (``"wan"``, image-to-video
     ``"wan-i2v"``), HunyuanVideo, LTX-Video, CogVideoX, Mochi: tiny only, see :mod:`fxstream.dit_pipelines` (and
     its calls: ``max_sequence_length=dit_pipelines.TEXT_SEQ_LEN``). Nothing is downloaded.
     """
@@ -532,7 +534,8 @@ def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | 
 
     if name not in PIPELINE_NAMES:
         raise ValueError(f"name: unknown pipeline {name!r}; expected one of {', '.join(PIPELINE_NAMES)}")
-    sizes = ("tiny",) if name in _DIT_PIPELINES else ("full",) if name in _FULL_ONLY else _SIZES
+    sizes = (("tiny", "full") if name == "mochi" else ("tiny",) if name in _DIT_PIPELINES
+             else ("full",) if name in _FULL_ONLY else _SIZES)
     if size not in sizes:
         raise ValueError(f"size: expected one of {', '.join(sizes)} for {name}, got {size!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -544,7 +547,7 @@ def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | 
         if name in _DIT_PIPELINES or name in _FULL_ONLY:
             from fxstream import dit_pipelines
 
-            pipe = dit_pipelines.build(name, size) if name in _DIT_PIPELINES else dit_pipelines.build_full(name)
+            pipe = dit_pipelines.build_full(name) if size == "full" else dit_pipelines.build(name, size)
         else:
             builders = {"svd": functools.partial(_build_svd, unet_name="svd"),
                         "svd-xt": functools.partial(_build_svd, unet_name="svd-xt"),

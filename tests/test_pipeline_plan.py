@@ -201,9 +201,24 @@ def test_the_wan_pipeline_phases():
         plan_pipeline(pipe, frames=10)
 
 
+@pytest.mark.parametrize("name, shape", [("ltx", (9, 128, 128)), ("cogvideox", (9, 64, 64)), ("mochi", (7, 64, 64))])
+def test_the_t5_pipelines_phases(name, shape):
+    # LTX-Video, CogVideoX, Mochi: a T5 prompt, one transformer call of the guidance batch 2, the whole decode (at
+    # the zoo's tiny sizes: CogVideoX's tiny transformer has positional tables for 64x64).
+    pipe = pipelines.build(name)
+    frames, height, width = shape
+    plan = plan_pipeline(pipe, target="cpu", frames=frames, height=height, width=width)
+    assert [p.component for p in plan.phases] == ["text_encoder", "transformer", "vae"]
+    assert "batch 2 for guidance" in plan.phases[1].calls
+    assert plan.peak_bytes is not None and plan.peak_bytes < plan.eager_peak_bytes
+
+
 def test_the_released_wan_pipeline_on_meta():
     pipe = pipelines.build("wan2.1-1.3b", "full", dtype=torch.bfloat16)
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in pipe.components.items()
               if isinstance(m, torch.nn.Module)}
     assert 5.6e9 < params["text_encoder"] < 5.8e9  # UMT5-XXL: the pipeline's largest weights
     assert 1.3e9 < params["transformer"] < 1.5e9
+    for name in ("ltx-video", "cogvideox-5b", "mochi"):  # T5-XXL's encoder
+        encoder = pipelines.build(name, "full").text_encoder
+        assert 4.7e9 < sum(p.numel() for p in encoder.parameters()) < 4.8e9
