@@ -7,8 +7,11 @@ For each model: eager, then fxstream at the lowest budget and at the given budge
 Measured: activation peak (``torch.cuda.max_memory_allocated`` above what was allocated before the call; on CPU
 the live-storage count of ``fxstream.measure``), device memory in use from NVML after the call (CUDA context and
 allocator cache included, as the paper reports), median latency, compile time (capture + plan), and the
-compiled-vs-eager max error relative to max|eager|. Results are written after every model, so a run cut short
-still leaves a table. Step Rehash is measured on CPU by `benchmarks/rehash_cpu.py`, not here.
+compiled-vs-eager max error relative to max|eager|. Then a whole pipeline (``--pipeline svd``, random weights
+built on the device by ``fxstream.pipelines.build(name, "full", device=...)``) eager and under
+``fxstream.optimize`` (``--pipeline-budget``, 8 GiB), and the CUDA context and the allocator's reserve above the
+live tensors, the two figures ``fxstream.pipeline_plan`` assumes. Results are written after every model, so a run
+cut short still leaves a table. Step Rehash is measured on CPU by `benchmarks/rehash_cpu.py`, not here.
 """
 
 from __future__ import annotations
@@ -133,6 +136,52 @@ def run_model(name, frames, height, width, *, size, device, dtype, budgets, repe
     return rows
 
 
+def run_pipeline(name, *, tiny, device, dtype, budget, meter):
+    """A whole pipeline (random weights) eager, then under ``fxstream.optimize`` for ``budget`` GiB: the activation
+    peak of one call (2 steps, all frames decoded at once), the time, and the frames' max abs difference."""
+    import numpy as np
+    import PIL.Image
+
+    from fxstream import pipelines
+
+    pipe = pipelines.build(name, "tiny" if tiny else "full", dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    frames, height, width = (4, 64, 64) if tiny else (pipe.unet.config.num_frames, 576, 1024)
+    image = PIL.Image.fromarray((np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8))
+    call = dict(num_frames=frames, height=height, width=width, num_inference_steps=2, decode_chunk_size=frames,
+                output_type="np")
+    weights = sum(p.numel() * p.element_size() for m in pipelines._pipeline_modules(pipe) for p in m.parameters())
+    label = f"pipeline {name} {frames}f {height}x{width}"
+
+    def generate():
+        with torch.no_grad():
+            return np.asarray(pipe(image, generator=torch.Generator().manual_seed(0), **call).frames)
+
+    rows = []
+    start = time.perf_counter()
+    ref, peak, used = meter(generate)
+    rows.append([label, "eager", gib(weights), gib(peak), gib(used), f"{time.perf_counter() - start:.3f}", "-", "-",
+                 "-", "-"])
+    eager_s = time.perf_counter() - start
+    result = fxstream.optimize(pipe, budget_gb=budget, target=device.type)
+    start = time.perf_counter()
+    generate()  # compiles each component on its first call
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    out, peak_c, used_c = meter(generate)
+    seconds = time.perf_counter() - start
+    err = float(np.abs(out - ref).max())
+    budget_text = "min" if budget is None else f"{budget:g} GiB"
+    rows.append([label, f"fxstream.optimize {budget_text}", gib(weights), gib(peak_c), gib(used_c), f"{seconds:.3f}",
+                 f"{seconds / eager_s:.2f}", f"{result.compile_seconds:.1f} (first call {first:.1f})",
+                 f"{err:.1e} abs", "frames in [0, 1]"])
+    del pipe, result
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 HEADERS = ["model", "variant", "weights GiB", "activation peak GiB", "NVML used GiB", "latency s",
            "vs eager", "compile s", "max rel err", "notes"]
 
@@ -144,6 +193,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(s[0] for s in FULL_SETUPS))
     parser.add_argument("--budgets", default="min,8", help="comma-separated GiB; 'min' = lowest reachable")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pipeline", default="svd", help="a whole pipeline under fxstream.optimize after the "
+                        "models ('none' to skip): svd (14 frames 576x1024) or svd-xt (25)")
+    parser.add_argument("--pipeline-budget", default="8", help="its budget in GiB, or 'min'")
     parser.add_argument("--time-limit", type=float, default=420.0,
                         help="start no new model after this many seconds (the table keeps what finished)")
     parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/gpu.md, "
@@ -195,6 +247,22 @@ def main(argv=None) -> int:
                       [f"Setups: {', '.join(f'{n} {f}f {h}x{w}' for n, f, h, w in setups)}; "
                        f"{'fp32' if dtype == torch.float32 else 'fp16'}, classifier-free guidance on (UNet batch 2).",
                        "", table, "", *notes])
+    if args.pipeline != "none":
+        budget = None if args.pipeline_budget == "min" else float(args.pipeline_budget)
+        if args.tiny:
+            budget = None  # a tiny pipeline fits any real budget unsliced: plan the minimum
+        print(f"[{time.perf_counter() - started:6.1f}s] pipeline {args.pipeline}", flush=True)
+        try:
+            rows += run_pipeline(args.pipeline, tiny=args.tiny, device=device, dtype=dtype, budget=budget,
+                                 meter=meter)
+        except Exception as e:
+            traceback.print_exc()
+            rows.append([f"pipeline {args.pipeline}", "error", "-", "-", "-", "-", "-", "-", "-",
+                         f"{type(e).__name__}: {str(e)[:120]}"])
+        write_results(out, "fxstream GPU benchmark" + (" (tiny smoke run)" if args.tiny else ""),
+                      [f"Setups: {', '.join(f'{n} {f}f {h}x{w}' for n, f, h, w in setups)}, and the {args.pipeline} "
+                       f"pipeline; {'fp32' if dtype == torch.float32 else 'fp16'}, classifier-free guidance on.",
+                       "", tabulate(rows, headers=HEADERS, tablefmt="github"), "", *notes])
     print(tabulate(rows, headers=HEADERS, tablefmt="github"))
     print(f"wrote {out}")
     return 0

@@ -516,7 +516,8 @@ _MODELSCOPE_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, 
                              clip_sample=False, set_alpha_to_one=False)
 
 
-def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | None = None) -> DiffusionPipeline:
+def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | None = None,
+          device: str | torch.device | None = None) -> DiffusionPipeline:
     """A ``name`` pipeline (one of :data:`PIPELINE_NAMES`), random weights, on the CPU (fp32 unless ``dtype``).
 
     SVD (``"svd"``, and ``"svd-xt"``: its 25-frame UNet), AnimateDiff, ModelScope: the UNet and VAE decoder take
@@ -524,7 +525,8 @@ def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | 
     mirrors the decoder, the CLIP encoders have one layer, and the tokenizer is byte-level with no merges (every
     byte one token). ``"full"``: every component at its released size (the model cards' configs, the CLIP
     encoders the released pipelines load) on the meta device, no weights and no memory, for planning
-    (:func:`fxstream.plan_pipeline`); ``dtype`` defaults to fp16 there; ``"wan2.1-1.3b"``, ``"wan2.1-14b"``,
+    (:func:`fxstream.plan_pipeline`; ``device="cuda"`` builds it there, random weights, for GPU measurements);
+    ``dtype`` defaults to fp16 there; ``"wan2.1-1.3b"``, ``"wan2.1-14b"``,
     ``"ltx-video"``, ``"cogvideox-5b"`` and ``"mochi"`` at ``"full"``: the released DiT-era text-to-video pipelines,
     their T5 / UMT5 text encoders included (:func:`fxstream.dit_pipelines.build_full`). Wan (``"wan"``, image-to-video
     ``"wan-i2v"``), HunyuanVideo, LTX-Video, CogVideoX, Mochi: tiny only, see :mod:`fxstream.dit_pipelines` (and
@@ -540,7 +542,8 @@ def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype | 
         raise ValueError(f"size: expected one of {', '.join(sizes)} for {name}, got {size!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
-    device = torch.device("meta" if size == "full" else "cpu")
+    # "full" defaults to the meta device; given a device (a GPU), it is built there with random weights
+    device = torch.device(device or ("meta" if size == "full" else "cpu"))
     dtype = dtype or (torch.float16 if size == "full" else torch.float32)
     with models._quiet_diffusers(), torch.random.fork_rng(devices=[]), device:
         torch.manual_seed(seed)

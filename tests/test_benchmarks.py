@@ -43,6 +43,8 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path, capsys):
     assert "- command: `" in text and "- machine: " in text and "- date: " in text
     variants = [r[1] for r in _table_rows(text, "svd")]
     assert "eager" in variants
+    pipeline = [r[1] for r in _table_rows(text, "pipeline svd 4f 64x64")]
+    assert pipeline == ["eager", "fxstream.optimize min"]
     assert "fxstream min" in variants and any(v.startswith("fxstream 8") for v in variants)
     assert "error" not in variants
     assert "wrote" in capsys.readouterr().out
