@@ -86,8 +86,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _budget(text: str) -> float | str:
-    return MIN_BUDGET if text.strip().lower() == MIN_BUDGET else _positive_float(text)
+def _budget(text: str, words: tuple[str, ...] = (MIN_BUDGET,)) -> float | str:
+    """--budget-gb: a positive number of GiB, or one of ``words``."""
+    word = text.strip().lower()
+    return word if word in words else _positive_float(text)
 
 
 def _budget_gb(args: argparse.Namespace) -> float | None:
@@ -343,27 +345,19 @@ def _run_plan_pipeline(args: argparse.Namespace, argv: list[str]) -> int:
         if given:
             raise UsageError(f"argument {option}: not allowed with --pipeline")
     label = f"{args.pipeline} (full, meta)"
-    steps: list[Any] = []
-
-    def step(name: str) -> None:  # one progress line per phase
-        if steps:
-            steps.pop().__exit__(None, None, None)
-        steps.append(progress(f"planning {name}"))
-        steps[-1].__enter__()
-
     with progress(f"building {label}"):
         from fxstream import pipelines
 
         pipe = pipelines.build(args.pipeline, "full", dtype=getattr(torch, DTYPES[args.dtype]))
-    try:
-        with _quiet_torch():
-            result = plan_pipeline(pipe, _budget_gb(args), frames=args.frames, height=args.height,
-                                   width=args.width, decode_chunk_size=args.decode_chunk_size, offload=args.offload,
-                                   cfg=args.cfg, target=args.target, progress=step)
-        result.pipeline = args.pipeline
-    finally:
-        while steps:
-            steps.pop().__exit__(None, None, None)
+    with contextlib.ExitStack() as phase, _quiet_torch():
+        def step(name: str) -> None:  # one progress line per phase: end the last one, start this one
+            phase.close()
+            phase.enter_context(progress(f"planning {name}"))
+
+        result = plan_pipeline(pipe, _budget_gb(args), frames=args.frames, height=args.height, width=args.width,
+                               decode_chunk_size=args.decode_chunk_size, offload=args.offload, cfg=args.cfg,
+                               target=args.target, progress=step)
+    result.pipeline = args.pipeline
     print(result.text())
     if args.json:
         with open(args.json, "w") as f:

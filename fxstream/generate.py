@@ -36,7 +36,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from fxstream.cli import DTYPES, UsageError, _positive_float, _positive_int, progress
+from fxstream.cli import DTYPES, MIN_BUDGET, UsageError, _budget, _positive_int, progress
 
 # Pipelines generate runs, with the input each needs and the frame rate its videos are written at (SVD: the
 # pipeline's own ``fps`` conditioning default; the others: diffusers' examples).
@@ -46,6 +46,7 @@ _OUTPUTS = (".mp4", ".gif")
 _GENERATE_DTYPES = ("fp16", "fp32")
 # "org/name" as the Hugging Face Hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+AUTO_BUDGET = "auto"  # fxstream.pipelines.AUTO_BUDGET, without importing torch
 
 
 def add_generate_parser(commands: argparse._SubParsersAction) -> None:
@@ -74,7 +75,8 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--decode-chunk-size", type=_positive_int, metavar="N",
                      help="frames the VAE decodes at once (SVD, AnimateDiff; default: the pipeline's)")
     mode = gen.add_mutually_exclusive_group()
-    mode.add_argument("--budget-gb", type=_generate_budget, default="auto", metavar="GIB|auto|min",
+    mode.add_argument("--budget-gb", type=functools.partial(_budget, words=(AUTO_BUDGET, MIN_BUDGET)),
+                      default=AUTO_BUDGET, metavar="GIB|auto|min",
                       help="whole-pipeline memory budget: all weights + the running component's activations; "
                       "'auto' (default): what fits the device now, slicing only what must be (fastest); 'min': "
                       "as little memory as slicing can reach (slowest)")
@@ -123,7 +125,7 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
 
     budget = ("eager (no fxstream)" if optimization is None else "minimum memory"
               if optimization.budget_bytes is None else f"budget {format_bytes(optimization.budget_bytes)}"
-              + (" (auto)" if args.budget_gb == "auto" else ""))
+              + (" (auto)" if args.budget_gb == AUTO_BUDGET else ""))
     print(f"{kind}: {call['num_frames']} frames {call['height']}x{call['width']}, "
           f"{call['num_inference_steps']} steps, {dtype_name} on {device}, {budget}", file=sys.stderr)
     if optimization is not None:
@@ -142,11 +144,7 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> int:
         print(optimization.report())
     how = ("torch.cuda.max_memory_allocated" if device == "cuda"
            else "fxstream.measure: live tensor storage, weights resident")
-    print(f"peak memory: {format_bytes(weights + activations)} (weights {format_bytes(weights)} + "
-          f"activations {format_bytes(activations)}; {how})")
-    compiling = f" (compiling {compile_seconds:.1f} s, generating {seconds - compile_seconds:.1f} s)" \
-        if optimization is not None else ""
-    print(f"time: {seconds:.1f} s{compiling}")
+    _print_measured(weights, activations, how, seconds, compile_seconds if optimization is not None else None)
     controller = optimization.rehash if optimization is not None else None
     if controller is not None:
         full = controller.full_steps_run
@@ -199,28 +197,28 @@ def run_demo(args: argparse.Namespace, out: str) -> int:
 
     import fxstream
     from fxstream import reference
-    from fxstream.pipelines import _storages
+    from fxstream.pipelines import _storages, other_weight_bytes
     from passes.memory import format_bytes
 
     with progress("loading the built-in demo (fxstream's trained reference UNet and decoder)"):
         model = reference.load("animatediff")
         decoder = reference.load_decoder()
-    own = {"unet": sum(_storages(model.unet).values()),
-           "decoder": sum(_storages(decoder).values())}
-    weights = sum(_storages(model.unet, model.conditioner, decoder).values())
+    resident = _storages(model.unet, model.conditioner, decoder)
+    weights = sum(resident.values())
     unet, decode = model.unet, decoder
     if args.eager:
         budget = "eager (no fxstream)"
     else:
         budget_bytes = _demo_budget(args.budget_gb, weights)
         budget = "minimum memory" if budget_bytes is None else f"budget {format_bytes(budget_bytes)}" + (
-            " (auto)" if args.budget_gb == "auto" else "")
+            " (auto)" if args.budget_gb == AUTO_BUDGET else "")
 
-        def share(name: str) -> float | None:  # the budget less the other components' weights
-            return None if budget_bytes is None else (budget_bytes - weights + own[name]) / 2**30
+        def share(module: Any) -> float | None:  # the budget less the other components' weights, as optimize
+            return (None if budget_bytes is None
+                    else (budget_bytes - other_weight_bytes(resident, _storages(module))) / 2**30)
 
-        unet = fxstream.compile(model.unet, budget_gb=share("unet"), rehash=rehash)
-        decode = fxstream.compile(decoder, budget_gb=share("decoder"))
+        unet = fxstream.compile(model.unet, budget_gb=share(model.unet), rehash=rehash)
+        decode = fxstream.compile(decoder, budget_gb=share(decoder))
     print(f"built-in demo: shapes moving {direction}, 8 frames 128x128, {steps} steps, fp32 on cpu, {budget}",
           file=sys.stderr)
     classes = torch.tensor([reference.CLASSES.index(direction)])
@@ -243,35 +241,35 @@ def run_demo(args: argparse.Namespace, out: str) -> int:
         for name, c in (("unet", unet), ("decoder", decode)):
             print(f"{name}: {len(c.plan.sliced_groups)} sliced groups, predicted peak "
                   f"{format_bytes(c.plan.predicted_peak_bytes)} (eager {format_bytes(c.plan.baseline_peak_bytes)})")
-    print(f"peak memory: {format_bytes(weights + m.activation_peak_bytes)} (weights {format_bytes(weights)} + "
-          f"activations {format_bytes(m.activation_peak_bytes)}; fxstream.measure: live tensor storage)")
-    compiling = f" (compiling {compile_seconds:.1f} s, generating {m.seconds - compile_seconds:.1f} s)" \
-        if not args.eager else ""
-    print(f"time: {m.seconds:.1f} s{compiling}")
+    _print_measured(weights, m.activation_peak_bytes, "fxstream.measure: live tensor storage", m.seconds,
+                    None if args.eager else compile_seconds)
     print(f"wrote {written}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}")
     return 0
 
 
+def _print_measured(weights: int, activations: int, how: str, seconds: float, compile_seconds: float | None) -> None:
+    """The measured peak memory and time of a generation (``compile_seconds`` None: nothing compiled)."""
+    from passes.memory import format_bytes
+
+    print(f"peak memory: {format_bytes(weights + activations)} (weights {format_bytes(weights)} + "
+          f"activations {format_bytes(activations)}; {how})")
+    compiling = ("" if compile_seconds is None
+                 else f" (compiling {compile_seconds:.1f} s, generating {seconds - compile_seconds:.1f} s)")
+    print(f"time: {seconds:.1f} s{compiling}")
+
+
 def _demo_budget(budget_gb: Any, weights: int) -> int | None:
-    if budget_gb == "auto":
+    if budget_gb == AUTO_BUDGET:
         from fxstream.pipeline_plan import auto_budget_bytes
 
-        budget = auto_budget_bytes("cpu", weights)
-        print(f"fxstream: budget auto: {budget / 2**30:.2f} GiB (what fits cpu now; --budget-gb GIB to choose, "
-              "'min' for the least memory)", file=sys.stderr)
-        return budget
-    if budget_gb == "min":
+        return auto_budget_bytes("cpu", weights)
+    if budget_gb == MIN_BUDGET:
         return None
     budget = int(budget_gb * 2**30)
     if budget <= weights:
         raise UsageError(f"argument --budget-gb: {budget_gb:g} GiB does not cover the demo's weights "
                          f"({weights / 2**20:.1f} MiB)")
     return budget
-
-
-def _generate_budget(text: str) -> float | str:
-    word = text.strip().lower()
-    return word if word in ("auto", "min") else _positive_float(text)
 
 
 def _check_rehash(value: str, eager: bool) -> Any:

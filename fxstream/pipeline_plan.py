@@ -123,9 +123,22 @@ def _available_ram() -> int:
 def auto_budget_bytes(device: str | torch.device, resident_bytes: int) -> int:
     """``budget_gb="auto"``: the budget that fits the device as it is now, for a pipeline whose components hold
     ``resident_bytes`` of weights (on CUDA they are already in the allocator's reserve, and count there; on the
-    CPU they are already taken from the RAM, so they are added back)."""
+    CPU they are already taken from the RAM, so they are added back). The budget chosen is printed to stderr."""
+    import sys
+
     available = available_bytes(device)
-    return available if torch.device(device).type == "cuda" else available + resident_bytes
+    budget = available if torch.device(device).type == "cuda" else available + resident_bytes
+    print(f"fxstream: budget auto: {format_bytes(budget)} (what fits {device} now; budget_gb / --budget-gb to "
+          "choose, 'min' for the least memory)", file=sys.stderr)
+    return budget
+
+
+def device_bytes(tensor_bytes: int, target: str = "cuda") -> int:
+    """The device memory ``tensor_bytes`` of live tensors need: on CUDA, with the allocator's slack and the
+    context (:func:`tensor_budget_bytes` is its inverse); on the CPU, the same."""
+    if target != "cuda":
+        return tensor_bytes
+    return math.ceil(tensor_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
 
 
 @dataclass
@@ -214,7 +227,7 @@ class PipelinePlan:
     def allowance_bytes(self) -> int:
         """Context and allocator allowance at the planned peak (0 off CUDA)."""
         peak = self.peak_bytes if self.peak_bytes is not None else max(p.least_bytes for p in self.phases)
-        return 0 if self.target != "cuda" else CUDA_CONTEXT_BYTES + int(peak * ALLOCATOR_SLACK)
+        return device_bytes(peak, self.target) - peak
 
     @property
     def fits(self) -> bool | None:
@@ -252,8 +265,7 @@ class PipelinePlan:
     @property
     def least_bytes(self) -> int:
         """The least device memory the pipeline needs with fxstream (tensors, plus the allowance on CUDA)."""
-        least = max(p.least_bytes for p in self.phases)
-        return least if self.target != "cuda" else math.ceil(least * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
+        return device_bytes(max(p.least_bytes for p in self.phases), self.target)
 
     @property
     def optimize_budget_gb(self) -> float | None:
@@ -409,8 +421,8 @@ def _phases(pipe: Any, kind: str, frames: int, height: int, width: int, chunk: i
     unet = pipe.transformer if kind in _DIT_KINDS else pipe.unet
     param = next(unet.parameters())
     dtype, device = param.dtype, param.device
-    empty = (lambda *shape: torch.zeros(shape, dtype=dtype, device=device)) if device.type != "meta" else (
-        lambda *shape: torch.empty(shape, dtype=dtype, device=device))
+    def empty(*shape: int) -> torch.Tensor:  # zeros: allocated nowhere on the meta device
+        return torch.zeros(shape, dtype=dtype, device=device)
     batch = "batch 2 for guidance" if cfg else "batch 1"
     out: list[_Phase] = []
     if kind in _DIT_KINDS:
@@ -441,10 +453,11 @@ def _dit_phases(pipe: Any, kind: str, frames: int, height: int, width: int, cfg:
                 device: torch.device) -> list[_Phase]:
     """The DiT-era pipelines: the T5 / UMT5 prompt (and the negative one), one transformer step as the pipeline
     calls it for guidance, the VAE's whole decode (its own loop over latent frames)."""
+    from fxstream.dit_pipelines import TEXT_SEQ_LEN
     from fxstream.models import VaeDecode
 
     transformer_zoo, decode_zoo, full_tokens, guidance = _DIT_KINDS[kind]
-    tokens = full_tokens if device.type == "meta" else _dit_text_tokens()
+    tokens = full_tokens if device.type == "meta" else TEXT_SEQ_LEN  # the tiny pipelines' prompts
     ids = torch.zeros(1, tokens, dtype=torch.int64, device=device)
     mask = torch.ones(1, tokens, dtype=torch.int64, device=device)
     step = (("batch 1, twice a step for guidance" if guidance == "twice" else "batch 2 for guidance") if cfg
@@ -459,12 +472,6 @@ def _dit_phases(pipe: Any, kind: str, frames: int, height: int, width: int, cfg:
         _Phase("denoiser step", "transformer", f"{frames} frames, {step}", pipe.transformer, args, kwargs, True),
         _Phase("VAE decode", "vae", f"{frames} frames, 1 call", decode, d_args, d_kwargs, True),
     ]
-
-
-def _dit_text_tokens() -> int:
-    from fxstream.dit_pipelines import TEXT_SEQ_LEN
-
-    return TEXT_SEQ_LEN
 
 
 def plan_pipeline(

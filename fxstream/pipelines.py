@@ -381,17 +381,11 @@ def optimize(
 def _auto_budget(pipe: Any, resident_bytes: int) -> int:
     """``budget_gb="auto"`` for ``pipe`` on the device it computes on (the offload device under model CPU
     offload), printed."""
-    import sys
-
     from fxstream.pipeline_plan import auto_budget_bytes
 
     offloaded = any("_hf_hook" in m.__dict__ for m in _pipeline_modules(pipe))
     device = getattr(pipe, "_offload_device", None) if offloaded else None
-    device = device or pipe.device
-    budget = auto_budget_bytes(device, resident_bytes)
-    print(f"fxstream: budget auto: {format_bytes(budget)} (what fits {device} now; budget_gb=... to choose, "
-          "'min' for the least memory)", file=sys.stderr)
-    return budget
+    return auto_budget_bytes(device or pipe.device, resident_bytes)
 
 
 def _enable_offload(pipe: Any, device: str | torch.device | None) -> None:
