@@ -1,89 +1,230 @@
-"""``fxstream.calibrate``: measure how similar the candidate cache points are from step to step, once per
-model, and choose where to cache and which steps to run in full.
+"""``fxstream.calibrate``: choose where to cache and which steps to run in full from the error of the model's
+OUTPUT, for a wanted speedup.
 
-    def generate(unet):                       # one full generation that calls ``unet``
+    def generate(unet):                       # one whole generation that calls ``unet`` once per step
         pipe.unet = unet
-        pipe(image, num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+        return pipe(image, num_inference_steps=25, generator=torch.Generator().manual_seed(0),
+                    output_type="latent").frames
 
-    cal = fxstream.calibrate(pipe.unet, generate, full_steps=13)
-    cal.config.save("rehash.json")            # cache point + schedule (+ similarity map)
+    cal = fxstream.calibrate(pipe.unet, generate, speedup=1.8)
+    print(cal.table())                        # every cut: its best schedule, predicted and measured error
+    cal.config.save("rehash.json")            # cache point + schedule
     pipe.unet = fxstream.compile(pipe.unet, budget_gb=8, rehash=cal.config)
 
-The generations run the original module, eagerly, with forward hooks on the candidate modules (the outputs
-of the decoder's temporal layers, :func:`passes.rehash.candidates`), whose outputs are copied to the CPU at
-every step. ``similarity[path][i, j]`` is the cosine similarity of that output (the guidance batch together)
-between steps i and j, averaged over the generations.
+Why the output: a feature that stays similar to itself from step to step is no sign that reusing it is good.
+After the deepest cut (the last temporal layer, followed only by ``norm_out`` / ``conv_out``) nothing of the
+current input reaches the output, so a rehash step there just returns the previous step's output, however
+self-similar the feature. What matters is how far the output of a rehash step is from the full output, and
+how much of that reaches the final sample.
+
+What it runs (all on the module's captured graph, on the device the generation runs on):
+
+1. The calibration generations, in full. At every step i, for every candidate cut c (every layer of the last
+   two up blocks and the DeepCache-style cut, :func:`passes.rehash.layer_candidates`) and every earlier
+   anchor step j within the cut's window, the partial graph runs from c's value at step j on step i's inputs:
+   ``output_error[c][i, j]`` is the relative L2 distance of its output from the full output (the guidance
+   batch together). ``reuse_error[i, j]`` is the same for returning step j's output itself: a cut scored no
+   better than that is just reuse.
+2. Sensitivity: how much an output error at step i moves the final sample. The first generation runs again
+   with step i's output replaced by step i-1's (the earlier steps are replayed from the record, not
+   recomputed); ``sensitivity[i]`` is the final sample's change over the output's change.
+3. For the target (``speedup``: UNet FLOPs of a full generation over those with rehash; or ``full_steps``),
+   every cut's most full steps that still meet it, and four schedules: the least predicted error (a dynamic
+   program over the error map, exact for the model below), Algorithm 1 on the output-error map, Algorithm 1
+   on the feature's self-similarity (the paper's), and evenly spaced steps. The predicted error of the final
+   sample is ``sum over rehash steps i of sensitivity[i] * output_error[c][i, anchor] * |output_i| / |final|``.
+4. Validation: the ``validate`` options with the least predicted error run as real rehash generations (the
+   first generation's seed; steps before the first rehash step replayed) and the one with the least measured
+   error of the final sample is chosen.
+
+``generate`` must make the same generation each time it is called (fixed seeds): steps are replayed from the
+record where their inputs are equal, which is checked. With ``generations=N`` it is called as
+``generate(unet, index)`` for index 0..N-1 (vary the seed by index); the error maps are averaged over them.
+Its return value is the final sample (a tensor, or an output with ``frames``/``images``/``sample`` as a tensor
+or array); anything else: the last UNet call's output stands in.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
-import warnings
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
-from fxstream.runtime.rehash import RehashConfig, Schedule, schedule_for
+from fxstream.runtime.rehash import FeatureCache, RehashConfig, Schedule, schedule_for
 from passes.rehash import CachePoint
+
+# Schedules tried for every cut (RehashOption.method).
+LEAST_ERROR = "least predicted error"
+ALGORITHM1_OUTPUT = "Algorithm 1, output error"
+ALGORITHM1_FEATURE = "Algorithm 1, feature similarity"
+UNIFORM = "evenly spaced"
+METHODS = (LEAST_ERROR, ALGORITHM1_OUTPUT, ALGORITHM1_FEATURE, UNIFORM)
+
+# A cut's window (how many earlier anchors each step is measured from) grows as its partial graph gets cheaper:
+# WINDOW_COST / (1 - skipped fraction) anchors, so that every cut costs about WINDOW_COST full calls per step;
+# at least MIN_WINDOW (a 2x speedup at a cut that skips 70% needs gaps of about 3 steps).
+WINDOW_COST = 2.5
+MIN_WINDOW = 3
+# Sensitivity is measured at about this many steps and interpolated between them: each measurement is a
+# partial generation (about half a generation on average).
+SENSITIVITY_POINTS = 12
+DEFAULT_VALIDATE = 6
+
+
+@dataclass(frozen=True)
+class RehashOption:
+    """One (cut, schedule) pair for a target, with its predicted and (when validated) measured error."""
+
+    cut: CachePoint
+    schedule: Schedule
+    method: str  # one of METHODS
+    flops_ratio: float  # UNet FLOPs of a full generation over this option's
+    predicted_error: float  # predicted relative L2 error of the final sample
+    measured_error: float | None = None  # measured on the first calibration generation, when validated
+
+    @property
+    def error(self) -> float:
+        """The measured error where there is one, else the predicted."""
+        return self.measured_error if self.measured_error is not None else self.predicted_error
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a choice must meet: a FLOPs speedup, or a number of full steps."""
+
+    speedup: float | None = None
+    full_steps: int | None = None
+
+    def describe(self) -> str:
+        return f"{self.speedup:.2f}x fewer UNet FLOPs" if self.speedup is not None else \
+            f"{self.full_steps} full steps"
 
 
 @dataclass
 class Calibration:
-    """What :func:`calibrate` measured and recommends."""
+    """What :func:`calibrate` measured, and the (cut, schedule) it chose for the target."""
 
     candidates: list[CachePoint]
-    similarity: dict[str, torch.Tensor]  # path -> (N, N)
     num_steps: int
-    full_steps: int
-    gamma: float
-    schedules: dict[str, Schedule]  # path -> the Algorithm 1 schedule with ``full_steps`` key steps
-    min_similarity: dict[str, float]  # path -> lowest similarity of a rehash step to its anchor
-    recommended: CachePoint
+    output_error: dict[str, torch.Tensor]  # path -> (N, N) relative L2 error at step i from anchor j; nan: not run
+    output_cosine: dict[str, torch.Tensor]  # path -> (N, N) cosine similarity of those outputs with the full one
+    reuse_error: torch.Tensor  # (N, N) relative L2 distance of step j's output from step i's
+    similarity: dict[str, torch.Tensor]  # path -> (N, N) cosine similarity of the feature between steps
+    sensitivity: torch.Tensor  # (N,) change of the final sample per unit change of step i's output
+    output_norm: torch.Tensor  # (N,) L2 norm of each step's output
+    final_norm: float  # L2 norm of the final sample
+    target: Target
+    options: list[RehashOption]  # every option for the target, least predicted error first
+    chosen: RehashOption
+    unreachable: dict[str, float]  # path -> the most FLOPs speedup that cut can reach, for cuts that miss it
+    seconds: float  # wall-clock time of the calibration (generations, sensitivity, validations)
+    unet_calls: dict[str, int]  # "full", "partial", "replayed": calls made while calibrating
+    _validator: Callable[[CachePoint, Schedule], float] | None = field(default=None, repr=False, compare=False)
+
+    # -- the choice ----------------------------------------------------------------------------------------------
+    @property
+    def recommended(self) -> CachePoint:
+        return self.chosen.cut
 
     @property
     def schedule(self) -> Schedule:
-        return self.schedules[self.recommended.path]
+        return self.chosen.schedule
 
     @property
     def config(self) -> RehashConfig:
-        """The recommended cache point and schedule, ready for ``fxstream.compile(..., rehash=...)``."""
-        sim = self.similarity[self.recommended.path]
-        return RehashConfig(cache_point=self.recommended.path, schedule=self.schedule,
+        """The chosen cache point and schedule, ready for ``fxstream.compile(..., rehash=...)``; its
+        ``similarity`` is the output-based map at the cut (1 - output error; -1 where not measured)."""
+        sim = output_similarity(self.output_error[self.chosen.cut.path])
+        return RehashConfig(cache_point=self.chosen.cut.path, schedule=self.chosen.schedule,
                             similarity=tuple(tuple(round(float(v), 6) for v in row) for row in sim))
 
+    def choose(self, *, speedup: float | None = None, full_steps: int | None = None,
+               validate: int = DEFAULT_VALIDATE) -> Calibration:
+        """The same measurements, chosen for another target (validation runs more generations)."""
+        target = _target(speedup, full_steps, self.num_steps)
+        start = time.perf_counter()
+        options, unreachable = rank_options(self, target)
+        chosen, options = _validated(options, validate, self._validator)
+        return dataclasses.replace(self, target=target, options=options, chosen=chosen, unreachable=unreachable,
+                                   seconds=self.seconds + time.perf_counter() - start)
+
+    def option(self, path: str, method: str) -> RehashOption:
+        """The option of cut ``path`` with schedule ``method`` for this target (KeyError: the cut misses it)."""
+        for o in self.options:
+            if o.cut.path == path and o.method == method:
+                return o
+        raise KeyError(f"no option {method!r} at {path!r} for {self.target.describe()}")
+
+    # -- reports ----------------------------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
-        """One row per candidate: FLOPs skipped, similarity of adjacent steps, lowest similarity to anchor."""
+        """One row per cut: its best option for the target, and why it was not chosen."""
+        best: dict[str, RehashOption] = {}
+        for o in self.options:  # validated options first where they exist, then the least predicted error
+            cur = best.get(o.cut.path)
+            if cur is None or (o.measured_error is not None, -o.error) > (cur.measured_error is not None, -cur.error):
+                best[o.cut.path] = o
         out = []
         for c in self.candidates:
-            s = self.similarity[c.path]
-            adjacent = [float(s[i, i - 1]) for i in range(1, self.num_steps)]
-            out.append(dict(
-                cache_point=c.path, module=c.module_class, skipped_flops=round(c.skipped_fraction, 4),
-                mean_adjacent_similarity=round(sum(adjacent) / max(len(adjacent), 1), 5),
-                min_similarity_to_anchor=round(self.min_similarity[c.path], 5),
-                recommended=c.path == self.recommended.path,
-            ))
+            o = best.get(c.path)
+            row: dict[str, Any] = dict(cache_point=c.path, module=c.module_class,
+                                       skipped_flops=round(c.skipped_fraction, 4),
+                                       error_vs_reuse=round(self.error_over_reuse(c.path), 3))
+            if o is None:
+                row.update(schedule="-", flops_ratio=None, predicted_error=None, measured_error=None,
+                           chosen=f"no: reaches at most {self.unreachable.get(c.path, 1.0):.2f}x")
+            else:
+                row.update(schedule=f"{o.method}: {o.schedule.describe(self.num_steps)}",
+                           flops_ratio=round(o.flops_ratio, 3), predicted_error=_round(o.predicted_error),
+                           measured_error=_round(o.measured_error), chosen=self._why(o))
+            out.append(row)
         return out
+
+    def _why(self, o: RehashOption) -> str:
+        c = self.chosen
+        if o == c:
+            return "yes"
+        if o.measured_error is not None and c.measured_error is not None:
+            return f"no: measured error {o.measured_error:.3g} > {c.measured_error:.3g}"
+        return f"no: predicted error {o.predicted_error:.3g} > {c.predicted_error:.3g}"
 
     def table(self) -> str:
         from tabulate import tabulate
 
-        return tabulate(self.rows(), headers="keys", tablefmt="github")
+        head = (f"target: {self.target.describe()} over {self.num_steps} steps; chosen: {self.chosen.cut.path}, "
+                f"{self.chosen.method}, {self.chosen.schedule.describe(self.num_steps)} "
+                f"({self.chosen.flops_ratio:.2f}x FLOPs); calibration {self.seconds:.0f} s, UNet calls "
+                + ", ".join(f"{v} {k}" for k, v in self.unet_calls.items()))
+        return head + "\n" + tabulate(self.rows(), headers="keys", tablefmt="github")
+
+    def error_over_reuse(self, path: str) -> float:
+        """Mean over measured (i, j) of the cut's output error over that of reusing step j's output: about 1
+        means the cut is no better than reusing the previous output (nothing of the current input gets through)."""
+        err = self.output_error[path]
+        mask = ~torch.isnan(err) & (self.reuse_error > 0)
+        if not mask.any():
+            return float("nan")
+        return float((err[mask] / self.reuse_error[mask]).mean())
 
 
-def anchor_similarity(similarity: torch.Tensor, schedule: Schedule) -> list[float]:
-    """Similarity of each rehash step to the full step it reuses (the latest full step before it)."""
-    n = similarity.shape[0]
-    out, anchor = [], 0
-    for i in range(n):
-        if schedule.is_full(i):
-            anchor = i
-        else:
-            out.append(float(similarity[i, anchor]))
-    return out
+def _round(v: float | None) -> float | None:
+    return None if v is None else float(f"{v:.4g}")
+
+
+# ------------------------------------------------------------------------------------------------ the maths
+
+
+def output_similarity(error: torch.Tensor) -> torch.Tensor:
+    """The map Algorithm 1 reads, from an output-error map: 1 - error, and -1 where no error was measured (a
+    gap beyond the window must be a key step)."""
+    return torch.where(torch.isnan(error), torch.full_like(error, -1.0), 1.0 - error)
 
 
 def cosine_map(features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -93,102 +234,514 @@ def cosine_map(features: Sequence[torch.Tensor]) -> torch.Tensor:
     return (flat @ flat.T).float()
 
 
+def flops_ratio(cut: CachePoint, num_steps: int, full_steps: int) -> float:
+    """UNet FLOPs of ``num_steps`` full calls over those of ``full_steps`` full calls and rehash steps."""
+    return cut.flops_saved(num_steps, full_steps)
+
+
+def most_full_steps(cut: CachePoint, num_steps: int, speedup: float) -> int | None:
+    """The most full steps whose FLOPs ratio at ``cut`` still reaches ``speedup`` (more full steps, less
+    error); None when even the fewest (step 0 and the last) do not."""
+    least = min(2, num_steps)
+    for k in range(num_steps, least - 1, -1):
+        if flops_ratio(cut, num_steps, k) >= speedup * (1 - 1e-9):
+            return k
+    return None
+
+
+def predicted_error(cost: torch.Tensor, schedule: Schedule) -> float:
+    """Sum over the rehash steps i of ``cost[i, anchor]`` (anchor: the latest full step before i)."""
+    n = cost.shape[0]
+    total, anchor = 0.0, 0
+    for i in range(n):
+        if schedule.is_full(i):
+            anchor = i
+        else:
+            total += float(cost[i, anchor])
+    return total
+
+
+def least_cost_schedule(cost: torch.Tensor, full_steps: int) -> Schedule | None:
+    """The schedule with ``full_steps`` full steps (0 and N-1 among them) whose :func:`predicted_error` is
+    least: dynamic programming over (number of full steps so far, the latest one). None: no schedule with a
+    finite cost (the window is too short for so few full steps)."""
+    n = cost.shape[0]
+    c = cost.double().tolist()
+    if full_steps >= n:
+        return Schedule.steps(range(n), num_steps=n)
+    inf = math.inf
+    # seg[j][i]: the cost of the rehash steps between full steps j and i
+    seg = [[inf] * n for _ in range(n)]
+    for j in range(n):
+        total = 0.0
+        seg[j][j + 1 if j + 1 < n else j] = 0.0
+        for i in range(j + 2, n):
+            total += c[i - 1][j]
+            seg[j][i] = total if not math.isnan(total) else inf
+    best = [[inf] * n for _ in range(full_steps + 1)]
+    back = [[-1] * n for _ in range(full_steps + 1)]
+    best[1][0] = 0.0
+    for m in range(2, full_steps + 1):
+        for i in range(1, n):
+            for j in range(i):
+                v = best[m - 1][j] + seg[j][i]
+                if v < best[m][i]:
+                    best[m][i], back[m][i] = v, j
+    if best[full_steps][n - 1] == inf:
+        return None
+    keys, i = [], n - 1
+    for m in range(full_steps, 0, -1):
+        keys.append(i)
+        i = back[m][i]
+    return Schedule.steps(keys, num_steps=n)
+
+
+def evenly_spaced(num_steps: int, full_steps: int) -> Schedule:
+    idx = torch.linspace(0, num_steps - 1, full_steps).round().long().unique().tolist()
+    return Schedule.steps(idx, num_steps=num_steps)
+
+
+def rank_options(cal: Calibration, target: Target) -> tuple[list[RehashOption], dict[str, float]]:
+    """Every cut's options for ``target``, least predicted error first; and the cuts that cannot reach it."""
+    n = cal.num_steps
+    options, unreachable = [], {}
+    for cut in cal.candidates:
+        if target.speedup is not None:
+            k = most_full_steps(cut, n, target.speedup)
+            if k is None:
+                unreachable[cut.path] = flops_ratio(cut, n, min(2, n))
+                continue
+        else:
+            k = target.full_steps
+        cost = prediction_costs(cal, cut.path)
+        schedules = {
+            LEAST_ERROR: least_cost_schedule(cost, k),
+            ALGORITHM1_OUTPUT: schedule_for(output_similarity(cal.output_error[cut.path]), k),
+            ALGORITHM1_FEATURE: schedule_for(cal.similarity[cut.path], k),
+            UNIFORM: evenly_spaced(n, k),
+        }
+        for method, schedule in schedules.items():
+            if schedule is None:
+                continue
+            options.append(RehashOption(cut, schedule, method, flops_ratio(cut, n, schedule.full_count(n)),
+                                        predicted_error(cost, schedule)))
+    options.sort(key=lambda o: (o.predicted_error, -o.flops_ratio))
+    if not options:
+        raise ValueError(f"calibrate: no cut reaches {target.describe()} (at most "
+                         f"{max(unreachable.values()):.2f}x); ask for less")
+    return options, unreachable
+
+
+def prediction_costs(cal: Calibration, path: str) -> torch.Tensor:
+    """(N, N): the predicted contribution of a rehash step i from anchor j to the final sample's relative error
+    (inf where not measured)."""
+    err = cal.output_error[path].double()
+    cost = cal.sensitivity.double()[:, None] * err * cal.output_norm.double()[:, None] / max(cal.final_norm, 1e-30)
+    return torch.where(torch.isnan(cost), torch.full_like(cost, math.inf), cost)
+
+
+def _validated(options: list[RehashOption], validate: int,
+               validator: Callable[[CachePoint, Schedule], float] | None
+               ) -> tuple[RehashOption, list[RehashOption]]:
+    """Run the ``validate`` best-predicted distinct options for real; the chosen one: the least measured error."""
+    if validate <= 0 or validator is None:
+        return options[0], options
+    measured: dict[tuple[str, Schedule], float] = {}
+    for o in options:
+        key = (o.cut.path, o.schedule)
+        if key in measured:
+            continue
+        if len(measured) >= validate:
+            break
+        measured[key] = validator(o.cut, o.schedule)
+    options = [dataclasses.replace(o, measured_error=measured.get((o.cut.path, o.schedule))) for o in options]
+    chosen = min((o for o in options if o.measured_error is not None),
+                 key=lambda o: (o.measured_error, o.predicted_error, -o.flops_ratio))
+    return chosen, options
+
+
+def _target(speedup: float | None, full_steps: int | None, num_steps: int) -> Target:
+    if speedup is not None and full_steps is not None:
+        raise ValueError("calibrate: give speedup or full_steps, not both")
+    if speedup is not None:
+        if not isinstance(speedup, (int, float)) or not speedup >= 1.0:
+            raise ValueError(f"speedup must be a number >= 1, got {speedup!r}")
+        return Target(speedup=float(speedup))
+    if full_steps is None:
+        full_steps = math.ceil(num_steps / 2)
+    if not isinstance(full_steps, int) or not 1 <= full_steps <= num_steps:
+        raise ValueError(f"full_steps must be an integer from 1 to {num_steps}, got {full_steps!r}")
+    return Target(full_steps=full_steps)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    return None
+
+
+def _with_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
+    leaves, spec = pytree.tree_flatten(value)
+    i = next(k for k, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
+    leaves = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+    leaves[i] = tensor
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _final_tensor(result: Any) -> torch.Tensor | None:
+    """The final sample in what ``generate`` returned, if it holds one as a tensor or array."""
+    for value in (result, *(getattr(result, name, None) for name in ("frames", "images", "sample"))):
+        if isinstance(value, torch.Tensor):
+            return value.detach()
+        if type(value).__module__ == "numpy" and hasattr(value, "dtype"):
+            return torch.as_tensor(value)
+    return None
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def _same_inputs(flat: tuple, recorded: tuple) -> bool:
+    if len(flat) != len(recorded):
+        return False
+    for a, b in zip(flat, recorded):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                    and a.dtype == b.dtype and torch.equal(a, b.to(a.device))):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def _snapshot(value: Any) -> Any:
+    return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
+
+
+class _Runner:
+    """The module's call while calibrating (installed where ``fxstream.optimize`` installs its call): one
+    generation at a time, recording, or replaying the record up to a step and then running ``override``."""
+
+    def __init__(self, module: nn.Module, cache_points: Sequence[str] | None, max_gap: int | None) -> None:
+        self.module = module
+        self.cache_points = cache_points
+        self.max_gap = max_gap
+        self.candidates: list[CachePoint] | None = None
+        self.calls = {"full": 0, "partial": 0, "replayed": 0}
+        self.reset(record=True)
+
+    # -- set up on the first call ------------------------------------------------------------------------------
+    def _build(self, args: tuple, kwargs: dict) -> None:
+        from fxstream.capture import capture
+        from passes import rehash as rehash_pass
+
+        gm = capture(self.module, *args, **kwargs)
+        if self.cache_points is not None:
+            found = [rehash_pass.resolve(gm, p) for p in self.cache_points]
+        else:
+            found = rehash_pass.layer_candidates(gm)
+        if not found:
+            raise ValueError("calibrate: the model has no candidate cache point (no up blocks)")
+        self.candidates = found
+        self.full_caches = {c.path: FeatureCache() for c in found}
+        self.partial_caches = {c.path: FeatureCache() for c in found}
+        self.full = rehash_pass.storing_graph(gm, {c.node: self.full_caches[c.path] for c in found})
+        self.partial = {c.path: rehash_pass.partial_graph(gm, c.node, self.partial_caches[c.path]) for c in found}
+
+    def window(self, cut: CachePoint) -> int:
+        """How many earlier anchors each step is measured from at ``cut``."""
+        if self.max_gap is not None:
+            return self.max_gap
+        remaining = max(1.0 - cut.skipped_fraction, 1e-6)
+        return max(MIN_WINDOW, math.ceil(WINDOW_COST / remaining))
+
+    # -- modes ---------------------------------------------------------------------------------------------------
+    def reset(self, record: bool, override: Callable | None = None, start: int = 0) -> None:
+        self.step = 0
+        self.recording = record
+        self.override = override
+        self.start = start
+        self.last_output: torch.Tensor | None = None
+        if record:
+            self.inputs: list[tuple] = []
+            self.outputs: list[Any] = []
+            self.features: dict[str, list[torch.Tensor]] = {}
+            self.errors: dict[str, dict[tuple[int, int], tuple[float, float]]] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from fxstream.capture import normalize_inputs
+
+        if self.candidates is None:
+            self._build(args, kwargs)
+        flat, extra = normalize_inputs(self.module, args, kwargs)
+        step, self.step = self.step, self.step + 1
+        if self.recording:
+            out = self._record(step, flat, extra)
+        elif step < self.start:
+            if step >= len(self.inputs) or not _same_inputs(flat, self.inputs[step]):
+                raise ValueError(
+                    f"calibrate: generate() is not deterministic: step {step}'s inputs differ from the first "
+                    "run's; fix its seeds (with generations > 1, vary them by the index generate(unet, index))")
+            self.calls["replayed"] += 1
+            out = _snapshot(self.outputs[step])
+        else:
+            out = self.override(step, flat, extra)
+        self.last_output = _first_tensor(out)
+        return out
+
+    def run_full(self, flat: tuple, extra: dict) -> Any:
+        self.calls["full"] += 1
+        return self.full(*flat, **extra)
+
+    def run_partial(self, path: str, feature: torch.Tensor, flat: tuple, extra: dict) -> Any:
+        self.calls["partial"] += 1
+        self.partial_caches[path].value = feature
+        try:
+            return self.partial[path](*flat, **extra)
+        finally:
+            self.partial_caches[path].clear()
+
+    def _record(self, step: int, flat: tuple, extra: dict) -> Any:
+        out = self.run_full(flat, extra)
+        o = _first_tensor(out)
+        self.inputs.append(tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in flat))
+        self.outputs.append(_snapshot(out))
+        for c in self.candidates:
+            value = self.full_caches[c.path].value
+            self.full_caches[c.path].clear()
+            feats = self.features.setdefault(c.path, [])
+            feats.append(value.detach())
+            errs = self.errors.setdefault(c.path, {})
+            for j in range(max(0, step - self.window(c)), step):
+                p = _first_tensor(self.run_partial(c.path, feats[j], flat, extra))
+                errs[(step, j)] = (_relative(p, o), _cosine(p, o))
+        return out
+
+
+def _accepts_index(generate: Callable) -> bool:
+    try:
+        inspect.signature(generate).bind(None, 0)
+        return True
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): assume the documented one-argument form
+        return False
+
+
 def calibrate(
     unet: nn.Module,
-    generate: Callable[[nn.Module], Any],
+    generate: Callable[..., Any],
     *,
+    speedup: float | None = None,
     full_steps: int | None = None,
-    gamma: float = 0.95,
     generations: int = 1,
     cache_points: Sequence[str] | None = None,
+    max_gap: int | None = None,
+    validate: int = DEFAULT_VALIDATE,
+    sensitivity_points: int = SENSITIVITY_POINTS,
+    progress: bool | None = None,
 ) -> Calibration:
-    """Run ``generations`` full generations and recommend a cache point and a schedule.
+    """Measure the output error of every candidate cut and choose a (cut, schedule) for the target.
 
     Args:
         unet: the UNet (or an fxstream-compiled one: its original module is used).
-        generate: runs one whole generation, calling the module it is given once per denoising step.
-        full_steps: how many steps should run in full; default: half of them, rounded up (13 of 25).
-        gamma: the similarity a rehash step must keep to the full step it reuses. The recommended cache point
-            is the candidate that skips the most FLOPs while every rehash step of its schedule stays at or
-            above ``gamma``; if none does, the candidate whose lowest similarity is highest (with a warning).
-        generations: generations to average the similarity maps over (vary the seed inside ``generate``).
-        cache_points: restrict the candidates to these module paths.
+        generate: runs one whole generation with the module it is given (one call per denoising step), the same
+            generation each time (fixed seeds), and returns the final sample (see the module docstring).
+        speedup: the target, as UNet FLOPs of a full generation over those with rehash (e.g. 1.8): every cut
+            gets the most full steps that still reach it; cuts that cannot are left out.
+        full_steps: the target as a number of full steps instead (default, without ``speedup``: half of the
+            steps, rounded up).
+        generations: calibration generations to average the error maps over; with more than one, ``generate``
+            is called as ``generate(unet, index)``.
+        cache_points: restrict the candidates to these module paths (or ``"deepcache"``).
+        max_gap: how many earlier anchors each step is measured from, for every cut (default: more for cuts
+            whose partial graph is cheaper; see WINDOW_COST).
+        validate: how many of the best-predicted options run as real rehash generations to choose from (0:
+            choose by the prediction alone).
+        sensitivity_points: at how many steps the sensitivity is measured (each a partial generation); 0: not
+            measured, every step's output error weighs the same.
+        progress: a progress bar on stderr (default: when stderr is a terminal).
+
+    Raises:
+        ValueError: for bad arguments, a ``generate`` that never calls the module or is not deterministic, or a
+            target no cut reaches.
     """
-    from fxstream.capture import capture
-    from passes import rehash as rehash_pass
+    from tqdm.auto import tqdm
 
+    if not isinstance(generations, int) or generations < 1:
+        raise ValueError(f"generations must be a positive integer, got {generations!r}")
+    if max_gap is not None and (not isinstance(max_gap, int) or max_gap < 1):
+        raise ValueError(f"max_gap must be a positive integer, got {max_gap!r}")
+    for name, value in (("validate", validate), ("sensitivity_points", sensitivity_points)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    _target(speedup, full_steps, max(full_steps or 1, 1))  # argument checks before any work
+    indexed = _accepts_index(generate)
+    if generations > 1 and not indexed:
+        raise ValueError("calibrate: generations > 1 needs generate(unet, index), which varies the seed by index")
+
+    start = time.perf_counter()
     module = getattr(unet, "original", unet)
-    state: dict[str, Any] = {"capturing": False, "candidates": None}
-    features: dict[str, list[torch.Tensor]] = {}
-    hooks = []
+    runner = _Runner(module, cache_points, max_gap)
+    installed = module.__dict__.get("_compiled_call_impl")
+    bar = tqdm(desc="calibrating Step Rehash", unit="step", disable=not progress if progress is not None else None,
+               leave=False)
 
-    def first_call(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        # On the first call: capture (the capture calls the module again: stand aside), find the candidates,
-        # and hook them; the hooks fire from this call on.
-        if state["candidates"] is not None or state["capturing"]:
-            return
-        state["capturing"] = True
+    def run(index: int) -> torch.Tensor:
+        result = generate(module, index) if indexed else generate(module)
+        if runner.step == 0:
+            raise ValueError("calibrate: generate() never called the module it was given")
+        bar.update(runner.step)
+        final = _final_tensor(result)
+        return final if final is not None else runner.last_output
+
+    module.__dict__["_compiled_call_impl"] = runner
+    try:
+        with torch.no_grad():
+            records = []
+            for g in range(generations):
+                runner.reset(record=True)
+                final = run(g)
+                records.append(dict(final=final, inputs=runner.inputs, outputs=runner.outputs,
+                                    features=runner.features, errors=runner.errors))
+            n = len(records[0]["outputs"])
+            if any(len(r["outputs"]) != n for r in records):
+                raise ValueError(f"calibrate: generations had different step counts "
+                                 f"{[len(r['outputs']) for r in records]}")
+            if n < 2:
+                raise ValueError("calibrate: a generation needs at least 2 steps")
+            first = records[0]
+            runner.inputs, runner.outputs = first["inputs"], first["outputs"]
+            outputs = [_first_tensor(o) for o in first["outputs"]]
+            sensitivity = _sensitivity(runner, run, outputs, first["final"], sensitivity_points)
+            cal = _assemble(runner, records, sensitivity, n)
+            validator = _make_validator(runner, run, first)
+            target = _target(speedup, full_steps, n)
+            options, unreachable = rank_options(cal, target)
+            chosen, options = _validated(options, validate, validator)
+    finally:
+        bar.close()
+        module.__dict__["_compiled_call_impl"] = installed
+    return dataclasses.replace(cal, target=target, options=options, chosen=chosen, unreachable=unreachable,
+                               seconds=time.perf_counter() - start, unet_calls=dict(runner.calls),
+                               _validator=_detached_validator(runner, validator, module))
+
+
+def _sensitivity(runner: _Runner, run: Callable[[int], torch.Tensor], outputs: list[torch.Tensor],
+                 final: torch.Tensor, points_wanted: int) -> torch.Tensor:
+    """(N,): the final sample's change over the output's change when step i returns step i-1's output, measured
+    at about ``points_wanted`` steps and interpolated linearly between them (all ones for 0)."""
+    n = len(outputs)
+    if points_wanted == 0:
+        return torch.ones(n, dtype=torch.float64)
+    inner = list(range(1, n - 1))
+    stride = max(1, math.ceil(len(inner) / points_wanted))
+    points = inner[::stride]
+    if inner and points[-1] != inner[-1]:
+        points.append(inner[-1])
+    measured: dict[int, float] = {}
+    for p in points:
+        delta = (outputs[p - 1] - outputs[p]).double().norm().item()
+        if delta == 0:
+            measured[p] = 0.0
+            continue
+
+        def override(step: int, flat: tuple, extra: dict, p: int = p) -> Any:
+            if step == p:
+                return _with_first_tensor(runner.outputs[p], outputs[p - 1].clone())
+            return runner.run_full(flat, extra)
+
+        runner.reset(record=False, override=override, start=p)
+        moved = run(0)
+        measured[p] = (moved.double() - final.double()).norm().item() / delta
+    out = torch.zeros(n, dtype=torch.float64)
+    if not measured:
+        return out
+    xs = sorted(measured)
+    for i in range(n):
+        lo = max((x for x in xs if x <= i), default=xs[0])
+        hi = min((x for x in xs if x >= i), default=xs[-1])
+        out[i] = measured[lo] if hi == lo else measured[lo] + (measured[hi] - measured[lo]) * (i - lo) / (hi - lo)
+    return out
+
+
+def _assemble(runner: _Runner, records: list[dict], sensitivity: torch.Tensor, n: int) -> Calibration:
+    """The maps, averaged over generations (the target and choice are filled in by the caller)."""
+    nan = float("nan")
+    error, cosine, similarity = {}, {}, {}
+    for c in runner.candidates:
+        e = torch.full((n, n), nan, dtype=torch.float64)
+        s = torch.full((n, n), nan, dtype=torch.float64)
+        for (i, j) in records[0]["errors"][c.path]:
+            e[i, j] = sum(r["errors"][c.path][(i, j)][0] for r in records) / len(records)
+            s[i, j] = sum(r["errors"][c.path][(i, j)][1] for r in records) / len(records)
+        error[c.path], cosine[c.path] = e, s
+        similarity[c.path] = torch.stack([cosine_map(r["features"][c.path]) for r in records]).mean(0)
+    reuse = torch.zeros(n, n, dtype=torch.float64)
+    norms = torch.zeros(n, dtype=torch.float64)
+    for r in records:
+        outs = [_first_tensor(o) for o in r["outputs"]]
+        for i in range(n):
+            norms[i] += outs[i].double().norm().item() / len(records)
+            for j in range(n):
+                reuse[i, j] += _relative(outs[j], outs[i]) / len(records)
+    final_norm = records[0]["final"].double().norm().item()
+    placeholder = RehashOption(runner.candidates[0], Schedule.interval(1), UNIFORM, 1.0, 0.0)
+    return Calibration(runner.candidates, n, error, cosine, reuse, similarity, sensitivity, norms, final_norm,
+                       Target(full_steps=n), [placeholder], placeholder, {}, 0.0, {})
+
+
+def _make_validator(runner: _Runner, run: Callable[[int], torch.Tensor], first: dict
+                    ) -> Callable[[CachePoint, Schedule], float]:
+    """Runs a (cut, schedule) as a real rehash generation (the first generation's seed); returns the relative
+    L2 error of its final sample against the full generation's."""
+    final = first["final"]
+
+    def validate(cut: CachePoint, schedule: Schedule) -> float:
+        n = len(first["outputs"])
+        rehash_steps = [i for i in range(n) if not schedule.is_full(i)]
+        if not rehash_steps:
+            return 0.0
+        begin = rehash_steps[0]
+        anchor = {"value": first["features"][cut.path][max(i for i in range(begin) if schedule.is_full(i))]}
+
+        def override(step: int, flat: tuple, extra: dict) -> Any:
+            if schedule.is_full(step):
+                out = runner.run_full(flat, extra)
+                anchor["value"] = runner.full_caches[cut.path].value
+                for cache in runner.full_caches.values():
+                    cache.clear()
+                return out
+            return runner.run_partial(cut.path, anchor["value"], flat, extra)
+
+        runner.reset(record=False, override=override, start=begin)
+        return _relative(run(0), final)
+
+    return validate
+
+
+def _detached_validator(runner: _Runner, validator: Callable[[CachePoint, Schedule], float], module: nn.Module
+                        ) -> Callable[[CachePoint, Schedule], float]:
+    """The validator for :meth:`Calibration.choose`: installs the runner around each validation run."""
+
+    def validate(cut: CachePoint, schedule: Schedule) -> float:
+        before = module.__dict__.get("_compiled_call_impl")
+        module.__dict__["_compiled_call_impl"] = runner
         try:
             with torch.no_grad():
-                gm = capture(module, *args, **kwargs)
+                return validator(cut, schedule)
         finally:
-            state["capturing"] = False
-        found = ([rehash_pass.resolve(gm, path) for path in cache_points] if cache_points is not None
-                 else rehash_pass.candidates(gm))
-        if not found:
-            raise ValueError("calibrate: the model has no candidate cache point")
-        state["candidates"] = found
-        hooks.extend(_hook(module, c.path, features) for c in found)
+            module.__dict__["_compiled_call_impl"] = before
 
-    hooks.append(module.register_forward_pre_hook(first_call, with_kwargs=True))
-    per_generation: dict[str, list[torch.Tensor]] = {}
-    counts: list[int] = []
-    try:
-        for _ in range(generations):
-            features.clear()
-            with torch.no_grad():
-                generate(module)
-            if not features:
-                raise ValueError("calibrate: generate() never called the module it was given")
-            counts.append(len(next(iter(features.values()))))
-            for path, feats in features.items():
-                per_generation.setdefault(path, []).append(cosine_map(feats))
-    finally:
-        for h in hooks:
-            h.remove()
-    if len(set(counts)) != 1:
-        raise ValueError(f"calibrate: generations had different step counts {counts}")
-    num_steps = counts[0]
-    if num_steps < 2:
-        raise ValueError("calibrate: a generation needs at least 2 steps")
-    full_steps = full_steps if full_steps is not None else math.ceil(num_steps / 2)
-    similarity = {p: torch.stack(maps).mean(0) for p, maps in per_generation.items()}
-    cands: list[CachePoint] = state["candidates"]
-    schedules = {c.path: schedule_for(similarity[c.path], full_steps) for c in cands}
-    min_sim = {}
-    for c in cands:
-        sims = anchor_similarity(similarity[c.path], schedules[c.path])
-        min_sim[c.path] = min(sims) if sims else 1.0
-    good = [c for c in cands if min_sim[c.path] >= gamma]
-    if good:
-        best = max(good, key=lambda c: c.skipped_fraction)
-    else:
-        best = max(cands, key=lambda c: min_sim[c.path])
-        warnings.warn(
-            f"calibrate: no cache point keeps similarity >= {gamma} with {full_steps} of {num_steps} full steps; "
-            f"recommending {best.path} (lowest similarity {min_sim[best.path]:.4f})", stacklevel=2)
-    return Calibration(cands, similarity, num_steps, full_steps, gamma, schedules, min_sim, best)
-
-
-def _hook(module: nn.Module, path: str, features: dict[str, list[torch.Tensor]]):
-    sub = module.get_submodule(path)
-
-    def hook(_m: nn.Module, _args: tuple, output: Any) -> None:
-        value = output
-        while not isinstance(value, torch.Tensor):
-            value = value[0] if isinstance(value, (tuple, list)) else getattr(value, "sample", None)
-            if value is None:
-                raise ValueError(f"calibrate: cannot find the tensor output of {path}")
-        features.setdefault(path, []).append(value.detach().to("cpu", torch.float32, copy=True))
-
-    return sub.register_forward_hook(hook)
+    return validate

@@ -46,6 +46,9 @@ TEMPORAL_LAYERS = (
     "TemporalConvLayer",  # UNet3D temp_convs
 )
 DECODER_PREFIX = "up_blocks."
+# Calibration tries every layer of this many up blocks, counted from the last: the cuts that skip most of the
+# network; a cut in an earlier up block recomputes most of the decoder on every step and saves little.
+LAYER_BLOCKS = 2
 
 STORE_NAME = "fx_rehash_store"
 LOAD_NAME = "fx_rehash_load"
@@ -139,6 +142,34 @@ def _point_at(gm: torch.fx.GraphModule, path: str, cls: str | None = None) -> Ca
                       val.numel() * val.element_size())
 
 
+def layer_candidates(gm: torch.fx.GraphModule, blocks: int = LAYER_BLOCKS) -> list[CachePoint]:
+    """Every layer of the decoder's last ``blocks`` up blocks as a cache point (``up_blocks.K.<kind>.<i>``:
+    resnets, attentions, temporal layers, upsamplers, whatever the block holds), and the DeepCache-style cut,
+    in graph order; one point per node (an up block's upsampler and the block share their output: the block's
+    path, the DeepCache cut, names it).
+    Layers without exactly one tensor output are left out."""
+    ups = up_block_paths(gm)
+    wanted = set(ups[-blocks:])
+    layers: dict[str, None] = {}
+    for n in gm.graph.nodes:
+        for path, _ in _stack_paths(n):
+            parts = path.split(".")
+            if len(parts) == 4 and ".".join(parts[:2]) in wanted:
+                layers.setdefault(path)
+    found: dict[str, CachePoint] = {}
+    if len(ups) >= 2:  # first: a layer with the same output is named as the DeepCache cut
+        deep = deepcache_point(gm)
+        found[deep.node] = deep
+    for path in layers:
+        try:
+            point = _point_at(gm, path)
+        except ValueError:  # not a single-output module
+            continue
+        found.setdefault(point.node, point)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(found.values(), key=lambda c: order[c.node])
+
+
 def up_block_paths(gm: torch.fx.GraphModule) -> list[str]:
     paths = {p for n in gm.graph.nodes for p, _ in _stack_paths(n)}
     blocks = sorted({p for p in paths if p.startswith(DECODER_PREFIX) and p.count(".") == 1},
@@ -208,14 +239,22 @@ def _node_named(graph: torch.fx.Graph, name: str) -> torch.fx.Node:
 
 def full_graph(gm: torch.fx.GraphModule, cache_node: str, cache: FeatureCache) -> torch.fx.GraphModule:
     """``gm`` (copied) with ``store(c)`` at its end."""
+    return storing_graph(gm, {cache_node: cache})
+
+
+def storing_graph(gm: torch.fx.GraphModule, caches: dict[str, FeatureCache]) -> torch.fx.GraphModule:
+    """``gm`` (copied) with a ``store`` at its end for each node named in ``caches`` (into its cache): one full
+    call hands every candidate's value to calibration."""
     new = _fresh_copy(gm)
     graph = new.graph
-    new.add_submodule(STORE_NAME, RehashStore(cache))
-    c = _node_named(graph, cache_node)
-    with graph.inserting_before(_output_node(graph)):
-        store = graph.call_module(STORE_NAME, (c,))
-    store.meta["val"] = None
-    store.meta["nn_module_stack"] = dict(c.meta.get("nn_module_stack") or {})
+    for i, (cache_node, cache) in enumerate(caches.items()):
+        name = STORE_NAME if i == 0 else f"{STORE_NAME}_{i}"
+        new.add_submodule(name, RehashStore(cache))
+        c = _node_named(graph, cache_node)
+        with graph.inserting_before(_output_node(graph)):
+            store = graph.call_module(name, (c,))
+        store.meta["val"] = None
+        store.meta["nn_module_stack"] = dict(c.meta.get("nn_module_stack") or {})
     graph.lint()
     new.recompile()
     return new
@@ -312,6 +351,6 @@ def describe(gm: torch.fx.GraphModule) -> list[dict[str, Any]]:
 
 __all__ = [
     "CachePoint", "FeatureCache", "RehashLoad", "RehashStore", "candidates", "deepcache_point", "describe",
-    "full_graph", "graph_flops", "kept_nodes", "module_output", "node_flops", "partial_graph", "resolve",
-    "up_block_paths",
+    "full_graph", "graph_flops", "kept_nodes", "layer_candidates", "module_output", "node_flops", "partial_graph",
+    "resolve", "storing_graph", "up_block_paths",
 ]

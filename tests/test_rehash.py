@@ -27,7 +27,10 @@ def model(request):
 
 @pytest.fixture(scope="module")
 def calibration(model):
-    return fxstream.calibrate(model.unet, lambda u: model.sample(steps=STEPS, seed=0, unet=u), full_steps=FULL)
+    """The paper's cut (rehash="auto": the decoder's last temporal layer) with 13 full steps; cheap: its partial
+    graph is a few nodes, no sensitivity runs, no validation (tests/test_calibrate.py covers those)."""
+    return fxstream.calibrate(model.unet, lambda u: model.sample(steps=STEPS, seed=0, unet=u), full_steps=FULL,
+                              cache_points=["auto"], validate=0, sensitivity_points=0)
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +127,27 @@ def test_flops_at_13_of_25_full_steps(all_full, rehashed):
     assert measured == pytest.approx(predicted, rel=0.02)
 
 
-def test_calibration_map_and_recommendation(model, calibration):
+def test_calibration_maps_and_choice(model, calibration):
     n = STEPS
     for path, s in calibration.similarity.items():
         assert s.shape == (n, n)
         torch.testing.assert_close(s, s.T)
         torch.testing.assert_close(torch.diagonal(s), torch.ones(n), atol=1e-5, rtol=0)
+        err = calibration.output_error[path]
+        upper = torch.ones(n, n, dtype=torch.bool).triu()
+        assert err.shape == (n, n) and torch.isnan(err[upper]).all()  # anchors are earlier steps only
+        assert (err[~upper] >= 0).all()  # a cheap cut: every earlier anchor measured
     assert calibration.schedule.full_count(n) == FULL
-    ok = [c for c in calibration.candidates if calibration.min_similarity[c.path] >= calibration.gamma]
-    if ok:
-        assert calibration.recommended == max(ok, key=lambda c: c.skipped_fraction)
-    rows = calibration.rows()
-    assert sum(r["recommended"] for r in rows) == 1
+    chosen = [r for r in calibration.rows() if r["chosen"] == "yes"]
+    assert [r["cache_point"] for r in chosen] == [calibration.recommended.path]
+
+
+def test_the_papers_cut_on_a_trained_model_is_reuse_of_the_previous_output(calibration):
+    """After the decoder's last temporal layer only the output norm and convolution run: nothing of the current
+    input reaches the output, whatever the feature's step-to-step similarity."""
+    path = calibration.recommended.path
+    assert calibration.similarity[path][1, 0] > 0.95  # self-similar ...
+    assert calibration.error_over_reuse(path) == pytest.approx(1.0, abs=1e-4)  # ... and just reuse
 
 
 def test_plan_stores_the_rehash_config_for_reuse(model, calibration, rehashed, tmp_path):
