@@ -45,8 +45,10 @@ class Measurement:
 class _LiveStorageTracker(TorchDispatchMode):
     """Tracks storages first seen as an op output during the call, and the peak of their total bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, sample: bool = False) -> None:
         super().__init__()
+        # with ``sample``: the live total after every op (swept), for a memory timeline
+        self.samples: list[int] | None = [] if sample else None
         # Storages that existed before the call (weights, inputs): seen as an op input before an op made them.
         # A weak reference keeps the storage's bookkeeping object alive, so its address (which weak
         # references compare by) is not reused while the reference is held.
@@ -72,9 +74,11 @@ class _LiveStorageTracker(TorchDispatchMode):
             self._live_bytes += storage.nbytes()
         # ``_live_bytes`` still counts storages freed since the last sweep, so it bounds the true total from
         # above: only when it passes the peak must the dead be swept to learn whether the peak really rose.
-        if self._live_bytes > self.peak_bytes:
+        if self._live_bytes > self.peak_bytes or self.samples is not None:
             self._sweep_dead()
             self.peak_bytes = max(self.peak_bytes, self._live_bytes)
+        if self.samples is not None:
+            self.samples.append(self._live_bytes)
         return out
 
     def _sweep_dead(self) -> None:
@@ -113,6 +117,18 @@ def measure(fn: Callable, *args: Any, **kwargs: Any) -> Measurement:
         output = fn(*args, **kwargs)
     seconds = time.perf_counter() - start
     return Measurement(tracker.peak_bytes, seconds, str(device), output)
+
+
+def timeline(fn: Callable, *args: Any, **kwargs: Any) -> list[int]:
+    """Run ``fn(*args, **kwargs)`` once on the CPU under ``torch.no_grad``: the live activation bytes after each
+    ATen operator, counted as :func:`measure` counts them (its peak is the largest of these)."""
+    device = _device_of(fn, args, kwargs)
+    if device.type != "cpu":
+        raise ValueError(f"timeline: counts CPU calls only, not '{device}'")
+    tracker = _LiveStorageTracker(sample=True)
+    with torch.no_grad(), tracker:
+        fn(*args, **kwargs)
+    return tracker.samples
 
 
 def _measure_cuda(fn: Callable, device: torch.device, args: tuple, kwargs: dict) -> Measurement:

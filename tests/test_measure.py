@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxstream.measure import Measurement, measure
+from fxstream.measure import Measurement, measure, timeline
 
 MiB = 2**20
 FLOATS_PER_MIB = MiB // 4
@@ -25,6 +25,20 @@ def test_peak_of_sequential_allocations_counts_the_largest_live_set():
     assert m.device == "cpu"
     assert m.seconds >= 0
     assert torch.equal(m.output, torch.ones(1024))
+
+
+def test_timeline_is_the_live_total_after_each_op_and_its_max_is_the_peak():
+    def fn(x):
+        a = torch.empty(FLOATS_PER_MIB)  # 1 MiB
+        b = torch.empty(2 * FLOATS_PER_MIB)  # 3 MiB live
+        del a, b
+        return x + 1  # only the 4 KiB output
+
+    x = torch.zeros(1024)
+    assert timeline(fn, x) == [MiB, 3 * MiB, 4096]
+    assert max(timeline(fn, x)) == measure(fn, x).activation_peak_bytes
+    with pytest.raises(ValueError, match="CPU"):
+        timeline(fn, torch.zeros(1, device="meta"))
 
 
 def test_frees_are_seen_between_ops():
