@@ -266,9 +266,34 @@ def test_generations_average_the_maps_and_take_an_index():
         return _sampler(seed=index)(unet)
 
     one = fxstream.calibrate(toy, lambda u: generate(u, 0), full_steps=3, validate=0, sensitivity_points=0)
-    two = fxstream.calibrate(toy, generate, full_steps=3, validate=0, sensitivity_points=0, generations=2)
+    two = fxstream.calibrate(toy, generate, full_steps=3, validate=1, sensitivity_points=0, generations=2)
     other = fxstream.calibrate(toy, lambda u: generate(u, 1), full_steps=3, validate=0, sensitivity_points=0)
     path = "up_blocks.1.resnets.0"
     torch.testing.assert_close(two.output_error[path], (one.output_error[path] + other.output_error[path]) / 2,
                                equal_nan=True)
     torch.testing.assert_close(two.sensitivity, torch.ones(STEPS, dtype=torch.float64))
+    # validation runs both generations; the error is their geometric mean (what a mean PSNR averages)
+    compiled = fxstream.compile(toy, rehash=two.config)
+    errors = []
+    for index in range(2):
+        full, run = generate(toy, index), generate(compiled, index)
+        errors.append(((run - full).norm() / full.norm()).item())
+    assert two.chosen.measured_error == pytest.approx(math.sqrt(errors[0] * errors[1]), rel=1e-3)
+
+
+def test_validation_order_puts_the_papers_option_first_then_each_method_and_cut():
+    def option(path, method, error):
+        return cal_mod.RehashOption(CachePoint(path, "X", path, 100, 10, 4), Schedule.interval(2), method, 2.0,
+                                    error)
+
+    a_least = option("a", cal_mod.LEAST_ERROR, 0.1)
+    a_uniform = option("a", cal_mod.UNIFORM, 0.2)
+    b_least = option("b", cal_mod.LEAST_ERROR, 0.3)
+    b_feature = option("b", cal_mod.ALGORITHM1_FEATURE, 0.9)
+    c_least = option("c", cal_mod.LEAST_ERROR, 0.5)
+    a_feature = option("a", cal_mod.ALGORITHM1_FEATURE, 0.95)
+    ranked = [a_least, a_uniform, b_least, c_least, b_feature, a_feature]
+    order = cal_mod.validation_order(ranked, reference="a")
+    assert order == [a_feature, a_least, a_uniform, b_feature, b_least, c_least]
+    assert cal_mod.validation_order(ranked, reference=None) == [a_least, a_uniform, b_feature, b_least, c_least,
+                                                                a_feature]
