@@ -297,3 +297,27 @@ def test_validation_order_puts_the_papers_option_first_then_each_method_and_cut(
     assert order == [a_feature, a_least, a_uniform, b_feature, b_least, c_least]
     assert cal_mod.validation_order(ranked, reference=None) == [a_least, a_uniform, b_feature, b_least, c_least,
                                                                 a_feature]
+
+
+def test_refine_moves_full_steps_while_the_measured_error_drops():
+    n = 8
+    zeros = torch.zeros(n, n, dtype=torch.float64)
+    cut = CachePoint("up_blocks.1.x.0", "X", "n", 100, 10, 4)
+    measured = cal_mod.Measurements([cut], n, {cut.path: zeros}, {cut.path: zeros}, zeros, {cut.path: zeros},
+                                    torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64), 1.0)
+    best_steps = [0, 3, 5, 7]
+    runs = []
+
+    def validator(c, schedule):  # the measured error: how far the full steps are from the best ones
+        runs.append(schedule)
+        full = [i for i in range(n) if schedule.is_full(i)]
+        return 0.1 + sum(abs(a - b) for a, b in zip(full, best_steps))
+
+    start = cal_mod.RehashOption(cut, Schedule.steps([0, 2, 4, 7], num_steps=n), cal_mod.LEAST_ERROR, 2.0, 0.0,
+                                 validator(cut, Schedule.steps([0, 2, 4, 7], num_steps=n)))
+    found = cal_mod.refine(measured, start, budget=20, validator=validator)
+    assert found.schedule == Schedule.steps(best_steps, num_steps=n)
+    assert found.method == cal_mod.REFINED and found.measured_error == pytest.approx(0.1)
+    assert found.flops_ratio == start.flops_ratio
+    assert all(s.full_count(n) == 4 for s in runs)  # every move keeps the count, and so the FLOPs
+    assert cal_mod.refine(measured, start, budget=1, validator=validator).measured_error >= 1.1  # one run: one move
