@@ -7,8 +7,8 @@ For each reference model (``fxstream.reference``), calibrate once (``fxstream.ca
 generations, seeds the measurement does not use), then for each target speedup s (UNet FLOPs of a full generation over those with
 rehash) compare, every method with the most full steps that still give at least s:
 
-* fxstream auto: ``calibrate(..., speedup=s, refine_runs=12)``'s choice (the least error of the model's output
-  reaching the final sample, validated and refined on the calibration generations);
+* fxstream auto: ``calibrate(..., speedup=s)``'s choice (the least error of the model's output reaching the
+  final sample, validated on the calibration generations; ``--refine-runs N`` adds its local search);
 * the paper's choice: the last temporal layer of the last up block (``rehash="auto"`` without calibration),
   Algorithm 1 on that feature's step-to-step similarity;
 * DeepCache-style: the input of the last up block, a full step every N steps. Where no integer interval gives
@@ -50,7 +50,6 @@ STEPS = 25
 SPEEDUPS = (1.5, 1.8, 2.0)
 CALIBRATION_SEED = 100  # calibration seeds 100, 101, 102: not among the measured seeds (0, 1, ...)
 CALIBRATION_GENERATIONS = 3  # one schedule's PSNR varies by 15 dB between seeds: one seed overfits
-REFINE_RUNS = 12  # validation runs of the local search after validation (each runs the 3 generations)
 NO_SLICING_GB = 1024.0  # a budget every tiny model fits: compiled graphs run unsliced
 NOISE_DB = 0.3  # the acceptance margin: differences below this are noise over 4 seeds
 
@@ -86,15 +85,16 @@ def deepcache_runs(cut, speedup: float, steps: int) -> tuple[list[tuple[Schedule
     return [ratios[lo], ratios[hi]], f"interpolated between every {lo} and every {hi}"
 
 
-def run_model(name: str, seeds: int, speedups: tuple[float, ...]) -> tuple[list[dict], list[str], dict]:
+def run_model(name: str, seeds: int, speedups: tuple[float, ...], refine_runs: int = 0
+              ) -> tuple[list[dict], list[str], dict]:
     model = ref.load(name)
     start = time.perf_counter()
     cal = fxstream.calibrate(
         model.unet, lambda u, i: model.sample(steps=STEPS, seed=CALIBRATION_SEED + i, unet=u),
-        speedup=speedups[0], generations=CALIBRATION_GENERATIONS, refine_runs=REFINE_RUNS)
+        speedup=speedups[0], generations=CALIBRATION_GENERATIONS, refine_runs=refine_runs)
     cals = {speedups[0]: cal}
     for s in speedups[1:]:
-        cals[s] = cal.choose(speedup=s, refine_runs=REFINE_RUNS)
+        cals[s] = cal.choose(speedup=s, refine_runs=refine_runs)
     cal_seconds = time.perf_counter() - start
     # the paper's cut: what rehash="auto" caches without calibration (the temporal layer that skips the most)
     paper_unet = fxstream.compile(model.unet, NO_SLICING_GB, rehash=RehashConfig("auto", Schedule.interval(2)))
@@ -222,13 +222,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--speedups", nargs="+", type=float, default=list(SPEEDUPS))
+    parser.add_argument("--refine-runs", type=int, default=0,
+                        help="calibrate(refine_runs=): local-search runs after validation (default: none)")
     parser.add_argument("--out", default="benchmarks/results/rehash_cpu.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     speedups = tuple(args.speedups)
     all_rows, sections, points, cal_seconds = [], [], [], {}
     for name in args.models:
-        rows, more, info = run_model(name, args.seeds, speedups)
+        rows, more, info = run_model(name, args.seeds, speedups, args.refine_runs)
         all_rows += rows
         sections += more
         points += info["points"]

@@ -146,7 +146,7 @@ class Calibration:
 
     measured: Measurements
     target: Target
-    options: list[RehashOption]  # every option for the target, least predicted error first
+    options: list[RehashOption]  # every option for the target, least predicted error first (a refined one last)
     chosen: RehashOption
     unreachable: dict[str, float]  # path -> the most FLOPs speedup that cut can reach, for cuts that miss it
     seconds: float  # wall-clock time of the calibration (generations, sensitivity, validations)
