@@ -564,7 +564,9 @@ class _Runner:
 
         gm = capture(self.module, *args, **kwargs)
         if self.cache_points is not None:
-            found = [rehash_pass.resolve(gm, p) for p in self.cache_points]
+            order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+            named = {rehash_pass.resolve(gm, p).node: rehash_pass.resolve(gm, p) for p in self.cache_points}
+            found = sorted(named.values(), key=lambda c: order[c.node])  # graph order, each node once
         else:
             found = rehash_pass.layer_candidates(gm)
         if not found:
