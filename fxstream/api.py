@@ -40,9 +40,11 @@ def compile(  # noqa: A001 - mirrors torch.compile
         chunks: force this many slices in every operator group, ignoring the budget (experiments, tests).
         target: ``"cuda"`` or ``"cpu"``: the device whose attention kernels the memory model assumes.
             None: the device of the inputs.
-        rehash: Step Rehash (off by default; it changes outputs on rehash steps, by design). ``"auto"``: cache
-            the output of the decoder's temporal layer that skips the most FLOPs and run every other step in
-            full; a :class:`~fxstream.RehashConfig` (e.g. from :func:`fxstream.calibrate`), a
+        rehash: Step Rehash (off by default; it changes outputs on rehash steps, by design). What
+            :func:`fxstream.calibrate` returns (or its ``.config``) for a calibrated cut and schedule; ``"auto"``,
+            uncalibrated: cache the output of the decoder's temporal layer that skips the most FLOPs (on the
+            reference models no better than reusing the previous output) and run every other step in full; a
+            :class:`~fxstream.RehashConfig`, a
             :class:`~fxstream.Schedule`, a dict, or the path of a saved RehashConfig / Plan JSON. Full steps are
             exact; ``.rehash`` is the controller (steps are inferred from the timesteps, or set with
             ``.rehash.set_step(i)``).

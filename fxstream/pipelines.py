@@ -283,9 +283,9 @@ def optimize(
             on the device (components under ``enable_model_cpu_offload`` or group offloading to another device
             are not counted while idle: enable those before ``optimize``). Weights count at their stored size
             (``enable_layerwise_casting``: float8).
-        rehash: Step Rehash for the UNet (off by default: it changes the output, by design): ``"auto"``, a
-            :class:`~fxstream.RehashConfig` (from :func:`fxstream.calibrate`) or anything
-            :func:`fxstream.compile` takes. Each pipeline call starts a new generation: when the pipeline sets
+        rehash: Step Rehash for the UNet (off by default: it changes the output, by design): what
+            :func:`fxstream.calibrate` returns (calibrate with a ``generate`` that calls this pipeline), or
+            anything :func:`fxstream.compile` takes (``"auto"``: uncalibrated). Each pipeline call starts a new generation: when the pipeline sets
             its scheduler's timesteps, the controller is reset and told the step count, and each UNet call is
             the next step (the last step always runs in full). ``result.rehash`` is the controller.
         target: ``"cuda"`` or ``"cpu"``: whose attention kernels the memory model assumes (default: the

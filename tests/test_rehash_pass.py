@@ -235,6 +235,11 @@ def test_config_json_round_trip(tmp_path):
     assert as_config(json.loads(path.read_text())) == cfg
     assert as_config(None) is None and as_config("off") is None
     assert as_config("auto") == RehashConfig()
+
+    class Calibrated:  # what fxstream.calibrate returns carries its choice as .config
+        config = cfg
+
+    assert as_config(Calibrated()) == cfg
     with pytest.raises(ValueError):
         as_config(3)
 

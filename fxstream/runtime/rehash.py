@@ -227,8 +227,9 @@ class RehashConfig:
 
 
 def as_config(rehash: Any) -> RehashConfig | None:
-    """Normalise ``compile(..., rehash=...)``: None / False / "off"; True / "auto"; a RehashConfig; a dict; a
-    path to a JSON file (a saved RehashConfig or Plan); a Schedule (cache point "auto")."""
+    """Normalise ``compile(..., rehash=...)``: None / False / "off"; True / "auto"; a RehashConfig; a
+    ``fxstream.calibrate`` result (its chosen config); a dict; a path to a JSON file (a saved RehashConfig or
+    Plan); a Schedule (cache point "auto")."""
     if rehash is None or rehash is False or rehash == "off":
         return None
     if rehash is True or rehash == "auto":
@@ -237,6 +238,8 @@ def as_config(rehash: Any) -> RehashConfig | None:
         return rehash
     if isinstance(rehash, Schedule):
         return RehashConfig(schedule=rehash)
+    if isinstance(getattr(rehash, "config", None), RehashConfig):  # a Calibration (not imported: a layer above)
+        return rehash.config
     if isinstance(rehash, dict):
         return RehashConfig.from_dict(rehash)
     if isinstance(rehash, (str, Path)) and Path(rehash).suffix == ".json":
@@ -244,7 +247,8 @@ def as_config(rehash: Any) -> RehashConfig | None:
             raise ValueError(f"rehash: no such file {str(rehash)!r}")
         return RehashConfig.load(rehash)
     raise ValueError(
-        f"rehash must be None, 'off', 'auto', a RehashConfig, a Schedule, a dict or a .json path; got {rehash!r}"
+        f"rehash must be None, 'off', 'auto', a RehashConfig, a calibration, a Schedule, a dict or a .json path; "
+        f"got {rehash!r}"
     )
 
 
