@@ -321,3 +321,27 @@ def test_refine_moves_full_steps_while_the_measured_error_drops():
     assert found.flops_ratio == start.flops_ratio
     assert all(s.full_count(n) == 4 for s in runs)  # every move keeps the count, and so the FLOPs
     assert cal_mod.refine(measured, start, budget=1, validator=validator).measured_error >= 1.1  # one run: one move
+
+
+def test_calibrating_through_a_diffusers_pipeline_and_optimizing_it_with_the_result():
+    """The documented path: generate() calls the pipeline (latents out), and optimize takes the calibration."""
+    from fxstream import pipelines
+
+    pipe = pipelines.build("animatediff")
+
+    def generate(unet):
+        pipe.unet = unet
+        return pipe(prompt="a cat", num_inference_steps=4, num_frames=4, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").frames
+
+    cal = fxstream.calibrate(pipe.unet, generate, speedup=1.2, cache_points=["auto", "deepcache"],
+                             sensitivity_points=2, validate=2)
+    assert cal.num_steps == 4 and cal.chosen.measured_error is not None
+    assert cal.final_norm == pytest.approx(generate(pipe.unet).norm().item(), rel=1e-5)
+    opt = fxstream.optimize(pipe, budget_gb=1024, rehash=cal)
+    try:
+        generate(pipe.unet)
+        assert opt.rehash.full_steps_run == [i for i in range(4) if cal.schedule.is_full(i)]
+        assert opt.rehash.config.cache_point == cal.chosen.cut.path
+    finally:
+        opt.restore()
