@@ -129,10 +129,9 @@ def run_model(name: str, seeds: int, speedups: tuple[float, ...], refine_runs: i
         uni = c.option(c.chosen.cut.path, cal_mod.UNIFORM)
         runs[(s, "evenly spaced at auto's cut")] = [(uni.cut.path, uni.schedule, uni.flops_ratio)]
         notes[(s, "evenly spaced at auto's cut")] = ""
-    for s in speedups:
-        for method, parts in runs.items():
-            for path, _, _ in parts:
-                unet_for(path)
+    for parts in runs.values():
+        for path, _, _ in parts:
+            unet_for(path)
     eager_times, psnrs, times = [], {}, {}
     baseline = fxstream.compile(model.unet, NO_SLICING_GB)
     model.sample(steps=2, seed=0, unet=baseline)

@@ -49,11 +49,12 @@ or array); anything else: the last UNet call's output stands in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,7 +322,8 @@ def least_cost_schedule(cost: torch.Tensor, full_steps: int) -> Schedule | None:
     seg = [[inf] * n for _ in range(n)]
     for j in range(n):
         total = 0.0
-        seg[j][j + 1 if j + 1 < n else j] = 0.0
+        if j + 1 < n:
+            seg[j][j + 1] = 0.0  # adjacent full steps: no rehash step between them
         for i in range(j + 2, n):
             total += c[i - 1][j]
             seg[j][i] = total if not math.isnan(total) else inf
@@ -565,7 +567,7 @@ class _Runner:
         gm = capture(self.module, *args, **kwargs)
         if self.cache_points is not None:
             order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-            named = {rehash_pass.resolve(gm, p).node: rehash_pass.resolve(gm, p) for p in self.cache_points}
+            named = {c.node: c for c in (rehash_pass.resolve(gm, p) for p in self.cache_points)}
             found = sorted(named.values(), key=lambda c: order[c.node])  # graph order, each node once
         else:
             found = rehash_pass.layer_candidates(gm)
@@ -721,7 +723,6 @@ def calibrate(
     start = time.perf_counter()
     module = getattr(unet, "original", unet)
     runner = _Runner(module, cache_points, max_gap)
-    installed = module.__dict__.get("_compiled_call_impl")
     bar = tqdm(desc="calibrating Step Rehash", unit="step", disable=not progress if progress is not None else None,
                leave=False)
 
@@ -733,9 +734,8 @@ def calibrate(
         final = _final_tensor(result)
         return final if final is not None else runner.last_output
 
-    module.__dict__["_compiled_call_impl"] = runner
     try:
-        with torch.no_grad():
+        with _installed(module, runner), torch.no_grad():
             records = []
             for g in range(generations):
                 runner.reset(record=True)
@@ -759,7 +759,6 @@ def calibrate(
             chosen, options = _chosen(measured, options, validate, refine_runs, validator)
     finally:
         bar.close()
-        module.__dict__["_compiled_call_impl"] = installed
     return Calibration(measured, target, options, chosen, unreachable, time.perf_counter() - start,
                        dict(runner.calls), _detached_validator(runner, validator, module))
 
@@ -868,12 +867,18 @@ def _detached_validator(runner: _Runner, validator: Callable[[CachePoint, Schedu
     """The validator for :meth:`Calibration.choose`: installs the runner around each validation run."""
 
     def validate(cut: CachePoint, schedule: Schedule) -> float:
-        before = module.__dict__.get("_compiled_call_impl")
-        module.__dict__["_compiled_call_impl"] = runner
-        try:
-            with torch.no_grad():
-                return validator(cut, schedule)
-        finally:
-            module.__dict__["_compiled_call_impl"] = before
+        with _installed(module, runner), torch.no_grad():
+            return validator(cut, schedule)
 
     return validate
+
+
+@contextlib.contextmanager
+def _installed(module: nn.Module, runner: _Runner) -> Iterator[None]:
+    """``runner`` as the module's call (the slot ``fxstream.optimize`` installs its call in), then what was there."""
+    before = module.__dict__.get("_compiled_call_impl")
+    module.__dict__["_compiled_call_impl"] = runner
+    try:
+        yield
+    finally:
+        module.__dict__["_compiled_call_impl"] = before
