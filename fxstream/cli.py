@@ -447,7 +447,7 @@ def _check_plot(path: str) -> None:
 def _plan_text(args: argparse.Namespace, argv: list[str], built: BuiltModel, baseline: MemoryTimeline,
                planned: MemoryTimeline | None, plan: Plan | None) -> str:
     from fxstream.report import (
-        block_table, groups_line, groups_table, live_table, summary_table, total_bytes, where,
+        block_table, groups_line, groups_table, live_table, summary_table, time_line, total_bytes, where,
     )
     from passes.memory import format_bytes
 
@@ -473,6 +473,8 @@ def _plan_text(args: argparse.Namespace, argv: list[str], built: BuiltModel, bas
                  else "no budget: as little memory as slicing reaches" if plan.budget_bytes is None
                  else f"budget {format_bytes(plan.budget_bytes)}")
         out += [f"planned peak {where(planned, verbose)}; {limit}", groups_line(plan)]
+        if time_line(plan):
+            out.append(time_line(plan))
         if not plan.sliced_groups:
             out.append("no slicing needed: planned differs from baseline only because a compiled graph frees "
                        "each value after its last use")

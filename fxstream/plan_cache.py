@@ -68,6 +68,9 @@ def key(module: nn.Module, args: tuple, kwargs: dict, request: PlanRequest) -> s
             put("input", name, tuple(value.shape), value.dtype, value.device.type)
         else:
             put("input", name, repr(value))
+    from passes.timing import costs_for
+
+    put("costs", costs_for(request.target).to_json())  # the table the plan's times (and choices) came from
     put("request", request.budget_bytes, request.chunks, request.target, request.signature,
         json.dumps(request.rehash.to_dict(), sort_keys=True) if request.rehash is not None else None)
     return h.hexdigest()[:40]

@@ -63,7 +63,23 @@ def summary_table(baseline: MemoryTimeline, plan: Plan | None = None) -> str:
          format_bytes(plan.predicted_activation_peak_bytes)],
         ["total peak", format_bytes(plan.baseline_peak_bytes), format_bytes(plan.predicted_peak_bytes)],
     ]
+    if plan.predicted_slowdown is not None:
+        rows.append(["time (predicted)", format_seconds(plan.baseline_seconds),
+                     f"{format_seconds(plan.predicted_seconds)} ({plan.predicted_slowdown:.2f}x)"])
     return tabulate(rows, headers=["", "baseline (eager)", "planned"], tablefmt=TABLE_FORMAT)
+
+
+def time_line(plan: Plan) -> str:
+    """Where the predicted times come from (the device cost table), or "" without a prediction."""
+    if plan.predicted_slowdown is None:
+        return ""
+    return f"predicted time: the time model with the cost table of {plan.time_model}"
+
+
+def format_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
 def live_table(timeline: MemoryTimeline, top: int = 10, verbose: bool = True) -> str:
@@ -128,6 +144,7 @@ def plan_report(entry: CompiledEntry) -> str:
     lines = [
         f"signature: {plan.signature}",
         summary_table(entry.baseline, plan),
+        *([time_line(plan)] if time_line(plan) else []),
         budget_line(plan),
         groups_line(plan),
         "",

@@ -18,10 +18,13 @@ class NodeInfo:
     workspace_bytes: transient memory the node allocates and frees while it runs, beyond its output (an
         outlined sliced group: the peak of one slice's intermediates; SDPA: its attention workspace).
     group: name of the operator group the node belongs to, if any.
+    loop: what an outlined loop (a sliced group's, a row-streamed segment's) runs, for the time model
+        (:class:`passes.timing.LoopCost`).
     """
 
     workspace_bytes: int | None = None
     group: str | None = None
+    loop: object | None = None
 
 
 def node_info(node: torch.fx.Node) -> NodeInfo:

@@ -18,7 +18,8 @@ One :class:`OpInfo` per overload, read by every pass; an op missing from the tab
 ``family``
     the ops other rules treat together: ``conv`` (row halos, CUDA workspace; :func:`conv_params` reads the
     arguments), ``upsample`` (nearest: a row range maps to fewer input rows), ``group_norm`` (statistics
-    span the rows: split reductions, row passes), ``sdpa`` (backend workspace), ``reshape`` (shape-spelling
+    span the rows: split reductions, row passes), ``norm`` (per-position norms: LayerNorm, RMSNorm; a norm's
+    cost for the time model), ``sdpa`` (backend workspace), ``reshape`` (shape-spelling
     views: a band keeps the row dim whole or copies), ``pad`` (``F.pad``: row streaming folds it into the halo
     of the convolutions that read it), ``join`` (``cat``: a decode loop joins its chunks' outputs with it).
 ``sizes``
@@ -128,7 +129,7 @@ _add([aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d
       aten.conv3d.padding, aten.convolution.default], dims=d.conv, anchor=True, family="conv")
 _add([aten.scaled_dot_product_attention.default], dims=d.sdpa, anchor=True, family="sdpa")
 _add([aten.group_norm.default], dims=d.group_norm, family="group_norm")
-_add([aten.layer_norm.default, aten.rms_norm.default], dims=d.leading(lambda n: len(n.args[1])))
+_add([aten.layer_norm.default, aten.rms_norm.default], dims=d.leading(lambda n: len(n.args[1])), family="norm")
 _add([aten.softmax.int, aten._softmax.default, aten.log_softmax.int], dims=d.kept_dims(1, "dim", None))
 _add([aten.mean.dim, aten.sum.dim_IntList, aten.amax.default], dims=d.kept_dims(1, "dim", 2))
 _add([aten.linalg_vector_norm.default], dims=d.kept_dims(2, "dim", 3))  # (x, ord, dim, keepdim): Wan's RMS norm

@@ -38,6 +38,7 @@ from passes.memory import MemoryTimeline, analyze_memory, format_bytes
 from passes.plan import PLAN_VERSION, GroupPlan, Plan, RehashPlan
 from passes.rows import RowAnalysis, RowChoice, choose_tail, outline, segment_estimate
 from passes.slicing import apply_plan, copy_graph_module
+from passes.timing import costs_for, graph_seconds
 
 # The minimum-memory plan streams the tail by rows only when that lowers the predicted peak by this fraction:
 # the recomputation of halos and statistics passes is not worth less.
@@ -129,7 +130,17 @@ def plan(gm: torch.fx.GraphModule, request: PlanRequest, *, cache: FeatureCache 
         rehash=rehash_info,
         fingerprint=fingerprint(original, request),
     )
+    _predict_time(decided, original, result.graph_module, request)
     return Planned(decided, result.graph_module, baseline, planned, partial)
+
+
+def _predict_time(decided: Plan, original: torch.fx.GraphModule, planned: torch.fx.GraphModule,
+                  request: PlanRequest) -> None:
+    """The time model's seconds of one call, planned and eager, recorded in the Plan."""
+    costs = costs_for(request.target)
+    decided.baseline_seconds = graph_seconds(original, costs)
+    decided.predicted_seconds = graph_seconds(planned, costs)
+    decided.time_model = f"{costs.kind}: {costs.source}"
 
 
 def _decisions(groups: list[OperatorGroup], result: BudgetResult, streamed: list) -> list[GroupPlan]:
@@ -193,6 +204,8 @@ def replay(gm: torch.fx.GraphModule, decided: Plan, request: PlanRequest, *,
         partial = PartialGraph(p_result.graph_module, p_result.timeline, dict(p_result.chunks))
     result = _rebuild(gm, decided.groups, request)
     decided.details = None
+    if decided.predicted_seconds is None:
+        _predict_time(decided, gm, result.graph_module, request)
     return Planned(decided, result.graph_module, baseline, result.timeline, partial)
 
 
@@ -215,7 +228,7 @@ def _rebuild(gm: torch.fx.GraphModule, decisions: list[GroupPlan], request: Plan
     work = copy_graph_module(gm)[0]
     segments = [g for g in decisions if g.kind == "rows"]
     if segments:
-        analysis = RowAnalysis(work)
+        analysis = RowAnalysis(work, costs_for(request.target))
         named = {n.name: n for n in work.graph.nodes}
         choices = []
         for g in segments:
@@ -334,7 +347,7 @@ def stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str,
     one; without a budget, the lowest-memory one, kept only if it lowers the peak by ``ROW_GAIN``.
     """
     first = copy_graph_module(gm)[0]
-    analysis = RowAnalysis(first)
+    analysis = RowAnalysis(first, costs_for(target))
     if not analysis.cut_points():
         return None
     if base is None:
@@ -356,7 +369,8 @@ def stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str,
     goals = [None] if budget_bytes is None else [budget_bytes - base.weight_bytes, None]
     for i, goal in enumerate(goals):
         work = first if i == 0 else copy_graph_module(gm)[0]
-        choices = choose_tail(analysis if i == 0 else RowAnalysis(work), lambda n: prefix[n.name], goal)
+        choices = choose_tail(analysis if i == 0 else RowAnalysis(work, costs_for(target)), lambda n: prefix[n.name],
+                              goal)
         if choices is None:
             continue
         outline(work, choices)

@@ -100,11 +100,23 @@ class Plan:
     split_reductions: int = 0
     notes: list[str] = field(default_factory=list)
     rehash: RehashPlan | None = None  # Step Rehash, when on
+    # predicted seconds of one call, planned and eager (whole graph), by the time model (passes/timing.py) and
+    # the device cost table named in ``time_model``; None in plans saved before the time model
+    predicted_seconds: float | None = None
+    baseline_seconds: float | None = None
+    time_model: str = ""
     version: int = PLAN_VERSION
     fingerprint: str = ""  # of the captured graph, its input signature and target (passes.pipeline.fingerprint)
     # What the planner worked with, while this Plan is fresh (never saved): the graph that runs it and the
     # baseline and planned memory timelines (``graph_module``, ``baseline``, ``planned``). None once loaded.
     details: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def predicted_slowdown(self) -> float | None:
+        """Predicted time of a call over eager's (the time model's), or None when not predicted."""
+        if not self.predicted_seconds or not self.baseline_seconds:
+            return None
+        return self.predicted_seconds / self.baseline_seconds
 
     @property
     def sliced_groups(self) -> list[GroupPlan]:

@@ -23,19 +23,15 @@ DeepCache-style caching cuts (the shallow branch is recomputed).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._guards import detect_fake_mode
-from torch.utils.flop_counter import FlopCounterMode
 
 from fxstream.runtime.rehash import FeatureCache, RehashLoad, RehashStore
-from passes.memory import tensor_values
+from passes import timing
 
 # Classes whose outputs are temporal layers' outputs (diffusers 0.3x-0.4x names).
 TEMPORAL_LAYERS = (
@@ -296,49 +292,8 @@ def _remove_dead(graph: torch.fx.Graph) -> None:
 # ------------------------------------------------------------------------------------------------ FLOPs
 
 
-def node_flops(node: torch.fx.Node) -> int:
-    """FLOPs of one node: the node is run on its fake values under ``torch.utils.flop_counter``'s
-    FlopCounterMode, so composite ops (``conv2d``, ``linear``, SDPA) are counted by torch's own formulas after
-    they decompose. Ops torch does not count (elementwise, normalisation) are 0, as in torch's counter."""
-    if node.op != "call_function" or node.target is operator.getitem:
-        return 0
-
-    def val(a: Any) -> Any:
-        return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
-
-    args = torch.fx.node.map_aggregate(node.args, val)
-    kwargs = torch.fx.node.map_aggregate(node.kwargs, val)
-    fake_mode = detect_fake_mode(tensor_values(list(args) + list(kwargs.values())))
-    try:
-        with contextlib.ExitStack() as stack:
-            if fake_mode is not None:
-                stack.enter_context(fake_mode)
-            counter = stack.enter_context(FlopCounterMode(display=False))
-            node.target(*args, **kwargs)
-        return int(counter.get_total_flops())
-    except Exception:  # an op that cannot run on its fake values: not counted
-        return 0
-
-
-def flops_by_node(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
-    """:func:`node_flops` of every node with a count (computed once per graph, kept in ``gm.meta``)."""
-    cached = gm.meta.get("fxstream_flops") if hasattr(gm, "meta") else None
-    if cached is not None and cached[0] == len(gm.graph.nodes):
-        return cached[1]
-    counts = {}
-    for n in gm.graph.nodes:
-        f = node_flops(n)
-        if f:
-            counts[n] = f
-    if hasattr(gm, "meta"):
-        gm.meta["fxstream_flops"] = (len(gm.graph.nodes), counts)
-    return counts
-
-
-def graph_flops(gm: torch.fx.GraphModule, nodes: set[torch.fx.Node] | None = None) -> int:
-    """Total FLOPs of ``gm``'s nodes (of ``nodes`` only, when given)."""
-    counts = flops_by_node(gm)
-    return sum(f for n, f in counts.items() if nodes is None or n in nodes)
+# counted by the one cost engine (passes/timing.py); named here for the cache points' FLOPs
+node_flops, flops_by_node, graph_flops = timing.node_flops, timing.flops_by_node, timing.graph_flops
 
 
 def describe(gm: torch.fx.GraphModule) -> list[dict[str, Any]]:

@@ -50,6 +50,7 @@ from passes.dims import (WHOLE, SliceAxis, SplitReduction, arg, input_axes, poin
 from passes.memory import live_curve, returns_alias
 from passes.meta import aliases_input, module_path, node_info, tensor_bytes
 from passes.ops import conv_params
+from passes.timing import DeviceCosts, LoopCost, NodeCost, costs_for, node_costs
 
 # Bands per segment the planner tries (capped at the segment's rows, which are tried too up to the last step:
 # one latent row per band, HunyuanVideo's 90 at 720p).
@@ -287,7 +288,7 @@ class RowSegment:
 class RowAnalysis:
     """Row-streaming facts of one graph: segments between cut points, checked and memoised."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, costs: DeviceCosts | None = None):
         self.gm = gm
         self.order = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.order)}
@@ -298,7 +299,9 @@ class RowAnalysis:
         self.graph_output = tensors[0] if len(tensors) == 1 else None
         self._down: dict[torch.fx.Node, set[torch.fx.Node]] = {}
         self._segments: dict[tuple[str, str], RowSegment | None] = {}
-        self._shared: dict = {}  # segment_estimate's statistics passes, shared by segments from one input
+        # segment_estimate's statistics passes, shared by segments from one input; the device costs it predicts
+        # seconds with, and the graph's node costs
+        self._shared: dict = {"costs": costs if costs is not None else costs_for("cpu")}
         self._rules: dict[tuple[torch.fx.Node, int], dict | None] = {}
         self._cuts: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         self._ends: list[torch.fx.Node] | None = None
@@ -572,17 +575,6 @@ def _row_bytes(n: torch.fx.Node, seg: RowSegment) -> int:
     return memo[n]
 
 
-def _row_cost(n: torch.fx.Node, seg: RowSegment) -> float:
-    """Work per output row: multiply-adds for convolutions, elements for the rest."""
-    memo = seg.memo.setdefault("row_cost", {})
-    if n not in memo:
-        per_row = val(n).numel() / seg.rows[n]
-        if ops.of(n).family == "conv":
-            per_row *= math.prod(shape(n.args[1])[1:])
-        memo[n] = per_row
-    return memo[n]
-
-
 def _band_alias(n: torch.fx.Node, seg: RowSegment) -> bool:
     """Whether ``n`` run on a band returns a view of its input's band (no new storage). As in the whole graph
     (``passes.memory``: views, eval dropout, same-dtype conversions), except that a reshape merging or
@@ -661,11 +653,6 @@ def _banded_inputs(n: torch.fx.Node, seg: RowSegment) -> list[torch.fx.Node]:
         x = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
         memo[n] = ([x] if x in ins else []) + [p for p in ins if p is not x]
     return memo[n]
-
-
-# Work units (multiply-adds) the planner charges per instruction a band runs: Python dispatch, so that a
-# segment does not take bands it does not need.
-INSTRUCTION_COST = 1e6
 
 
 class _PassBuilder:
@@ -954,32 +941,81 @@ def simulate(program: list[tuple]) -> int:
 
 
 def segment_estimate(seg: RowSegment, bands: int) -> tuple[int, float]:
-    """(workspace bytes, work) of running ``seg`` in ``bands`` bands. The workspace is :func:`simulate` on the
-    first two bands of each pass, built without their arguments: bands are largest first and the rows kept
-    between bands reach their steady state in the second, so this is the peak of the whole programs
-    (``tests/test_rows.py`` holds it equal). The work: every row once per pass plus a charge per instruction."""
+    """(workspace bytes, predicted seconds) of running ``seg`` in ``bands`` bands. The workspace is
+    :func:`simulate` on the first two bands of each pass, built without their arguments: bands are largest first
+    and the rows kept between bands reach their steady state in the second, so this is the peak of the whole
+    programs (``tests/test_rows.py`` holds it equal). The seconds: :func:`segment_loop` on the analysis's
+    device costs."""
     memo = seg.memo.setdefault("estimates", {})
     if bands not in memo:
-        bounds = slice_bounds(seg.length, bands)
-        norm_key = {g: i for i, g in enumerate(seg.norms)}
-        ws, work = 0, 0.0
-        for j in _passes(seg):
-            # A statistics pass runs the same program in every segment from this input whose GroupNorms at
-            # its depth are the same: what it computes is upstream of them (same rows, dims and bytes).
-            key = None if j == seg.num_passes - 1 else \
-                ("pass", seg.input, seg.row_dim[seg.input], seg.length, bands, frozenset(seg.stats_targets(j)))
-            done = seg.shared.get(key) if key is not None else None
-            if done is None:
-                builder = _PassBuilder(seg, j, bounds, {}, norm_key, emit=False)
-                peak = simulate([ins for s in range(min(2, len(bounds))) for ins in builder.band(s)])
-                order = builder.hi(0)
-                done = (peak, sum(seg.rows[n] * _row_cost(n, seg) for n in order)
-                        + 2 * len(order) * len(bounds) * INSTRUCTION_COST)
-                if key is not None:
-                    seg.shared[key] = done
-            ws, work = max(ws, done[0]), work + done[1]
-        memo[bands] = (ws, work)
+        ws, loop = _estimate(seg, bands)
+        costs = seg.shared.get("costs") or costs_for("cpu")
+        memo[bands] = (ws, loop.seconds(costs))
     return memo[bands]
+
+
+def segment_loop(seg: RowSegment, bands: int) -> LoopCost:
+    """What running ``seg`` in ``bands`` bands does (:class:`passes.timing.LoopCost`): every pass computes each
+    node it needs once (pass ``j`` recomputes from the segment's input what its statistics need), reads the
+    inputs of its statistics once more, and interprets its instructions band by band; the rows kept between
+    bands, the joins and the outputs are copies."""
+    return _estimate(seg, bands)[1]
+
+
+def _estimate(seg: RowSegment, bands: int) -> tuple[int, LoopCost]:
+    memo = seg.memo.setdefault("loops", {})
+    if bands in memo:
+        return memo[bands]
+    bounds = slice_bounds(seg.length, bands)
+    norm_key = {g: i for i, g in enumerate(seg.norms)}
+    table = seg.shared.get("table")
+    if table is None:
+        table = seg.shared["table"] = node_costs(seg.input.graph.owning_module)
+    ws, loop = 0, LoopCost()
+    for j in _passes(seg):
+        # A statistics pass runs the same program in every segment from this input whose GroupNorms at
+        # its depth are the same: what it computes is upstream of them (same rows, dims and bytes).
+        key = None if j == seg.num_passes - 1 else \
+            ("pass", seg.input, seg.row_dim[seg.input], seg.length, bands, frozenset(seg.stats_targets(j)))
+        done = seg.shared.get(key) if key is not None else None
+        if done is None:
+            builder = _PassBuilder(seg, j, bounds, {}, norm_key, emit=False)
+            first = builder.band(0)
+            steady = builder.band(1) if len(bounds) > 1 else []
+            peak = simulate(first + steady)
+            rest = len(bounds) - 1
+            work = [table[n] for n in builder.hi(0) if n in table]
+            work += [NodeCost("norm", 0, tensor_bytes(val(g.args[0])), "statistics", tensor_bytes(val(g.args[0])))
+                     for g in seg.stats_targets(j)]
+            done = (peak, LoopCost(
+                work=work,
+                instructions=_instructions(first) + rest * _instructions(steady),  # (a band is its instructions)
+                copy_bytes=_copied(first) + rest * _copied(steady)
+                + (sum(tensor_bytes(val(o)) for o in (seg.output, *seg.side_outputs)) if key is None else 0)))
+            if key is not None:
+                seg.shared[key] = done
+        ws = max(ws, done[0])
+        loop.work += done[1].work
+        loop.instructions += done[1].instructions
+        loop.copy_bytes += done[1].copy_bytes
+    loop.piece = 1 / len(bounds)
+    memo[bands] = (ws, loop)
+    return memo[bands]
+
+
+def _instructions(program: list[tuple]) -> int:
+    return sum(1 for ins in program if ins[0] != "free")
+
+
+def _copied(program: list[tuple]) -> int:
+    """Bytes a band's program copies: rows kept for the next band, joins, a band's statistics input."""
+    total = 0
+    for ins in program:
+        if ins[0] == "op" and ins[2] in (ops.CLONE, torch.cat):
+            total += ins[6]
+        elif ins[0] == "stats":
+            total += ins[4]
+    return total
 
 
 def _passes(seg: RowSegment) -> list[int]:
@@ -1004,7 +1040,7 @@ def build_programs(seg: RowSegment, bands: int) -> tuple[list[list[tuple]], list
 
 @dataclass
 class RowChoice:
-    """A chosen segment and its band count, with the predicted workspace and work."""
+    """A chosen segment and its band count, with the predicted workspace and seconds (``cost``)."""
 
     segment: RowSegment
     bands: int
@@ -1044,8 +1080,8 @@ def best_bands(seg: RowSegment, goal: int | None) -> RowChoice | None:
 def chain(analysis: RowAnalysis, start: torch.fx.Node, cuts: list[torch.fx.Node], goal: int | None,
           slack: float = 0.02, floor: int = 0, end: torch.fx.Node | None = None) -> list[RowChoice] | None:
     """Segments from ``start`` to the graph's output through some of ``cuts``: each under ``goal`` bytes with
-    the least work (``goal`` None: the lowest reachable maximum or ``floor``, whichever is higher, within
-    ``slack``, then the least work)."""
+    the least predicted time (``goal`` None: the lowest reachable maximum or ``floor``, whichever is higher,
+    within ``slack``, then the least time)."""
     end = analysis.graph_output if end is None else end
     points = [start] + [c for c in cuts if analysis.index[start] < analysis.index[c] < analysis.index[end]] + [end]
     points = list(dict.fromkeys(points))
@@ -1104,7 +1140,7 @@ def choose_tail(analysis: RowAnalysis, prefix_peak, goal: int | None, slack: flo
     ``prefix_peak(c)`` is the activation peak the rest of the graph reaches before ``c`` (without streaming).
     With a ``goal`` (activation bytes), the start nearest the output whose prefix and segments fit (the least
     recomputation); without, the start with the lowest overall peak, ties (within ``slack``) going to the
-    least work.
+    least predicted time.
     """
     region = analysis.region()
     if region is not None:
@@ -1158,6 +1194,7 @@ def outline(gm: torch.fx.GraphModule, choices: list[RowChoice]) -> torch.fx.Grap
         info.group = f"rows:{seg.name}"
         # the programs that will run, simulated (the planner's trials simulated their first two bands)
         info.workspace_bytes = max((simulate(p) for p in programs), default=c.workspace_bytes)
+        info.loop = segment_loop(seg, c.bands)
         if seg.side_outputs:
             items = []
             with graph.inserting_after(call):
@@ -1181,4 +1218,4 @@ def outline(gm: torch.fx.GraphModule, choices: list[RowChoice]) -> torch.fx.Grap
 
 
 __all__ = ["RowAnalysis", "RowSegment", "RowChoice", "RowReq", "row_rule", "computed_rows", "simulate",
-           "segment_estimate", "build_programs", "chain", "choose_tail", "outline", "best_bands"]
+           "segment_estimate", "segment_loop", "build_programs", "chain", "choose_tail", "outline", "best_bands"]

@@ -25,9 +25,10 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from fxstream.runtime.sliced import SlicedCall, SlicedInput, SlicedOutput, SlicePass, slice_bounds
 from passes.chains import OperatorGroup
 from passes.dims import REDUCED, WHOLE, SliceAxis, sliced_args, val
-from passes.meta import node_info
+from passes.meta import node_info, tensor_bytes
 from passes import ops
 from passes.reductions import fuse_group_norms
+from passes.timing import LoopCost, node_costs
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[torch.fx.Node, torch.fx.Node]]:
@@ -183,6 +184,18 @@ def body_workspace_bytes(group: OperatorGroup, chunks: int) -> int:
     return math.ceil(full * step / group.length)
 
 
+def group_loop(group: OperatorGroup, chunks: int, table: dict) -> LoopCost:
+    """What a group's loop runs (:class:`passes.timing.LoopCost`): each pass computes its nodes' whole values
+    over the slices (a later pass recomputes what it needs), a body call per slice and pass, each body op a
+    dispatch per slice, and the sliced outputs copied into their preallocated tensors."""
+    _, layouts = group_layout(group)
+    slices = len(slice_bounds(group.length, chunks))
+    nodes = [n for lay in layouts for n in lay.nodes if n in table]
+    return LoopCost(work=[table[n] for n in nodes], ops=len(nodes) * slices, steps=slices * len(layouts),
+                    copy_bytes=sum(tensor_bytes(val(o)) for o in group.outputs if isinstance(group.axes[o], SliceAxis)),
+                    piece=1 / slices)
+
+
 class PlanningView(torch.nn.Module):
     """A rewritten graph to analyse, not to run: no code generated, no bodies built, attributes from ``gm``."""
 
@@ -278,6 +291,8 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
         info.workspace_bytes = (workspace or {}).get((g.name, k))
         if info.workspace_bytes is None:
             info.workspace_bytes = body_workspace_bytes(g, k)
+        if not planning:
+            info.loop = group_loop(group, k, node_costs(gm))
         call.meta["nn_module_stack"] = last.meta.get("nn_module_stack", {})
         prev = call
         for i, o in enumerate(g.outputs):
