@@ -46,7 +46,8 @@ from plan_table import disable_ff_chunking, enable_ff_chunking  # noqa: E402
 
 MODELS = ("svd", "svd-vae-decoder", "animatediff")
 HEADERS = ["model", "variant", "activation peak MiB (measured)", "predicted MiB", "memory vs eager",
-           "latency s (median / min)", "latency vs eager (median)", "compile s", "max rel err", "notes"]
+           "latency s (median / min)", "latency vs eager (median)", "predicted s (vs eager)",
+           "predicted / measured", "compile s", "max rel err", "notes"]
 
 
 def _sample(out):
@@ -67,6 +68,7 @@ class Variant:
         self.enter, self.leave = enter, leave
         self.times: list[float] = []
         self.peak = self.out = None
+        self.predicted: float | None = None  # the time model's seconds (fxstream.Plan.predicted_seconds)
         self.row: list = []
 
     def call(self, timed: bool = False):
@@ -110,7 +112,7 @@ def run_model(name: str, *, frames, height, width, repeats: int, log) -> list[li
     eager = Variant("eager", module, args, kwargs)
     eager.measure()
     ref = eager.out
-    eager.row = [name, "eager", mib(eager.peak), "-", "1.00", None, "1.00", "-", "-", ""]
+    eager.row = [name, "eager", mib(eager.peak), "-", "1.00", None, "1.00", None, None, "-", "-", ""]
     variants = [eager]
 
     how = enable_ff_chunking(module)
@@ -121,7 +123,7 @@ def run_model(name: str, *, frames, height, width, repeats: int, log) -> list[li
                           enter=lambda: enable_ff_chunking(module), leave=lambda: disable_ff_chunking(module))
         chunked.measure()
         chunked.row = [name, chunked.label, mib(chunked.peak), "-", f"{chunked.peak / eager.peak:.2f}", None,
-                       None, "-", f"{_rel_err(chunked.out, ref):.1e}", f"`{how}`"]
+                       None, "-", "-", "-", f"{_rel_err(chunked.out, ref):.1e}", f"`{how}`"]
         variants.append(chunked)
 
     first_plan = None
@@ -140,11 +142,13 @@ def run_model(name: str, *, frames, height, width, repeats: int, log) -> list[li
         if first_plan is None:
             first_plan = plan
             eager.row[3] = mib(plan.baseline_activation_peak_bytes)  # the eager-lifetime prediction
+            eager.predicted = plan.baseline_seconds  # the time model's eager call
         note = f"{len(plan.sliced_groups)} groups sliced"
         if budget_gb is not None:
             note = f"budget {budget_gb * 1024:.1f} MiB (weights incl.); " + note
+        v.predicted = plan.predicted_seconds
         v.row = [name, label, mib(v.peak), mib(plan.predicted_activation_peak_bytes),
-                 f"{v.peak / eager.peak:.2f}", None, None, f"{entry.compile_seconds:.1f}",
+                 f"{v.peak / eager.peak:.2f}", None, None, None, None, f"{entry.compile_seconds:.1f}",
                  f"{_rel_err(v.out, ref):.1e}", note]
         variants.append(v)
 
@@ -158,6 +162,9 @@ def run_model(name: str, *, frames, height, width, repeats: int, log) -> list[li
     for v in variants:
         v.row[5] = f"{v.latency:.3f} / {min(v.times):.3f}"
         v.row[6] = f"{v.latency / eager.latency:.2f}"
+        if v.predicted is not None and v.row[7] is None:
+            v.row[7] = f"{v.predicted:.3f} ({v.predicted / eager.predicted:.2f})"
+            v.row[8] = f"{v.predicted / v.latency:.2f}"
         rows.append(v.row)
     del variants, eager, module, args, kwargs, built
     gc.collect()
@@ -199,7 +206,7 @@ def main(argv=None) -> int:
                                   repeats=args.repeats, log=log)
         except Exception as e:  # one model failing must not cost the others' rows
             traceback.print_exc()
-            rows.append([name, "error", "-", "-", "-", "-", "-", "-", "-",
+            rows.append([name, "error", "-", "-", "-", "-", "-", "-", "-", "-", "-",
                          f"{type(e).__name__}: {str(e)[:120]}"])
             gc.collect()
         table = tabulate(rows, headers=HEADERS, tablefmt="github", disable_numparse=True)
@@ -212,7 +219,9 @@ def main(argv=None) -> int:
             "the plan's graph-lifetime peak). Latency: median and minimum of "
             f"{args.repeats} calls under `torch.no_grad` after a warm-up, timed in rounds that run every "
             "variant once (the minimum is the least disturbed by other jobs). Compile: capture + plan (the "
-            "first call). "
+            "first call). Predicted s: the time model's seconds of one call (`Plan.predicted_seconds`; eager: "
+            "`Plan.baseline_seconds`; in brackets, over eager's), from the shipped cost table of this device "
+            "kind (`passes/costs_cpu.json`), and over the measured median. "
             "max rel err: max |out - eager| / max |eager|.",
             "",
             "- eager + FF chunking: diffusers' feed-forward chunking with one frame per chunk (SVD: "
