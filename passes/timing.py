@@ -165,6 +165,9 @@ def node_flops(node: torch.fx.Node) -> int:
 
     args = torch.fx.node.map_aggregate(node.args, val)
     kwargs = torch.fx.node.map_aggregate(node.kwargs, val)
+    key = _flop_key(node.target, args, kwargs)
+    if key is not None and key in _FLOPS:
+        return _FLOPS[key]
     fake_mode = detect_fake_mode(tensor_values(list(args) + list(kwargs.values())))
     try:
         with contextlib.ExitStack() as stack:
@@ -172,9 +175,43 @@ def node_flops(node: torch.fx.Node) -> int:
                 stack.enter_context(fake_mode)
             counter = stack.enter_context(FlopCounterMode(display=False))
             node.target(*args, **kwargs)
-        return int(counter.get_total_flops())
+        flops = int(counter.get_total_flops())
     except Exception:  # noqa: BLE001 - an op that cannot run on its fake values: not counted
-        return 0
+        flops = 0
+    if key is not None and len(_FLOPS) < 100_000:
+        _FLOPS[key] = flops
+    return flops
+
+
+# FLOPs by op and argument shapes: the blocks of a model repeat the same ops on the same shapes, and a plan counts
+# the captured graph and its rewritten copies
+_FLOPS: dict[tuple, int] = {}
+
+
+def _flop_key(target: Any, args: Any, kwargs: Any) -> tuple | None:
+    """The op and its arguments with each tensor as its shape and dtype, or None when an argument is not plain."""
+    parts: list = []
+
+    def put(a: Any) -> bool:
+        if isinstance(a, torch.Tensor):
+            parts.append(("T", tuple(a.shape), a.dtype))
+        elif isinstance(a, (list, tuple)):
+            parts.append(len(a))
+            return all(put(b) for b in a)
+        elif a is None or isinstance(a, (bool, int, float, str, torch.dtype)):
+            parts.append(a)
+        else:
+            return False
+        return True
+
+    if not put(list(args)) or not put(sorted(kwargs.items(), key=lambda kv: kv[0])):
+        return None
+    key = (target, *parts)
+    try:
+        hash(key)
+    except TypeError:  # a symbolic size (a data-dependent shape)
+        return None
+    return key
 
 
 def flops_by_node(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
