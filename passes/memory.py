@@ -266,8 +266,8 @@ class _UnionFind:
             self.parent[rb] = ra
 
 
-def _group_storages(nodes: list[torch.fx.Node], step: dict[torch.fx.Node, int]) -> list[_Storage]:
-    """Group the nodes' values by shared storage and give each group its bytes, kind and live range."""
+def _storage_union(nodes: list[torch.fx.Node]):
+    """The nodes' tensor values, their storage keys, and the union of keys that share one storage."""
     values = {n: tensor_values(n.meta.get("val")) for n in nodes}
     keys = {n: [storage_key(t) for t in values[n]] for n in nodes}
     uf = _UnionFind()
@@ -276,6 +276,25 @@ def _group_storages(nodes: list[torch.fx.Node], step: dict[torch.fx.Node, int]) 
             uf.find(k)
         for k, base in _alias_pairs(n, keys):
             uf.union(base, k)
+    return values, keys, uf
+
+
+def storage_classes(nodes: list[torch.fx.Node]
+                    ) -> tuple[dict[torch.fx.Node, list[Any]], dict[Any, list[torch.fx.Node]]]:
+    """Which nodes share a storage, by the same rules the timeline counts bytes with: each node's storage
+    classes (one per tensor it returns), and each class's nodes in graph order."""
+    _, keys, uf = _storage_union(nodes)
+    of = {n: [uf.find(k) for k in keys[n]] for n in nodes}
+    members: dict[Any, list[torch.fx.Node]] = {}
+    for n in nodes:
+        for c in dict.fromkeys(of[n]):
+            members.setdefault(c, []).append(n)
+    return of, members
+
+
+def _group_storages(nodes: list[torch.fx.Node], step: dict[torch.fx.Node, int]) -> list[_Storage]:
+    """Group the nodes' values by shared storage and give each group its bytes, kind and live range."""
+    values, keys, uf = _storage_union(nodes)
 
     groups: dict[Any, _Storage] = {}
     last_step = len(nodes) - 1

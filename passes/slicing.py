@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx
@@ -313,6 +313,7 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
         for item in items:
             anchor.append(item)
             anchor = item
+    write_in_place(new_gm, graph)
     if not planning:
         fuse_group_norms(graph)  # GroupNorms split for groups that now run whole
         graph.lint()
@@ -320,4 +321,85 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
     return new_gm
 
 
-__all__ = ["apply_plan", "body_workspace_bytes", "copy_graph_module", "group_layout", "PlanningView"]
+def write_in_place(gm: torch.nn.Module, graph: torch.fx.Graph) -> int:
+    """Let each sliced group write a sliced output into the storage of an input that dies at its call: the
+    residual stream ``x + f(x)`` of a transformer block or a ResNet, sliced along tokens or frames, needs no
+    second full-size tensor. Slice ``i`` of the output is written after slice ``i`` of every pass has read slice
+    ``i`` of the input, and no slice reads another's, so the loop never reads what it wrote. The input must be a
+    tensor the graph made (not a graph input, weight or cache), contiguous and exactly the output's shape, dtype
+    and slicing, and every other reader of its storage an ancestor of the call (it has run, in any order). Sets
+    ``SlicedOutput.into`` and gives the output the input's value (its storage: the memory timeline counts them
+    once). Returns how many outputs were written in place."""
+    from passes.memory import storage_classes
+    from fxstream.runtime.rows import RowStream
+
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    of, members = storage_classes(nodes)
+
+    def fresh(m: torch.fx.Node) -> bool:
+        if m.op == "call_module":
+            return isinstance(getattr(gm, str(m.target), None), (SlicedCall, RowStream))
+        if m.op != "call_function":
+            return False
+        if m.target is not operator.getitem or not isinstance(m.args[0], torch.fx.Node):
+            return True
+        src = m.args[0]
+        return src.op == "call_function" or isinstance(getattr(gm, str(src.target), None), (SlicedCall, RowStream))
+
+    def ancestors(call: torch.fx.Node, lo: int) -> set[torch.fx.Node]:
+        seen: set[torch.fx.Node] = set()
+        stack = [p for p in call.all_input_nodes if pos[p] >= lo]
+        while stack:
+            n = stack.pop()
+            if n not in seen:
+                seen.add(n)
+                stack.extend(p for p in n.all_input_nodes if pos[p] >= lo and p not in seen)
+        return seen
+
+    written = 0
+    for call in nodes:
+        module = getattr(gm, str(call.target), None) if call.op == "call_module" else None
+        if not isinstance(module, SlicedCall):
+            continue
+        items = {u.args[1]: u for u in call.users if u.target is operator.getitem}
+        args = list(call.args)
+        taken: set[int] = set()
+        specs = list(module.slot_specs)
+        for i, spec in enumerate(specs[: module.num_outputs]):
+            if spec.dim is None or i not in items:
+                continue
+            for j, (p, ispec) in enumerate(zip(args, module.input_specs)):
+                v = val(p) if isinstance(p, torch.fx.Node) else None
+                if (j in taken or ispec.dim != spec.dim or ispec.unit != spec.unit or not isinstance(v, torch.Tensor)
+                        or tuple(v.shape) != spec.shape or v.dtype != spec.dtype or not v.is_contiguous()
+                        or v.storage_offset() != 0 or len(of.get(p, ())) != 1
+                        or v.untyped_storage().nbytes() != v.numel() * v.element_size()):
+                    continue
+                cls = of[p][0]
+                group = members[cls]
+                if not all(fresh(m) for m in group) or any(
+                        isinstance(q, torch.fx.Node) and q is not p and cls in of.get(q, ()) for q in args):
+                    continue
+                readers = [u for m in group for u in m.users if u is not call and cls not in of.get(u, ())]
+                lo = min(pos[n] for n in [*group, *readers])
+                before = ancestors(call, lo)
+                if not all(m in before for m in group) or not all(u in before for u in readers):
+                    continue
+                taken.add(j)
+                specs[i] = replace(spec, into=j)
+                item = items[i]
+                item.meta["val"] = v
+                call.meta["val"] = tuple(v if k == i else o for k, o in enumerate(call.meta["val"]))
+                # the output and whatever aliases it are now the input's storage
+                old = of[item][0]
+                for m in members.pop(old, []):
+                    of[m] = [cls if c == old else c for c in of[m]]
+                    group.append(m)
+                written += 1
+                break
+        module.slot_specs = specs
+    return written
+
+
+__all__ = ["apply_plan", "write_in_place", "body_workspace_bytes", "copy_graph_module", "group_layout", "PlanningView"]

@@ -1,7 +1,8 @@
 """The runtime of a sliced operator group: run an outlined subgraph slice by slice.
 
 Outputs are preallocated at full size and each slice's results are written into them (no list of slices
-concatenated at the end, so no second full-size copy at the join). A slice's intermediates are freed before
+concatenated at the end, so no second full-size copy at the join); an output the plan writes in place goes into
+the storage of an input that dies at the call (a residual stream: ``x + f(x)`` sliced along tokens). A slice's intermediates are freed before
 the next slice starts. Reductions over the sliced axis (GroupNorm statistics) are combined across slices.
 """
 
@@ -31,6 +32,9 @@ class SlicedOutput:
     dim: int | None  # None: a reduction, combined with ``combine``
     unit: int = 1
     combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # the index of an input whose storage receives this output (it dies at the call, and slice ``i`` of the
+    # output depends only on slice ``i`` of it): written slice by slice in place of a new tensor
+    into: int | None = None
 
 
 def slice_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
@@ -49,6 +53,10 @@ class SlicePass:
     bodies: dict[int, nn.Module]
     target_slots: list[int]
     reduced_slots: list[int]
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class SlicedCall(nn.Module):
@@ -85,7 +93,7 @@ class SlicedCall(nn.Module):
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         values: list[torch.Tensor | None] = [
-            torch.empty(spec.shape, dtype=spec.dtype, device=device) if spec.dim is not None else None
+            self._buffer(spec, args, device) if spec.dim is not None else None
             for spec in self.slot_specs[: self.num_outputs]
         ] + [None] * (len(self.slot_specs) - self.num_outputs)
         for bodies, (targets, reduced) in zip(self.bodies, self.pass_specs):
@@ -101,7 +109,10 @@ class SlicedCall(nn.Module):
                 for i, slot in enumerate(targets):
                     spec = self.slot_specs[slot]
                     if spec.dim is not None:
-                        values[slot].narrow(spec.dim, a * spec.unit, n * spec.unit).copy_(out[i])
+                        piece = values[slot].narrow(spec.dim, a * spec.unit, n * spec.unit)
+                        if spec.into is not None and _shares_storage(out[i], piece):
+                            out[i] = out[i].clone()  # a view of the slice it overwrites (copy_ can't overlap)
+                        piece.copy_(out[i])
                     elif values[slot] is None:
                         values[slot] = out[i]
                     else:
@@ -109,6 +120,16 @@ class SlicedCall(nn.Module):
                     out[i] = None  # free this slice's result now, not when the next slice overwrites a name
                 del out
         return tuple(values[: self.num_outputs])
+
+    @staticmethod
+    def _buffer(spec: SlicedOutput, args: tuple, device: torch.device) -> torch.Tensor:
+        """The tensor a sliced output is written into: its input's storage when planned so (and the input is
+        as planned: same shape and dtype, contiguous), else a new one."""
+        if spec.into is not None:
+            x = args[spec.into]
+            if tuple(x.shape) == spec.shape and x.dtype == spec.dtype and x.is_contiguous():
+                return x
+        return torch.empty(spec.shape, dtype=spec.dtype, device=device)
 
     def extra_repr(self) -> str:
         return (f"group={self.group_name!r}, length={self.length}, chunks={self.chunks}, "
