@@ -12,15 +12,19 @@ import numbers
 import operator
 import threading
 import traceback
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fxstream import hooks
+from fxstream import guards, hooks
 from fxstream.errors import CaptureError
 from passes.functional import functionalize
+from passes.slicing import copy_graph_module
 
 # Parameter names whose python-number values are turned into 0-d tensors before export. A python number
 # would be specialised into a guard (``timestep == 500``) and the graph would be valid for one step only.
@@ -133,17 +137,96 @@ def _failing_operation(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def signature_of(args: tuple) -> tuple:
+    """A hashable key of the normalised call: tensors by shape, dtype and device; other values by repr."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append(("T", tuple(a.shape), str(a.dtype), str(a.device)))
+        else:
+            key.append(("V", repr(a)))
+    return tuple(key)
+
+
+@dataclass
+class _Captured:
+    """A capture kept for reuse: the guard's reading of the module when it was taken (``items``, whose identities
+    ``refs`` watch without keeping anything alive) and the graph, never handed out itself (copies are)."""
+
+    items: list
+    refs: list
+    graph_module: torch.fx.GraphModule
+
+    def matches(self, now: guards.Fingerprint) -> bool:
+        # every object read by identity still alive (so no id in ``items`` was reused), and the same readings
+        return all(r() is not None for r in self.refs) and self.items == now.items
+
+
+# The captures of each module, kept while the module lives: compiling it again for the same inputs (another
+# budget, a plan replayed after a LoRA is unloaded, fxstream.optimize run twice) reuses the graph instead of
+# exporting again, under the same guard that decides when a compiled module's own graphs are still valid.
+_CAPTURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+MAX_CAPTURES = 4  # per module, least recently used dropped first
+
+
+def _weak_refs(keep: list) -> list | None:
+    """Weak references to what a fingerprint read by identity (a hook tuple: to each hook); None where one
+    cannot be referenced weakly (that capture is not kept: holding it could keep the module alive)."""
+    refs = []
+    for obj in keep:
+        for x in (obj if type(obj) is tuple else (obj,)):
+            try:
+                refs.append(weakref.ref(x))
+            except TypeError:
+                return None
+    return refs
+
+
+def forget_captures(module: nn.Module | None = None) -> None:
+    """Drop the captures kept for ``module`` (every module's, with None): the next compile exports again. Needed
+    only after changing global state a forward reads (which no guard sees), such as a process-wide attention
+    backend."""
+    if module is None:
+        _CAPTURES.clear()
+    else:
+        _CAPTURES.pop(module, None)
+
+
 def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModule:
     """Capture ``module(*args, **kwargs)`` as an ATen-level GraphModule.
 
     Works on real tensors and on meta or fake tensors (for full-size models built without weights). The
     returned GraphModule takes the same arguments (after :func:`normalize_inputs`) and returns the same
     output structure as the module; every node carries ``meta["val"]`` and ``meta["nn_module_stack"]``.
+    A module captured before for the same inputs, grad and autocast modes, and unchanged by the guard's reading
+    (:mod:`fxstream.guards`) gets a copy of that graph, without exporting again (:func:`forget_captures`).
 
     Raises:
         CaptureError: naming the submodule that was running and the operation that failed.
     """
     args, kwargs = normalize_inputs(module, args, kwargs)
+    key = (signature_of(args), signature_of(tuple(kwargs.items())), torch.is_grad_enabled(),
+           torch.is_autocast_enabled(), torch.get_default_dtype())
+    now = guards.fingerprint(module)
+    kept = _CAPTURES.get(module)
+    hit = kept.get(key) if kept is not None else None
+    if hit is not None and hit.matches(now):
+        kept.move_to_end(key)
+        return copy_graph_module(hit.graph_module)[0]
+    gm = _export(module, args, kwargs)
+    refs = _weak_refs(now.keep)
+    if refs is None:
+        return gm
+    kept = _CAPTURES.setdefault(module, OrderedDict())
+    kept[key] = _Captured(now.items, refs, gm)
+    kept.move_to_end(key)
+    while len(kept) > MAX_CAPTURES:
+        kept.popitem(last=False)
+    return copy_graph_module(gm)[0]
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+    """torch.export and the clean-up passes: :func:`capture` without reuse."""
     with (_CAPTURE_LOCK, _plain_call(module), hooks.traced_as_graph(module), _meta_autocast(args, kwargs),
           _module_stack(module) as stack):
         try:

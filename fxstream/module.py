@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
-from fxstream.capture import TIMESTEP_NAMES, capture, normalize_inputs
+from fxstream.capture import TIMESTEP_NAMES, capture, normalize_inputs, signature_of
 from fxstream.runtime.rehash import FeatureCache, RehashConfig, RehashController
 from passes.memory import MemoryTimeline, format_bytes
 from fxstream import plan_cache
@@ -71,17 +71,6 @@ class CompiledEntry:
         else:
             fits = plan.baseline_peak_bytes <= plan.budget_bytes
         return not plan.sliced_groups and plan.rehash is None and self.partial is None and fits
-
-
-def signature_of(args: tuple) -> tuple:
-    """A hashable key of the normalised call: tensors by shape, dtype and device; other values by repr."""
-    key = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append(("T", tuple(a.shape), str(a.dtype), str(a.device)))
-        else:
-            key.append(("V", repr(a)))
-    return tuple(key)
 
 
 def describe_signature(args: tuple) -> str:

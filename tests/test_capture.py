@@ -166,3 +166,80 @@ def test_an_autocast_region_for_the_inputs_device_captures_on_meta_as_on_the_cpu
     assert [n.target for n in on_meta.graph.nodes] == [n.target for n in on_cpu.graph.nodes]
     assert on_meta(x.to("meta")).dtype == on_cpu(x).dtype == torch.float32
     assert torch.autocast is torch.amp.autocast_mode.autocast  # put back
+
+
+# -- captures kept per module ----------------------------------------------------------------------------------
+
+
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.double = False
+
+    def forward(self, sample):
+        y = self.lin(sample)
+        return y * 2 if self.double else y
+
+
+def _counting_exports(monkeypatch) -> list:
+    calls = []
+    real = torch.export.export
+
+    def export(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", export)
+    return calls
+
+
+def test_a_module_is_exported_once_per_inputs_and_guard_reading(monkeypatch):
+    import importlib
+
+    capture_module = importlib.import_module("fxstream.capture")
+    calls = _counting_exports(monkeypatch)
+    m, x = Flagged(), torch.randn(3, 4)
+    first, second = capture(m, x), capture(m, x)
+    assert len(calls) == 1
+    assert first is not second  # copies: a pass rewriting one never touches the other or the kept graph
+    assert torch.equal(second(x), m(x))
+    capture(m, torch.randn(5, 4))  # other shapes
+    assert len(calls) == 2
+    m.double = True  # an attribute the guard reads: the kept graph would be stale
+    assert torch.equal(capture(m, x)(x), m(x)) and len(calls) == 3
+    m.lin.weight = nn.Parameter(torch.randn(4, 4))  # a replaced parameter
+    assert torch.equal(capture(m, x)(x), m(x)) and len(calls) == 4
+    with torch.no_grad():
+        m.lin.weight.mul_(2)  # values edited in place: the graph reads the same tensor
+    assert torch.equal(capture(m, x)(x), m(x)) and len(calls) == 4
+    capture_module.forget_captures(m)
+    capture(m, x)
+    assert len(calls) == 5
+
+
+def test_kept_captures_do_not_keep_the_module_alive():
+    # in a fresh process: what other tests leave behind in this one (torch.compile's caches) may hold modules too
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import gc, weakref, torch, fxstream
+from tests.test_capture import Flagged
+m, x = Flagged(), torch.randn(3, 4)
+compiled = fxstream.compile(m, chunks=2)
+with torch.no_grad():
+    compiled(x)
+from fxstream.capture import _CAPTURES as kept
+assert len(kept) == 1
+alive = weakref.ref(m), weakref.ref(m.lin.weight)
+del compiled, m
+gc.collect()
+assert all(r() is None for r in alive) and len(kept) == 0
+"""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
