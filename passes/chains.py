@@ -751,20 +751,37 @@ def _dissolve_cycles(gm: torch.fx.GraphModule, groups: list[OperatorGroup]) -> l
     groups = list(groups)
     while True:
         owner = {n: i for i, g in enumerate(groups) for n in g.nodes}
-        quotient = nx.DiGraph()
+        succ: dict = defaultdict(set)
         for n in gm.graph.nodes:
             a = owner.get(n, n)
             for u in n.users:
                 b = owner.get(u, u)
                 if a != b:
-                    quotient.add_edge(a, b)
-        try:
-            cycle = nx.find_cycle(quotient)
-        except nx.NetworkXNoCycle:
+                    succ[a].add(b)
+        if _acyclic(succ):  # the usual case, in linear time (networkx takes seconds on a full-size UNet)
             return groups
+        cycle = nx.find_cycle(nx.DiGraph([(a, b) for a, bs in succ.items() for b in bs]))
         involved = {x for edge in cycle for x in edge[:2] if isinstance(x, int)}
         drop = min(involved, key=lambda i: groups[i].intermediate_bytes())
         groups = [g for i, g in enumerate(groups) if i != drop]
+
+
+def _acyclic(succ: dict) -> bool:
+    """Whether the directed graph ``succ`` (vertex -> successors) has no cycle (Kahn's algorithm)."""
+    indegree: dict = defaultdict(int)
+    for bs in succ.values():
+        for b in bs:
+            indegree[b] += 1
+    ready = [v for v in succ if not indegree[v]]
+    seen = 0
+    while ready:
+        v = ready.pop()
+        seen += 1
+        for b in succ.get(v, ()):
+            indegree[b] -= 1
+            if not indegree[b]:
+                ready.append(b)
+    return seen == len(set(succ) | set(indegree))
 
 
 def _group_name(nodes: list[torch.fx.Node]) -> str:

@@ -239,3 +239,21 @@ def test_the_walk_never_joins_two_groups_into_a_cycle():
     grouper._depend(2, 1 << 1)  # group 2 reads group 1, so transitively group 0
     grouper.anc[n] = 1 << 2
     assert not grouper._acyclic_join(n, 0)
+
+
+def test_acyclic_check_agrees_with_networkx_on_random_graphs():
+    import random
+
+    import networkx as nx
+
+    from passes.chains import _acyclic
+
+    rng = random.Random(0)
+    for trial in range(200):
+        n = rng.randint(1, 12)
+        edges = {(rng.randrange(n), rng.randrange(n)) for _ in range(rng.randint(0, 20))}
+        edges = {(a, b) for a, b in edges if a != b}
+        succ = {}
+        for a, b in edges:
+            succ.setdefault(a, set()).add(b)
+        assert _acyclic(succ) == nx.is_directed_acyclic_graph(nx.DiGraph(list(edges))), (trial, edges)
