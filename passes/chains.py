@@ -146,6 +146,7 @@ class _Grouper:
         self.pass_of: dict[torch.fx.Node, int] = {}
         # bitmask of the groups each group depends on, transitively, once groups are contracted to one call each
         self.group_deps: dict[int, int] = defaultdict(int)
+        self.dependents: dict[int, int] = defaultdict(int)  # the reverse: the groups that depend on each group
         self.split_candidates: list[torch.fx.Node] = []
 
     # -- the join test ---------------------------------------------------------------------------------------
@@ -359,13 +360,7 @@ class _Grouper:
         the outside-input test in :meth:`_fits`; this is the test between groups: ``node`` makes ``gid`` depend
         on every group it reads from, and none of them may already depend on ``gid`` (A feeds B through one
         member while B feeds A through another: each convex, a cycle once both are outlined)."""
-        deps = self.anc[node] & ~(1 << gid)
-        while deps:
-            low = deps & -deps
-            if (self.group_deps[low.bit_length() - 1] >> gid) & 1:
-                return False
-            deps ^= low
-        return True
+        return not self.anc[node] & ~(1 << gid) & self.dependents[gid]
 
     def _depend(self, gid: int, deps: int) -> None:
         """Record that ``gid`` depends on the groups in ``deps`` (and on what they depend on), and so does every
@@ -378,10 +373,17 @@ class _Grouper:
         closure &= ~(1 << gid)
         if not closure & ~self.group_deps[gid]:
             return
-        self.group_deps[gid] |= closure
-        for other, d in list(self.group_deps.items()):
-            if (d >> gid) & 1:
-                self.group_deps[other] = d | closure
+        rest = self.dependents[gid] | (1 << gid)
+        while rest:
+            low = rest & -rest
+            other = low.bit_length() - 1
+            rest ^= low
+            new = closure & ~self.group_deps[other] & ~low
+            self.group_deps[other] |= new
+            while new:
+                bit = new & -new
+                self.dependents[bit.bit_length() - 1] |= low
+                new ^= bit
 
     def _add(self, node, gid, axis, req) -> None:
         self._depend(gid, self.anc[node])
