@@ -365,6 +365,9 @@ class _Grouper:
     def _depend(self, gid: int, deps: int) -> None:
         """Record that ``gid`` depends on the groups in ``deps`` (and on what they depend on), and so does every
         group that depends on ``gid``."""
+        deps &= ~(1 << gid)
+        if not deps & ~self.group_deps[gid]:  # known already (and so is what those depend on: it is closed)
+            return
         closure, rest = deps, deps
         while rest:
             low = rest & -rest

@@ -85,8 +85,21 @@ def val(node: Any) -> Any:
 
 def shape(node: Any) -> tuple[int, ...] | None:
     """The node's static sizes (its first element's, for a list); None for a non-tensor, or for sizes that
-    depend on the data (``nonzero``'s, in Mochi's attention), which no rule can map."""
-    v = val(node)
+    depend on the data (``nonzero``'s, in Mochi's attention), which no rule can map. Kept on the node beside the
+    value it was read from (the planner asks for it millions of times on a full-size model)."""
+    if not isinstance(node, torch.fx.Node):
+        return _shape_of(node)
+    v = node.meta.get("val")
+    kept = node.meta.get(_SHAPE_KEY)
+    if kept is None or kept[0] is not v:
+        kept = node.meta[_SHAPE_KEY] = (v, _shape_of(v))
+    return kept[1]
+
+
+_SHAPE_KEY = "fxstream_shape"
+
+
+def _shape_of(v: Any) -> tuple[int, ...] | None:
     if isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor):
         v = v[0]
     if not isinstance(v, torch.Tensor):
