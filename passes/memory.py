@@ -269,7 +269,7 @@ class _UnionFind:
 def _storage_union(nodes: list[torch.fx.Node]):
     """The nodes' tensor values, their storage keys, and the union of keys that share one storage."""
     values = {n: tensor_values(n.meta.get("val")) for n in nodes}
-    keys = {n: [storage_key(t) for t in values[n]] for n in nodes}
+    keys = {n: _storage_keys(n, values[n]) for n in nodes}
     uf = _UnionFind()
     for n in nodes:
         for k in keys[n]:
@@ -277,6 +277,19 @@ def _storage_union(nodes: list[torch.fx.Node]):
         for k, base in _alias_pairs(n, keys):
             uf.union(base, k)
     return values, keys, uf
+
+
+_KEYS = "fxstream_storage_keys"
+
+
+def _storage_keys(node: torch.fx.Node, values: list[torch.Tensor]) -> list[Any]:
+    """The storage keys of the node's tensors, kept on the node beside the value they were read from (the planner
+    builds a timeline hundreds of times per model)."""
+    v = node.meta.get("val")
+    kept = node.meta.get(_KEYS)
+    if kept is None or kept[0] is not v:
+        kept = node.meta[_KEYS] = (v, [storage_key(t) for t in values])
+    return kept[1]
 
 
 def storage_classes(nodes: list[torch.fx.Node]
