@@ -186,10 +186,11 @@ def forget_captures(module: nn.Module | None = None) -> None:
     """Drop the captures kept for ``module`` (every module's, with None): the next compile exports again. Needed
     only after changing global state a forward reads (which no guard sees), such as a process-wide attention
     backend."""
-    if module is None:
-        _CAPTURES.clear()
-    else:
-        _CAPTURES.pop(module, None)
+    with _CAPTURE_LOCK:
+        if module is None:
+            _CAPTURES.clear()
+        else:
+            _CAPTURES.pop(module, None)
 
 
 def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModule:
@@ -206,23 +207,24 @@ def capture(module: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.GraphModul
     """
     args, kwargs = normalize_inputs(module, args, kwargs)
     key = (signature_of(args), signature_of(tuple(kwargs.items())), torch.is_grad_enabled(),
-           torch.is_autocast_enabled(), torch.get_default_dtype())
-    now = guards.fingerprint(module)
-    kept = _CAPTURES.get(module)
-    hit = kept.get(key) if kept is not None else None
-    if hit is not None and hit.matches(now):
+           torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"), torch.get_default_dtype())
+    with _CAPTURE_LOCK:  # one capture at a time (see _export), and the kept ones read and written by one thread
+        now = guards.fingerprint(module)
+        kept = _CAPTURES.get(module)
+        hit = kept.get(key) if kept is not None else None
+        if hit is not None and hit.matches(now):
+            kept.move_to_end(key)
+            return copy_graph_module(hit.graph_module)[0]
+        gm = _export(module, args, kwargs)
+        refs = _weak_refs(now.keep)
+        if refs is None:
+            return gm
+        kept = _CAPTURES.setdefault(module, OrderedDict())
+        kept[key] = _Captured(now.items, refs, gm)
         kept.move_to_end(key)
-        return copy_graph_module(hit.graph_module)[0]
-    gm = _export(module, args, kwargs)
-    refs = _weak_refs(now.keep)
-    if refs is None:
-        return gm
-    kept = _CAPTURES.setdefault(module, OrderedDict())
-    kept[key] = _Captured(now.items, refs, gm)
-    kept.move_to_end(key)
-    while len(kept) > MAX_CAPTURES:
-        kept.popitem(last=False)
-    return copy_graph_module(gm)[0]
+        while len(kept) > MAX_CAPTURES:
+            kept.popitem(last=False)
+        return copy_graph_module(gm)[0]
 
 
 def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:

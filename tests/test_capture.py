@@ -218,6 +218,22 @@ def test_a_module_is_exported_once_per_inputs_and_guard_reading(monkeypatch):
     assert len(calls) == 5
 
 
+def test_autocast_and_grad_modes_get_graphs_of_their_own(monkeypatch):
+    calls = _counting_exports(monkeypatch)
+    m, x = Flagged(), torch.randn(3, 4)
+    with torch.no_grad():
+        plain = capture(m, x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = capture(m, x)
+    capture(m, x)  # grad mode on
+    assert len(calls) == 3
+    def out_dtype(gm):
+        (out,) = next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes
+        return out.meta["val"].dtype
+
+    assert (out_dtype(plain), out_dtype(cast)) == (torch.float32, torch.bfloat16)
+
+
 def test_kept_captures_do_not_keep_the_module_alive():
     # in a fresh process: what other tests leave behind in this one (torch.compile's caches) may hold modules too
     import os
