@@ -64,12 +64,15 @@ def run(name: str, layers: int | None) -> list:
     eager, low = plan.baseline_activation_peak_bytes, plan.predicted_activation_peak_bytes
     return [name, f"{m.frames} x {m.height}x{m.width}", video_tokens(m), m.kwargs["hidden_states"].shape[0],
             "all" if blocks == full_layers else f"{blocks} of {full_layers}", gib(eager), gib(low),
-            f"{100 * low / eager:.0f}%", len(plan.sliced_groups), f"{seconds:.0f}",
+            f"{100 * low / eager:.0f}%", len(plan.sliced_groups),
+            sum(1 for g in plan.groups if g.kind == "keys"),
+            f"{plan.predicted_slowdown:.2f}x" if plan.predicted_slowdown else "-", f"{seconds:.0f}",
             f"{plan.peak_node} in {plan.peak_module_path or '<top level>'}"]
 
 
 HEADERS = ["model", "frames x size", "video tokens", "batch", "blocks", "eager act. GiB", "fxstream min act. GiB",
-           "min / eager", "sliced groups", "plan s", "bounded at"]
+           "min / eager", "sliced groups", "key-chunked attentions", "time vs eager (predicted)", "plan s",
+           "bounded at"]
 
 
 def measure_medium(name: str) -> list:

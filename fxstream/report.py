@@ -22,7 +22,7 @@ TABLE_FORMAT = "github"
 
 
 # What each kind of operator group is sliced along, in the user's words (passes.chains._group_kind).
-AXIS_WORDS = {"spatial": "frames", "temporal": "pixels", "rows": "rows"}
+AXIS_WORDS = {"spatial": "frames", "temporal": "pixels", "rows": "rows", "keys": "keys (chunks)"}
 
 
 def where(timeline: MemoryTimeline, verbose: bool = True) -> str:
@@ -134,8 +134,10 @@ def budget_line(plan: Plan) -> str:
 
 
 def groups_line(plan: Plan) -> str:
-    return (f"{len(plan.sliced_groups)} of {plan.candidate_groups} operator groups sliced; "
-            f"{plan.split_reductions} GroupNorms split into exact statistics + apply")
+    keyed = sum(1 for g in plan.groups if g.kind == "keys")
+    return (f"{len(plan.sliced_groups) - keyed} of {plan.candidate_groups} operator groups sliced; "
+            f"{plan.split_reductions} GroupNorms split into exact statistics + apply"
+            + (f"; {keyed} attentions make their keys and values chunk by chunk" if keyed else ""))
 
 
 def plan_report(entry: CompiledEntry) -> str:

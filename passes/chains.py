@@ -456,9 +456,11 @@ class _Grouper:
             for gid, read in sorted(by_group.items()):
                 for out in read["sliced"]:
                     if self.group_of.get(out) == gid:
-                        # beside keys and values read whole, any chain that may move; otherwise only one that
-                        # widens what it reads (a feed-forward's up-projection held across an attention)
-                        self._move_cone(out, gid, hid, widening=not read["whole"])
+                        # beside keys and values read whole (or made chunk by chunk from what the attention
+                        # reads: passes/keys.py), any chain that may move; otherwise only one that widens what it
+                        # reads (a feed-forward's up-projection held across an attention)
+                        keys = any(ops.of(u).family == "keys" for u in out.users)
+                        self._move_cone(out, gid, hid, widening=not read["whole"] and not keys)
 
     def _move_cone(self, out: torch.fx.Node, gid: int, hid: int, widening: bool = False) -> None:
         g_members, h_members = set(self.members[gid]), set(self.members[hid])

@@ -291,6 +291,20 @@ def sdpa(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     return req
 
 
+def key_chunked(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
+    """A key-chunked attention ``op(q, *chain_inputs)`` (:mod:`passes.keys`): the query length slices q; what
+    the keys and values are made of is read whole."""
+    if axis.dim != len(shape(node)) - 2:
+        return None
+    req: InputAxes = {node.args[0]: SliceAxis(axis.dim, axis.unit)}
+    for x in node.args[1:]:
+        if isinstance(x, torch.fx.Node):
+            if x in req:
+                return None
+            req[x] = WHOLE
+    return req
+
+
 def group_norm(node: torch.fx.Node, axis: SliceAxis) -> InputAxes | None:
     """Per-sample statistics: parallel along batch. Along a reduced dim the statistics span slices; that is
     exact only once split into a statistics pass and a per-slice apply (see passes/reductions.py)."""

@@ -575,6 +575,8 @@ def _workspace_bytes(node: torch.fx.Node, target: str, sdpa_backend: str | None)
     family = ops.of(node).family
     if family == "sdpa":
         return sdpa_workspace_bytes(node, sdpa_backend or sdpa_backend_for(node, target))
+    if family == "keys":  # passes/keys.py: the chain on one chunk of keys, the accumulators
+        return node.target.workspace_bytes(_val(node.args[0]))
     if family == "conv" and target == "cuda":
         return cuda_conv_workspace_bytes(node)
     return 0

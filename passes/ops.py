@@ -54,6 +54,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from fxstream.runtime.keys import KeyChunkedAttention
 from fxstream.runtime.ops import APPLY_OP, PARTIAL_OP, combine_partials
 from passes import dims as d
 
@@ -189,6 +190,8 @@ for _op, _twin in _INPLACE.items():
 # the ops fxstream inserts: GroupNorm split into statistics (a reduction, combined across slices) and apply
 _add([PARTIAL_OP], dims=d.group_norm_partial, combine=combine_partials)
 _add([APPLY_OP], dims=d.group_norm_apply)
+# an attention whose keys and values are recomputed chunk by chunk (passes/keys.py): every instance, by its type
+_add([KeyChunkedAttention], dims=d.key_chunked, anchor=True, family="keys")
 
 # Overloads the rewrites build nodes or programs with.
 GROUP_NORM = aten.group_norm.default
@@ -205,6 +208,7 @@ EXPAND = aten.expand.default
 CONTIGUOUS = aten.contiguous.default
 DROPOUT = aten.dropout.default
 UNSAFE_VIEW = aten._unsafe_view.default
+VIEW_AS = aten.view_as.default
 SDPA = aten.scaled_dot_product_attention.default
 PARTIAL = PARTIAL_OP
 APPLY = APPLY_OP
@@ -213,11 +217,13 @@ _MISSING = OpInfo()
 
 
 def info(target: Any) -> OpInfo:
-    """The table's row for an op (a node's ``target``); an empty row (a barrier) for an op not in it."""
+    """The table's row for an op (a node's ``target``); an empty row (a barrier) for an op not in it. An op
+    fxstream builds per node (a callable object) has its class's row."""
     try:
-        return TABLE.get(target, _MISSING)
+        row = TABLE.get(target)
     except TypeError:  # an unhashable target
         return _MISSING
+    return row if row is not None else TABLE.get(type(target), _MISSING)
 
 
 def of(node: torch.fx.Node) -> OpInfo:

@@ -8,7 +8,8 @@ Output: a :class:`Planned`: the :class:`~passes.plan.Plan` (what was decided), t
 The passes it runs, in order: Step Rehash variants (:mod:`passes.rehash`), operator grouping with split
 reductions (:mod:`passes.chains`, :mod:`passes.reductions`), slice counts for the budget (:mod:`passes.budget`)
 and, where operator groups alone cannot reach the budget or for the minimum where it lowers the peak, row
-streaming of the graph's tail (:mod:`passes.rows`). The captured graph itself is never modified.
+streaming of the graph's tail (:mod:`passes.rows`) and attentions whose keys and values are made chunk by chunk
+(:mod:`passes.keys`, planned again on a copy so rewritten). The captured graph itself is never modified.
 
 Never an internal error: what the passes cannot slice they leave whole. Should a pass still fail on a graph
 (a pattern no rule foresaw), the graph runs unsliced, exactly, and the Plan's notes say where planning
@@ -33,6 +34,7 @@ from passes import ops
 from passes.budget import BudgetResult, forced_chunks, plan_chunks
 from passes.chains import OperatorGroup, group_operators
 from passes.functional import mutations
+from passes.keys import KEY_CHUNKS, chunk_keys, key_cones
 from passes.meta import tensor_bytes
 from passes.memory import MemoryTimeline, analyze_memory, format_bytes
 from passes.plan import PLAN_VERSION, GroupPlan, Plan, RehashPlan
@@ -43,6 +45,8 @@ from passes.timing import costs_for, graph_seconds
 # The minimum-memory plan streams the tail by rows only when that lowers the predicted peak by this fraction:
 # the recomputation of halos and statistics passes is not worth less.
 ROW_GAIN = 0.05
+# ... and makes attentions' keys chunk by chunk (recomputing them once per query slice) only for this much.
+KEY_GAIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,15 @@ def _predict_time(decided: Plan, original: torch.fx.GraphModule, planned: torch.
 
 
 def _decisions(groups: list[OperatorGroup], result: BudgetResult, streamed: list) -> list[GroupPlan]:
-    """What was decided, as the Plan records it: the sliced groups, then the row-streamed segments."""
+    """What was decided, as the Plan records it: the key-chunked attentions, the sliced groups, then the
+    row-streamed segments."""
     out = []
+    for c in result.key_chunked:
+        g = c.group
+        out.append(GroupPlan(
+            name=g.name, kind="keys", axis="keys", length=g.length, slices=len(slice_bounds(g.length, KEY_CHUNKS)),
+            nodes=len(g.nodes), intermediate_bytes=c.key_bytes, dim=2, start=c.attention.name,
+        ))
     for g in groups:
         k = result.chunks.get(g.name, 1)
         if k <= 1:
@@ -226,6 +237,12 @@ def _check_match(gm: torch.fx.GraphModule, decided: Plan, request: PlanRequest) 
 def _rebuild(gm: torch.fx.GraphModule, decisions: list[GroupPlan], request: PlanRequest) -> BudgetResult:
     """Row-stream the recorded segments, regroup (deterministic) and slice the recorded groups, on a copy."""
     work = copy_graph_module(gm)[0]
+    keyed = [g for g in decisions if g.kind == "keys"]
+    cones = []
+    if keyed:
+        cones = chunk_keys(work, {g.start for g in keyed}, max(g.slices for g in keyed))
+        if len(cones) != len(keyed):
+            raise PlanMismatchError("the plan's key-chunked attentions are not this graph's: plan again")
     segments = [g for g in decisions if g.kind == "rows"]
     if segments:
         analysis = RowAnalysis(work, costs_for(request.target))
@@ -242,7 +259,7 @@ def _rebuild(gm: torch.fx.GraphModule, decisions: list[GroupPlan], request: Plan
     groups = {g.name: g for g in found}
     chunks = {}
     for g in decisions:
-        if g.kind == "rows":
+        if g.kind in ("rows", "keys"):
             continue
         found = groups.get(g.name)
         if found is None or [n.name for n in found.nodes] != g.members:
@@ -250,7 +267,7 @@ def _rebuild(gm: torch.fx.GraphModule, decisions: list[GroupPlan], request: Plan
         chunks[g.name] = g.slices
     sliced = apply_plan(work, list(groups.values()), chunks)
     timeline = analyze_memory(sliced, lifetime="graph", target=request.target)
-    return BudgetResult(chunks, sliced, timeline, timeline.weight_bytes)
+    return BudgetResult(chunks, sliced, timeline, timeline.weight_bytes, key_chunked=cones)
 
 
 def _first_axis(group: OperatorGroup):
@@ -304,16 +321,51 @@ def _failing_frame(e: BaseException) -> str:
 
 
 def _slice(gm: torch.fx.GraphModule, budget_bytes: int | None, chunks: int | None,
-           target: str, rows: bool = True) -> tuple[list[OperatorGroup], BudgetResult, list, torch.fx.GraphModule]:
+           target: str, rows: bool = True, keys: bool = True
+           ) -> tuple[list[OperatorGroup], BudgetResult, list, torch.fx.GraphModule]:
     """Group ``gm``'s operators and choose slice counts: ``chunks`` everywhere, or for the budget.
 
     When the budget is out of reach of operator groups alone (or for the minimum), the graph's tail is
-    row-streamed (:mod:`passes.rows`) where that lowers the peak; the third value lists the streamed segments,
-    the fourth is the graph the groups were found in. ``gm`` is not changed.
+    row-streamed (:mod:`passes.rows`) where that lowers the peak, and attentions' keys and values are made chunk
+    by chunk (:mod:`passes.keys`) where that does (by ``KEY_GAIN``, for the minimum); the third value lists the
+    streamed segments, the fourth is the graph the groups were found in. ``gm`` is not changed.
     """
-    grouped, groups, _ = group_operators(gm)
     if chunks is not None:
+        grouped, groups, _ = group_operators(gm)
         return groups, forced_chunks(grouped, groups, chunks, target=target), [], grouped
+    try:
+        plain, error = _slice_budget(gm, budget_bytes, target, rows), None
+    except BudgetError as e:
+        plain, error = None, e
+    if keys and (plain is None or budget_bytes is None) and key_cones(gm):
+        try:
+            keyed = _slice_keyed(gm, budget_bytes, target, rows)
+        except BudgetError as e:
+            if error is not None and e.min_peak_bytes < error.min_peak_bytes:
+                error = e
+            keyed = None
+        if keyed is not None and (plain is None or keyed[1].timeline.activation_peak_bytes
+                                  < plain[1].timeline.activation_peak_bytes * (1 - KEY_GAIN)):
+            return keyed
+    if plain is None:
+        raise error
+    return plain
+
+
+def _slice_keyed(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str, rows: bool
+                 ) -> tuple[list[OperatorGroup], BudgetResult, list, torch.fx.GraphModule]:
+    """:func:`_slice_budget` on a copy of ``gm`` whose attentions make their keys chunk by chunk."""
+    work = copy_graph_module(gm)[0]
+    cones = chunk_keys(work)
+    found = _slice_budget(work, budget_bytes, target, rows)
+    found[1].key_chunked = cones
+    return found
+
+
+def _slice_budget(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str, rows: bool
+                  ) -> tuple[list[OperatorGroup], BudgetResult, list, torch.fx.GraphModule]:
+    """Slice counts for the budget (row-streaming the tail where groups alone cannot reach it); see :func:`_slice`."""
+    grouped, groups, _ = group_operators(gm)
     try:
         result, error = plan_chunks(grouped, groups, budget_bytes, target=target), None
     except BudgetError as e:

@@ -18,7 +18,7 @@ from fxstream.runtime.rehash import RehashConfig
 
 
 # The format replay understands; a Plan of another version is planned again (or refused by replay).
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 
 @dataclass

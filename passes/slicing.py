@@ -28,7 +28,7 @@ from passes.dims import REDUCED, WHOLE, SliceAxis, sliced_args, val
 from passes.meta import node_info, tensor_bytes
 from passes import ops
 from passes.reductions import fuse_group_norms
-from passes.timing import LoopCost, node_costs
+from passes.timing import LoopCost, node_costs, recomputed
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[torch.fx.Node, torch.fx.Node]]:
@@ -191,7 +191,9 @@ def group_loop(group: OperatorGroup, chunks: int, table: dict) -> LoopCost:
     _, layouts = group_layout(group)
     slices = len(slice_bounds(group.length, chunks))
     nodes = [n for lay in layouts for n in lay.nodes if n in table]
-    return LoopCost(work=[table[n] for n in nodes], ops=len(nodes) * slices, steps=slices * len(layouts),
+    again = [recomputed(n, slices) for n in nodes]  # a key-chunked attention's chain, once per slice
+    return LoopCost(work=[table[n] for n in nodes] + [w for extra, _ in again for w in extra],
+                    ops=len(nodes) * slices, instructions=sum(d for _, d in again), steps=slices * len(layouts),
                     copy_bytes=sum(tensor_bytes(val(o)) for o in group.outputs if isinstance(group.axes[o], SliceAxis)),
                     piece=1 / slices)
 

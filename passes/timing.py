@@ -128,7 +128,7 @@ def op_class(node: torch.fx.Node) -> str | None:
     info = ops.of(node)
     if info.family == "conv":
         return "conv"
-    if info.family == "sdpa":
+    if info.family in ("sdpa", "keys"):
         return "attention"
     if info.anchor:
         return "matmul"
@@ -159,6 +159,10 @@ def node_flops(node: torch.fx.Node) -> int:
             return 0
         batch = q.numel() // (q.shape[-1] * q.shape[-2])
         return 2 * batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    if ops.of(node).family == "keys":  # the attention over every key; its chain's work is recomputed()'s
+        q, op = node.args[0].meta.get("val"), node.target
+        batch = q.numel() // (q.shape[-1] * q.shape[-2])
+        return 2 * batch * q.shape[-2] * op.key_length * (q.shape[-1] + op.value_dim)
 
     def val(a: Any) -> Any:
         return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
@@ -290,6 +294,16 @@ def node_costs(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeCost]:
     return out
 
 
+def recomputed(node: torch.fx.Node, calls: int = 1) -> tuple[list[NodeCost], int]:
+    """What a node recomputes besides its own work when it runs ``calls`` times: a key-chunked attention
+    (:mod:`passes.keys`) runs its keys' and values' chain over every key on each call (its costs, and one dispatch
+    per chain op and chunk); nothing for any other node."""
+    if node.op != "call_function" or ops.of(node).family != "keys":
+        return [], 0
+    op = node.target
+    return list(op.cone_costs) * calls, op.cone_nodes * op.chunks * calls
+
+
 @dataclass
 class LoopCost:
     """What an outlined loop runs in one call, in device-independent counts: ``work`` (each node's cost once per
@@ -337,6 +351,10 @@ def graph_breakdown(gm: torch.fx.GraphModule, costs: DeviceCosts) -> dict[str, f
         elif n in table:
             c = table[n]
             parts = {c.kind: c.work(costs), "dispatch": costs.op_s}
+            extra, dispatches = recomputed(n)
+            for w in extra:
+                parts[w.kind] = parts.get(w.kind, 0.0) + w.work(costs)
+            parts["dispatch"] += dispatches * costs.loop_s
         else:
             continue
         for k, v in parts.items():
@@ -350,4 +368,4 @@ def graph_seconds(gm: torch.fx.GraphModule, costs: DeviceCosts) -> float:
 
 
 __all__ = ["CLASSES", "DeviceCosts", "LoopCost", "NodeCost", "costs_for", "flops_by_node", "graph_breakdown",
-           "graph_flops", "graph_seconds", "node_bytes", "node_costs", "node_flops", "op_class", "op_key", "size_class", "use_costs"]
+           "graph_flops", "graph_seconds", "node_bytes", "recomputed", "node_costs", "node_flops", "op_class", "op_key", "size_class", "use_costs"]

@@ -17,6 +17,15 @@ from passes import slicing
 D = 32
 
 
+@pytest.fixture(autouse=True)
+def _keys_whole(monkeypatch):
+    """Plans whose attentions keep their keys and values whole: chunked (passes/keys.py), they would read the
+    residual stream whole beside its slices, and nothing could be written in place."""
+    from passes import pipeline
+
+    monkeypatch.setattr(pipeline, "KEY_GAIN", 1.0)
+
+
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
