@@ -185,6 +185,31 @@ HEADERS = ["model", "variant", "weights GiB", "activation peak GiB", "NVML used 
            "vs eager", "compile s", "max rel err", "notes"]
 
 
+def key_chunk_check(device: torch.device) -> str:
+    """The device's attention-with-log-sum-exp kernels as key-chunked attention calls them (fxstream/runtime/keys.py):
+    16 key chunks of a 4096-token self-attention against one SDPA call, per dtype the device runs."""
+    from fxstream.runtime.keys import KeyChunkedAttention
+    from fxstream.runtime.sliced import SlicedInput, slice_bounds
+
+    class Same(torch.nn.Module):
+        def forward(self, k, v):
+            return k, v
+
+    parts = []
+    dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device.type == "cuda" else [])
+    for dtype in dtypes:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(1, 8, 4096, 64, generator=g).to(device, dtype) for _ in range(3))
+        lengths = {b - a for a, b in slice_bounds(4096, 16)}
+        op = KeyChunkedAttention("check", {n: Same() for n in lengths}, 16, 4096, [SlicedInput(2), SlicedInput(2)],
+                                 None, 64, 0)
+        with torch.no_grad():
+            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
+            err = float((op(q, k, v).float() - ref).abs().max() / ref.abs().max())
+        parts.append(f"{str(dtype).replace('torch.', '')} {err:.1e}")
+    return "- key-chunked attention (16 chunks of 4096 keys) vs one SDPA call, max error / max|SDPA|: " + ", ".join(parts)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models (a smoke run of the same code path)")
@@ -220,6 +245,7 @@ def main(argv=None) -> int:
         context = cuda_context_bytes(device)
         notes.append(f"- CUDA context and libraries outside the allocator: {context / 2**20:.0f} MiB "
                      f"(fxstream.pipeline_plan assumes {CUDA_CONTEXT_BYTES / 2**20:.0f} MiB)")
+    notes.append(key_chunk_check(device))
     slack_note = len(notes)
     for name, frames, height, width in setups:
         if time.perf_counter() - started > args.time_limit:

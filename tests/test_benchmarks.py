@@ -47,6 +47,8 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path, capsys):
     assert pipeline == ["eager", "fxstream.optimize min"]
     assert "fxstream min" in variants and any(v.startswith("fxstream 8") for v in variants)
     assert "error" not in variants
+    check = next(line for line in text.splitlines() if line.startswith("- key-chunked attention"))
+    assert float(check.rsplit("float32 ", 1)[1].split(",")[0]) <= 1e-5
     assert "wrote" in capsys.readouterr().out
 
 
