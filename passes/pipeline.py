@@ -35,7 +35,7 @@ from passes.budget import BudgetResult, forced_chunks, plan_chunks
 from passes.chains import OperatorGroup, group_operators
 from passes.functional import mutations
 from passes.keys import KEY_CHUNKS, chunk_keys, key_cones
-from passes.meta import tensor_bytes
+from passes.meta import node_info, tensor_bytes
 from passes.memory import MemoryTimeline, analyze_memory, format_bytes
 from passes.plan import PLAN_VERSION, GroupPlan, Plan, RehashPlan
 from passes.rows import RowAnalysis, RowChoice, choose_tail, outline, segment_estimate
@@ -337,9 +337,10 @@ def _slice(gm: torch.fx.GraphModule, budget_bytes: int | None, chunks: int | Non
         plain, error = _slice_budget(gm, budget_bytes, target, rows), None
     except BudgetError as e:
         plain, error = None, e
-    if keys and (plain is None or budget_bytes is None) and key_cones(gm):
+    names = _whole_keys(gm, plain) if keys and (plain is None or budget_bytes is None) else set()
+    if names:
         try:
-            keyed = _slice_keyed(gm, budget_bytes, target, rows)
+            keyed = _slice_keyed(gm, budget_bytes, target, rows, names)
         except BudgetError as e:
             if error is not None and e.min_peak_bytes < error.min_peak_bytes:
                 error = e
@@ -352,11 +353,37 @@ def _slice(gm: torch.fx.GraphModule, budget_bytes: int | None, chunks: int | Non
     return plain
 
 
-def _slice_keyed(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str, rows: bool
+def _whole_keys(gm: torch.fx.GraphModule, plain: tuple | None) -> set[str]:
+    """The attentions whose keys and values could be made chunk by chunk (:func:`passes.keys.key_cones`) and
+    that the plan without it, ``plain``, keeps whole: sliced along their queries or not at all (an attention
+    sliced along frames or heads has its keys in slices already). Every one that qualifies, without a plan."""
+    cones = key_cones(gm)
+    names = {c.attention.name for c in cones}
+    if plain is None or not names:
+        return names
+    groups, result = plain[0], plain[1]
+    # only where an attention or what makes its keys holds the plan's peak (a group's call, or a node): elsewhere
+    # nothing would move
+    peak = next((n for n in result.graph_module.graph.nodes if n.name == result.timeline.peak_node), None)
+    group = node_info(peak).group if peak is not None and peak.op == "call_module" else None
+    at_peak = {n.name for g in groups if g.name == group for n in g.nodes} | {result.timeline.peak_node}
+    if not any(at_peak & {c.attention.name, *(n.name for n in c.group.nodes)} for c in cones):
+        return set()
+    split = set()
+    for g in groups:
+        if result.chunks.get(g.name, 1) > 1:
+            for n in g.nodes:
+                axis = g.axes.get(n)
+                if n.name in names and hasattr(axis, "dim") and axis.dim != len(n.meta["val"].shape) - 2:
+                    split.add(n.name)
+    return names - split
+
+
+def _slice_keyed(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str, rows: bool, names: set[str]
                  ) -> tuple[list[OperatorGroup], BudgetResult, list, torch.fx.GraphModule]:
-    """:func:`_slice_budget` on a copy of ``gm`` whose attentions make their keys chunk by chunk."""
+    """:func:`_slice_budget` on a copy of ``gm`` whose attentions ``names`` make their keys chunk by chunk."""
     work = copy_graph_module(gm)[0]
-    cones = chunk_keys(work)
+    cones = chunk_keys(work, names)
     found = _slice_budget(work, budget_bytes, target, rows)
     found[1].key_chunked = cones
     return found

@@ -159,3 +159,27 @@ def test_minimum_chunks_keys_where_that_lowers_the_peak_exact_at_the_predicted_p
     with torch.no_grad():
         _close(_sample(replayed(*m.args, **m.kwargs)), _sample(eager.output))
     assert [g.start for g in replayed.plan.groups if g.kind == "keys"] == [g.start for g in keyed]
+
+
+class _WideBarrier(torch.nn.Module):
+    """Self-attention beside a wide tensor no rule slices (a cumulative sum over the tokens): the peak is there."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.up = torch.nn.Linear(16, 48), torch.nn.Linear(16, 2048)
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return x + a + self.up(x).cumsum(1).mean(-1, keepdim=True)
+
+
+def test_keys_stay_whole_where_no_attention_holds_the_peak():
+    model, x = _WideBarrier().eval(), torch.randn(1, 256, 16)
+    gm = capture(model, x)
+    assert key_cones(gm)
+    plain = pipeline._slice_budget(gm, None, "cpu", True)
+    assert "cumsum" in plain[1].timeline.peak_node
+    assert pipeline._whole_keys(gm, plain) == set()  # nothing planned a second time
+    plan = fxstream.plan(model, x)
+    assert not [g for g in plan.groups if g.kind == "keys"]
