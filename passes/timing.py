@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from passes import ops
 from passes.memory import returns_alias, tensor_values
-from passes.meta import tensor_bytes
+from passes.meta import tensor_bytes, upper_bound
 
 COMPUTE = ("conv", "matmul", "attention")
 MEMORY = ("norm", "copy", "pointwise")
@@ -157,12 +157,11 @@ def node_flops(node: torch.fx.Node) -> int:
         q, k, v = (a.meta.get("val") for a in node.args[:3])
         if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
             return 0
-        batch = q.numel() // (q.shape[-1] * q.shape[-2])
-        return 2 * batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        qs, ks, vs = (_sizes(t) for t in (q, k, v))  # a data-dependent size (Mochi's) at its largest
+        return 2 * math.prod(qs[:-2]) * qs[-2] * ks[-2] * (qs[-1] + vs[-1])
     if ops.of(node).family == "keys":  # the attention over every key; its chain's work is recomputed()'s
-        q, op = node.args[0].meta.get("val"), node.target
-        batch = q.numel() // (q.shape[-1] * q.shape[-2])
-        return 2 * batch * q.shape[-2] * op.key_length * (q.shape[-1] + op.value_dim)
+        q, op = _sizes(node.args[0].meta.get("val")), node.target
+        return 2 * math.prod(q[:-2]) * q[-2] * op.key_length * (q[-1] + op.value_dim)
 
     def val(a: Any) -> Any:
         return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
@@ -185,6 +184,10 @@ def node_flops(node: torch.fx.Node) -> int:
     if key is not None and len(_FLOPS) < 100_000:
         _FLOPS[key] = flops
     return flops
+
+
+def _sizes(t: torch.Tensor) -> list[int]:
+    return [upper_bound(n) for n in t.shape]
 
 
 # FLOPs by op and argument shapes: the blocks of a model repeat the same ops on the same shapes, and a plan counts

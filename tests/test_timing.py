@@ -174,3 +174,14 @@ def test_measuring_costs_on_a_tiny_model():
     assert all(v > 0 for v in (*costs.flops_per_s.values(), *costs.bytes_per_s.values()))
     assert costs.details["nodes"]["conv"]["nodes"] > 0
     assert DeviceCosts.from_json(costs.to_json()) == costs
+
+
+def test_data_dependent_sizes_are_timed_at_their_largest(monkeypatch):
+    """Mochi's attention runs on the prompt's unmasked tokens (``nonzero``): its FLOPs count at the largest size the
+    shape environment allows, so the Plan's seconds are numbers a user can compare, print and save."""
+    monkeypatch.setenv("FXSTREAM_PLAN_CACHE", "0")
+    m = fxstream.models.build("mochi", "tiny")
+    plan = fxstream.plan(m.module, *m.args, **m.kwargs)
+    assert type(plan.predicted_seconds) is float and type(plan.baseline_seconds) is float
+    assert plan.predicted_slowdown > 0
+    assert fxstream.Plan.from_json(plan.to_json()).predicted_seconds == plan.predicted_seconds
