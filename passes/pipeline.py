@@ -337,7 +337,17 @@ def _slice(gm: torch.fx.GraphModule, budget_bytes: int | None, chunks: int | Non
         plain, error = _slice_budget(gm, budget_bytes, target, rows), None
     except BudgetError as e:
         plain, error = None, e
-    names = _whole_keys(gm, plain) if keys and (plain is None or budget_bytes is None) else set()
+    names = set()
+    if keys and budget_bytes is None:
+        names = _whole_keys(gm, plain)
+    elif keys and plain is None:
+        # the attentions the minimum would chunk (against the minimum plan without chunked keys): chunking every
+        # attention's keys can reach less low than chunking those alone, and a budget a little above the
+        # minimum must then still be met
+        try:
+            names = _whole_keys(gm, _slice_budget(gm, None, target, rows))
+        except BudgetError:
+            names = _whole_keys(gm, None)
     if names:
         try:
             keyed = _slice_keyed(gm, budget_bytes, target, rows, names)
