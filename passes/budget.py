@@ -161,7 +161,7 @@ def _search(gm: torch.fx.GraphModule, groups: list[OperatorGroup], budget_bytes:
         if lowest.timeline.activation_peak_bytes < t_floor.activation_peak_bytes:
             t_floor = lowest.timeline
         floor = weights + t_floor.activation_peak_bytes
-        raise BudgetError(
+        error = BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the smallest peak slicing can reach, "
             f"{format_bytes(floor)} (weights {format_bytes(weights)} + activations "
             f"{format_bytes(t_floor.activation_peak_bytes)}), bounded at node '{t_floor.peak_node}' in "
@@ -169,6 +169,8 @@ def _search(gm: torch.fx.GraphModule, groups: list[OperatorGroup], budget_bytes:
             min_peak_bytes=floor,
             bounding_node=t_floor.peak_node,
         )
+        error.lowest = lowest  # the minimum plan (what plan_chunks makes without a budget): callers reuse it
+        raise error
     if floor_chunks is unsliced:
         return _finish(gm, groups, unsliced, workspace, target, weights, t_floor)
 

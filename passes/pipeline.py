@@ -344,10 +344,7 @@ def _slice(gm: torch.fx.GraphModule, budget_bytes: int | None, chunks: int | Non
         # the attentions the minimum would chunk (against the minimum plan without chunked keys): chunking every
         # attention's keys can reach less low than chunking those alone, and a budget a little above the
         # minimum must then still be met
-        try:
-            names = _whole_keys(gm, _slice_budget(gm, None, target, rows))
-        except BudgetError:
-            names = _whole_keys(gm, None)
+        names = _whole_keys(gm, getattr(error, "minimum", None) or _slice_budget(gm, None, target, rows))
     if names:
         try:
             keyed = _slice_keyed(gm, budget_bytes, target, rows, names)
@@ -407,23 +404,29 @@ def _slice_budget(gm: torch.fx.GraphModule, budget_bytes: int | None, target: st
         result, error = plan_chunks(grouped, groups, budget_bytes, target=target), None
     except BudgetError as e:
         result, error = None, e
+    # the minimum plan of the groups alone, where the budget's search made it on the way to its error
+    lowest = getattr(error, "lowest", None)
     if rows and (result is None or budget_bytes is None):
         streamed = stream_tail(gm, budget_bytes, target, result)
         if streamed is not None:
             return streamed
         if result is None:
-            lowest = stream_tail(gm, None, target, None)
-            if lowest is not None:  # the floor the error reports is the one row streaming reaches
-                t = lowest[1]
+            streamed = stream_tail(gm, None, target, lowest)
+            if streamed is not None:  # the floor the error reports is the one row streaming reaches
+                t = streamed[1]
                 floor = t.weight_bytes + t.timeline.activation_peak_bytes
-                raise BudgetError(
+                e = BudgetError(
                     f"budget {format_bytes(budget_bytes)} is below the smallest peak slicing can reach, "
                     f"{format_bytes(floor)} (weights {format_bytes(t.weight_bytes)} + activations "
                     f"{format_bytes(t.timeline.activation_peak_bytes)}), bounded at node "
                     f"'{t.timeline.peak_node}' in '{t.timeline.peak_module_path or '<top level>'}'",
                     min_peak_bytes=floor, bounding_node=t.timeline.peak_node,
-                ) from error
+                )
+                e.minimum = streamed  # what _slice_budget(gm, None, ...) returns, for the caller to reuse
+                raise e from error
     if result is None:
+        if lowest is not None:
+            error.minimum = (groups, lowest, [], grouped)
         raise error
     return groups, result, [], grouped
 
