@@ -34,12 +34,30 @@ def _sample(out) -> torch.Tensor:
     return out.sample
 
 
+@pytest.fixture(scope="module")
+def built_models():
+    """The model of one name and its eager output, kept while that name's modes run (they are collected one after
+    another): each is built and run eagerly once, not once per mode, and its second compile reuses the capture
+    (:mod:`fxstream.capture` keeps it per module). Only the last name is kept."""
+    kept: dict = {}
+
+    def get(name: str):
+        if name not in kept:
+            kept.clear()
+            built = build(name)
+            with torch.no_grad():
+                ref = _sample(built.module(*built.args, **built.kwargs))
+            kept[name] = built, ref
+        return kept[name]
+
+    yield get
+    kept.clear()
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", NAMES)
-def test_runs_exactly_or_fails_with_a_named_error(name, mode):
-    built = build(name)
-    with torch.no_grad():
-        ref = _sample(built.module(*built.args, **built.kwargs))
+def test_runs_exactly_or_fails_with_a_named_error(name, mode, built_models):
+    built, ref = built_models(name)
     compiled = fxstream.compile(built.module, **MODES[mode])
     with warnings.catch_warnings():
         warnings.simplefilter("error", PlanningWarning)
