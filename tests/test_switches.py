@@ -22,7 +22,7 @@ from torch import nn
 import fxstream
 from fxstream import hooks
 from fxstream.module import installed
-from tests.pipes import load, unet_call
+from tests.pipes import load, slicing_budget_gb, unet_call
 
 RTOL = 1e-5
 CPU = torch.device("cpu")
@@ -40,12 +40,12 @@ def _compiled_unet(pipe):
 
 @pytest.fixture(scope="module")
 def optimized(animatediff):
-    """(plain, compiled) copies of the pipeline, shared by the switch tests: ``pipe`` optimized for the minimum
-    and called once (compiled), ``plain`` given the same switches. Each switch test starts from whatever
+    """(plain, compiled) copies of the pipeline, shared by the switch tests: ``pipe`` optimized under a budget
+    that slices (tests/pipes.py) and called once (compiled), ``plain`` given the same switches. Each switch test starts from whatever
     switches the tests before it left on both (the compiled graph of that state already built) and switches
     further: a first compile per test would rebuild the same graph."""
     plain, pipe = load(animatediff), load(animatediff)
-    fxstream.optimize(pipe, "min")
+    fxstream.optimize(pipe, budget_gb=slicing_budget_gb(pipe))
     assert _rel(unet_call(pipe), unet_call(plain)) <= RTOL
     return plain, pipe
 
@@ -188,10 +188,11 @@ def test_group_offloading_moves_each_group_around_its_own_nodes(animatediff, vis
     options = dict(onload_device=CPU, offload_device=CPU, offload_type=level)
     if level == "block_level":
         options["num_blocks_per_group"] = 1
+    budget_gb = slicing_budget_gb(pipe)  # measured without the hooks, which make copies while they run
     plain.unet.enable_group_offload(**options)
     assert _rel(unet_call(plain), ref) <= RTOL  # diffusers' own hooks, as the baseline
     pipe.unet.enable_group_offload(**options)
-    fxstream.optimize(pipe, "min")
+    fxstream.optimize(pipe, budget_gb=budget_gb)
     offloaded = len(visible_offload)
     assert offloaded > 0
     out = unet_call(pipe)
@@ -219,9 +220,10 @@ def test_model_cpu_offload_runs_its_hook_around_the_compiled_call(animatediff, m
 
     monkeypatch.setattr(CpuOffload, "pre_forward", spy)
     plain, pipe = load(animatediff), load(animatediff)
+    budget_gb = slicing_budget_gb(pipe)  # measured without the hook, which makes copies while it runs
     for p in (plain, pipe):
         p.enable_model_cpu_offload(device="cpu")
-    fxstream.optimize(pipe, "min")
+    fxstream.optimize(pipe, budget_gb=budget_gb)
     ref = unet_call(plain)
     calls.clear()
     assert _rel(unet_call(pipe), ref) <= RTOL
@@ -231,14 +233,17 @@ def test_model_cpu_offload_runs_its_hook_around_the_compiled_call(animatediff, m
 
 def test_save_and_load_round_trip_after_optimize(animatediff, tmp_path):
     pipe = load(animatediff)
-    fxstream.optimize(pipe, "min")
+    budget_gb = slicing_budget_gb(pipe)
+    fxstream.optimize(pipe, budget_gb=budget_gb)
     ref = unet_call(pipe)
+    assert _compiled_unet(pipe).plan.sliced_groups
     pipe.save_pretrained(tmp_path)
     loaded = load(str(tmp_path))
     assert installed(loaded.unet) is None
     assert _rel(unet_call(loaded), ref) <= RTOL
-    fxstream.optimize(loaded, "min")
+    fxstream.optimize(loaded, budget_gb=budget_gb)
     assert _rel(unet_call(loaded), ref) <= RTOL
+    assert _compiled_unet(loaded).plan.sliced_groups
 
 
 def test_components_offloaded_while_idle_do_not_count_against_the_others(animatediff):
