@@ -27,12 +27,12 @@ def unet_call(pipe, frames: int = 2, size: int = 8) -> torch.Tensor:
 
 def slicing_budget_gb(pipe, frames: int = 2, size: int = 8) -> float:
     """A budget for ``fxstream.optimize(pipe, budget_gb=...)`` under which the UNet's plan slices for
-    ``unet_call(pipe, frames, size)``: the pipeline's resident weights plus half the UNet's eager activation peak
-    on that call, measured on ``pipe`` (not optimized yet).
+    ``unet_call(pipe, frames, size)``: the pipeline's resident weights plus half the UNet's eager activation
+    peak on that call, measured on ``pipe`` (not optimized yet).
 
-    The tests of diffusers' switches and tools use it rather than the minimum (``"min"``): a budget plans a few
-    times faster (the minimum also searches key-chunked attention), and still slices the UNet's transformer
-    blocks, motion modules and up blocks.
+    The tests of diffusers' switches and tools use it rather than the minimum (``"min"``): a budget plans
+    about twice as fast (the minimum also searches key-chunked attention), and still slices the UNet's
+    transformer blocks, motion modules and up blocks.
     """
     import fxstream
     from fxstream.module import installed

@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def animatediff(tmp_path_factory) -> str:
-    """tests/conftest.py's saved tiny AnimateDiff pipeline, built once for this module and the other that reads it
-    (tests/pipes.py)."""
+    """tests/conftest.py's saved tiny AnimateDiff pipeline, built once for this module and the other that
+    reads it (tests/pipes.py)."""
     return saved_animatediff(tmp_path_factory)
 
 
@@ -354,7 +354,8 @@ def check_lora_after_optimize(animatediff: str) -> None:
     """LoRA (load, scale, disable, fuse, unload) through the pipeline after optimize, against the plain one."""
     plain, pipe = load(animatediff), load(animatediff)
     lora = _lora_state_dict(plain.unet)
-    # a budget that slices (tests/pipes.py), plus room for the LoRA's weights, which the UNet holds once loaded
+    # a budget that slices (tests/pipes.py), plus room for the LoRA's weights, which the UNet holds once
+    # loaded
     lora_gb = sum(t.numel() * t.element_size() for t in lora.values()) / 2**30
     result = fxstream.optimize(pipe, budget_gb=slicing_budget_gb(pipe) + lora_gb)
     assert pipe.unet is result.component("unet").original and installed(pipe.unet) is not None

@@ -30,8 +30,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def animatediff(tmp_path_factory) -> str:
-    """tests/conftest.py's saved tiny AnimateDiff pipeline, built once for this module and the other that reads it
-    (tests/pipes.py)."""
+    """tests/conftest.py's saved tiny AnimateDiff pipeline, built once for this module and the other that
+    reads it (tests/pipes.py)."""
     return saved_animatediff(tmp_path_factory)
 
 
@@ -48,9 +48,9 @@ def _compiled_unet(pipe):
 @pytest.fixture(scope="module")
 def optimized(animatediff):
     """(plain, compiled) copies of the pipeline, shared by the switch tests: ``pipe`` optimized under a budget
-    that slices (tests/pipes.py) and called once (compiled), ``plain`` given the same switches. Each switch test
-    starts from whatever switches the tests before it left on both (the compiled graph of that state already
-    built) and switches further: a first compile per test would rebuild the same graph."""
+    that slices (tests/pipes.py) and called once (compiled), ``plain`` given the same switches. Each switch
+    test starts from whatever switches the tests before it left on both (the compiled graph of that state
+    already built) and switches further: a first compile per test would rebuild the same graph."""
     plain, pipe = load(animatediff), load(animatediff)
     fxstream.optimize(pipe, budget_gb=slicing_budget_gb(pipe))
     assert _rel(unet_call(pipe), unet_call(plain)) <= RTOL
