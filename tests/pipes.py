@@ -30,9 +30,9 @@ def slicing_budget_gb(pipe, frames: int = 2, size: int = 8) -> float:
     ``unet_call(pipe, frames, size)``: the pipeline's resident weights plus half the UNet's eager activation
     peak on that call, measured on ``pipe`` (not optimized yet).
 
-    The tests of diffusers' switches and tools use it rather than the minimum (``"min"``): a budget plans
-    about twice as fast (the minimum also searches key-chunked attention), and still slices the UNet's
-    transformer blocks, motion modules and up blocks.
+    The tests of diffusers' switches and tools use it rather than the minimum (``"min"``): here a budget plans
+    about twice as fast as the minimum, and still slices the UNet's transformer blocks, motion modules and up
+    blocks.
     """
     import fxstream
     from fxstream.module import installed
