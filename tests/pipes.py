@@ -23,3 +23,38 @@ def unet_call(pipe, frames: int = 2, size: int = 8) -> torch.Tensor:
     text = torch.randn(frames, 77, unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
         return unet(sample, torch.tensor(500), encoder_hidden_states=text, return_dict=False)[0]
+
+
+def slicing_budget_gb(pipe, frames: int = 2, size: int = 8) -> float:
+    """A budget for ``fxstream.optimize(pipe, budget_gb=...)`` under which the UNet's plan slices for
+    ``unet_call(pipe, frames, size)``: the pipeline's resident weights plus half the UNet's eager activation
+    peak on that call, measured on ``pipe`` (not optimized yet).
+
+    The tests of diffusers' switches and tools use it rather than the minimum (``"min"``): here a budget plans
+    about twice as fast as the minimum, and still slices the UNet's transformer blocks, motion modules and up
+    blocks.
+    """
+    import fxstream
+    from fxstream.module import installed
+
+    assert installed(pipe.unet) is None, "measure the plain UNet"
+    peak = fxstream.measure(unet_call, pipe, frames, size).activation_peak_bytes
+    result = fxstream.optimize(pipe, "min")  # compiles nothing before a call: the resident weights only
+    result.restore()
+    return (result.resident_weight_bytes + peak // 2) / 2**30
+
+
+_SAVED: dict[str, str] = {}
+
+
+def saved_animatediff(tmp_path_factory) -> str:
+    """The folder of the ``animatediff`` fixture (tests/conftest.py), built and saved once per process for the
+    modules that override the fixture with it (tests/test_switches.py, tests/test_guards.py): each only reads
+    the folder."""
+    if "animatediff" not in _SAVED:
+        from fxstream import pipelines
+
+        folder = tmp_path_factory.mktemp("animatediff")
+        pipelines.build("animatediff").save_pretrained(folder)
+        _SAVED["animatediff"] = str(folder)
+    return _SAVED["animatediff"]

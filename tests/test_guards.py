@@ -30,13 +30,20 @@ from fxstream import guards, models
 from fxstream.errors import EagerFallbackWarning, InterleavedGenerationError
 from fxstream.module import MAX_RECOMPILES, MAX_SIGNATURES, StreamlinedModule, installed
 from tests.blocks import VideoBlock
-from tests.pipes import load, unet_call
+from tests.pipes import load, saved_animatediff, slicing_budget_gb, unet_call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RTOL = 1e-5
 FRAMES = 3
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def animatediff(tmp_path_factory) -> str:
+    """tests/conftest.py's saved tiny AnimateDiff pipeline, built once for this module and the other that
+    reads it (tests/pipes.py)."""
+    return saved_animatediff(tmp_path_factory)
 
 
 def _assert_exact(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -327,7 +334,7 @@ def _lora_state_dict(unet: nn.Module) -> dict:
     scratch = copy.deepcopy(unet)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        scratch.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+        scratch.add_adapter(LoraConfig(r=1, lora_alpha=1, init_lora_weights=False,
                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(scratch))
     return {f"unet.{k}": v for k, v in state.items()}
@@ -346,11 +353,14 @@ def test_lora_after_optimize_matches_the_plain_pipeline(animatediff, tmp_path):
 def check_lora_after_optimize(animatediff: str) -> None:
     """LoRA (load, scale, disable, fuse, unload) through the pipeline after optimize, against the plain one."""
     plain, pipe = load(animatediff), load(animatediff)
-    result = fxstream.optimize(pipe, "min")
+    lora = _lora_state_dict(plain.unet)
+    # a budget that slices (tests/pipes.py), plus room for the LoRA's weights, which the UNet holds once
+    # loaded
+    lora_gb = sum(t.numel() * t.element_size() for t in lora.values()) / 2**30
+    result = fxstream.optimize(pipe, budget_gb=slicing_budget_gb(pipe) + lora_gb)
     assert pipe.unet is result.component("unet").original and installed(pipe.unet) is not None
     _assert_exact(unet_call(pipe), unet_call(plain))
     base = unet_call(plain)
-    lora = _lora_state_dict(plain.unet)
     steps = [
         ("load", lambda p: p.load_lora_weights(dict(lora), adapter_name="style")),
         ("scale", lambda p: p.set_adapters(["style"], adapter_weights=[0.5])),
@@ -363,6 +373,7 @@ def check_lora_after_optimize(animatediff: str) -> None:
         step(pipe)
         ref = unet_call(plain)
         _assert_exact(unet_call(pipe), ref)
+        assert result.component("unet").module.plan.sliced_groups, f"{what}: not sliced"
         if what in ("load", "scale", "fuse"):
             assert (ref - base).abs().max() > 1e3 * RTOL * base.abs().max(), f"{what}: LoRA had no effect"
     assert pipe.get_list_adapters() == plain.get_list_adapters()

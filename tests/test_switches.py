@@ -22,10 +22,17 @@ from torch import nn
 import fxstream
 from fxstream import hooks
 from fxstream.module import installed
-from tests.pipes import load, unet_call
+from tests.pipes import load, saved_animatediff, slicing_budget_gb, unet_call
 
 RTOL = 1e-5
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def animatediff(tmp_path_factory) -> str:
+    """tests/conftest.py's saved tiny AnimateDiff pipeline, built once for this module and the other that
+    reads it (tests/pipes.py)."""
+    return saved_animatediff(tmp_path_factory)
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -38,13 +45,25 @@ def _compiled_unet(pipe):
     return compiled
 
 
-def _switch_takes_effect(folder: str, switch, *, moves: bool = True):
-    """optimize, call, switch both pipelines, call: the compiled output follows the plain one exactly.
-    Returns (plain, compiled) pipelines, switched."""
-    plain, pipe = load(folder), load(folder)
-    fxstream.optimize(pipe, "min")
+@pytest.fixture(scope="module")
+def optimized(animatediff):
+    """(plain, compiled) copies of the pipeline, shared by the switch tests: ``pipe`` optimized under a budget
+    that slices (tests/pipes.py) and called once (compiled), ``plain`` given the same switches. Each switch
+    test starts from whatever switches the tests before it left on both (the compiled graph of that state
+    already built) and switches further: a first compile per test would rebuild the same graph."""
+    plain, pipe = load(animatediff), load(animatediff)
+    fxstream.optimize(pipe, budget_gb=slicing_budget_gb(pipe))
+    assert _rel(unet_call(pipe), unet_call(plain)) <= RTOL
+    return plain, pipe
+
+
+def _switch_takes_effect(optimized, switch, *, moves: bool = True):
+    """Call, switch both pipelines, call: the compiled output follows the plain one exactly, through a
+    recompile. Returns the (plain, compiled) pipelines, switched."""
+    plain, pipe = optimized
     before = unet_call(plain)
     assert _rel(unet_call(pipe), before) <= RTOL
+    recompiles = len(_compiled_unet(pipe)._fx_recompiles)
     switch(plain)
     switch(pipe)
     ref = unet_call(plain)
@@ -52,15 +71,16 @@ def _switch_takes_effect(folder: str, switch, *, moves: bool = True):
         assert _rel(ref, before) > 1e3 * RTOL, "the switch had no effect on the plain pipeline"
     assert _rel(unet_call(pipe), ref) <= RTOL
     compiled = _compiled_unet(pipe)
-    assert compiled.plan.sliced_groups and compiled._fx_recompiles, "not sliced, or not recompiled"
+    assert compiled.plan.sliced_groups, "not sliced"
+    assert len(compiled._fx_recompiles) == recompiles + 1, "not recompiled"
     return plain, pipe
 
 
 # -- switches --------------------------------------------------------------------------------------------------
 
-def test_freeu_on_and_off_after_optimize(animatediff):
+def test_freeu_on_and_off_after_optimize(optimized):
     # FreeU writes into slices of the hidden states and builds a Fourier mask in place (passes/functional.py)
-    plain, pipe = _switch_takes_effect(animatediff, lambda p: p.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4))
+    plain, pipe = _switch_takes_effect(optimized, lambda p: p.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4))
     recompiles = len(_compiled_unet(pipe)._fx_recompiles)
     for p in (plain, pipe):
         p.disable_freeu()
@@ -68,9 +88,9 @@ def test_freeu_on_and_off_after_optimize(animatediff):
     assert len(_compiled_unet(pipe)._fx_recompiles) == recompiles + 1
 
 
-def test_fused_qkv_projections_after_optimize(animatediff):
+def test_fused_qkv_projections_after_optimize(optimized):
     # the same numbers through fused weights: the check is that the compiled UNet runs the fused modules
-    _, pipe = _switch_takes_effect(animatediff, lambda p: p.fuse_qkv_projections(), moves=False)
+    _, pipe = _switch_takes_effect(optimized, lambda p: p.fuse_qkv_projections(), moves=False)
     graph = _compiled_unet(pipe).compiled.graph_module
     assert any("to_qkv" in str(n.target) for n in graph.graph.nodes if n.op == "get_attr"), "unfused graph"
 
@@ -88,8 +108,8 @@ class _Doubled(nn.Module):
         return 2 * self.inner(*args, **kwargs)
 
 
-def test_attention_processor_swap_after_optimize(animatediff):
-    _switch_takes_effect(animatediff, lambda p: p.unet.set_attn_processor(_Doubled()))
+def test_attention_processor_swap_after_optimize(optimized):
+    _switch_takes_effect(optimized, lambda p: p.unet.set_attn_processor(_Doubled()))
 
 
 # -- layerwise casting -----------------------------------------------------------------------------------------
@@ -104,7 +124,7 @@ def test_layerwise_casting_keeps_float8_weights_and_the_output(animatediff, when
     _cast(plain)
     if when == "before":
         _cast(pipe)
-        result = fxstream.optimize(pipe, "min")
+        result = fxstream.optimize(pipe, budget_gb=slicing_budget_gb(pipe, 4, 16))
     else:
         result = fxstream.optimize(pipe, "min")
         uncast = result.resident_weight_bytes
@@ -175,10 +195,11 @@ def test_group_offloading_moves_each_group_around_its_own_nodes(animatediff, vis
     options = dict(onload_device=CPU, offload_device=CPU, offload_type=level)
     if level == "block_level":
         options["num_blocks_per_group"] = 1
+    budget_gb = slicing_budget_gb(pipe)  # measured without the hooks, which make copies while they run
     plain.unet.enable_group_offload(**options)
     assert _rel(unet_call(plain), ref) <= RTOL  # diffusers' own hooks, as the baseline
     pipe.unet.enable_group_offload(**options)
-    fxstream.optimize(pipe, "min")
+    fxstream.optimize(pipe, budget_gb=budget_gb)
     offloaded = len(visible_offload)
     assert offloaded > 0
     out = unet_call(pipe)
@@ -206,9 +227,10 @@ def test_model_cpu_offload_runs_its_hook_around_the_compiled_call(animatediff, m
 
     monkeypatch.setattr(CpuOffload, "pre_forward", spy)
     plain, pipe = load(animatediff), load(animatediff)
+    budget_gb = slicing_budget_gb(pipe)  # measured without the hook, which makes copies while it runs
     for p in (plain, pipe):
         p.enable_model_cpu_offload(device="cpu")
-    fxstream.optimize(pipe, "min")
+    fxstream.optimize(pipe, budget_gb=budget_gb)
     ref = unet_call(plain)
     calls.clear()
     assert _rel(unet_call(pipe), ref) <= RTOL
@@ -218,14 +240,17 @@ def test_model_cpu_offload_runs_its_hook_around_the_compiled_call(animatediff, m
 
 def test_save_and_load_round_trip_after_optimize(animatediff, tmp_path):
     pipe = load(animatediff)
-    fxstream.optimize(pipe, "min")
+    budget_gb = slicing_budget_gb(pipe)
+    fxstream.optimize(pipe, budget_gb=budget_gb)
     ref = unet_call(pipe)
+    assert _compiled_unet(pipe).plan.sliced_groups
     pipe.save_pretrained(tmp_path)
     loaded = load(str(tmp_path))
     assert installed(loaded.unet) is None
     assert _rel(unet_call(loaded), ref) <= RTOL
-    fxstream.optimize(loaded, "min")
+    fxstream.optimize(loaded, budget_gb=budget_gb)
     assert _rel(unet_call(loaded), ref) <= RTOL
+    assert _compiled_unet(loaded).plan.sliced_groups
 
 
 def test_components_offloaded_while_idle_do_not_count_against_the_others(animatediff):
