@@ -159,6 +159,13 @@ def test_minimum_chunks_keys_where_that_lowers_the_peak_exact_at_the_predicted_p
     with torch.no_grad():
         _close(_sample(replayed(*m.args, **m.kwargs)), _sample(eager.output))
     assert [g.start for g in replayed.plan.groups if g.kind == "keys"] == [g.start for g in keyed]
+    # the chunked keys read the module's weights: loaded in place, the next call computes with the new ones
+    other = models.build("wan2.1-1.3b", "medium", seed=1)
+    m.module.load_state_dict(other.module.state_dict())
+    with torch.no_grad():
+        new = _sample(other.module(*m.args, **m.kwargs))
+        _close(_sample(replayed(*m.args, **m.kwargs)), new)
+    assert float((new - _sample(eager.output)).abs().max()) > 1e-2 * float(new.abs().max())
 
 
 class _WideBarrier(torch.nn.Module):
