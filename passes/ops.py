@@ -183,6 +183,8 @@ _INPLACE = {
     aten.clamp_min_.default: aten.clamp_min.default, aten.relu_.default: aten.relu.default,
     aten.silu_.default: aten.silu.default, aten.masked_fill_.Scalar: aten.masked_fill.Scalar,
     aten.masked_fill_.Tensor: aten.masked_fill.Tensor, aten.zero_.default: aten.zeros_like.default,
+    # autograd metadata only (export writes torch.tensor(data) in a forward as lift_fresh_copy + detach_)
+    aten.detach_.default: aten.detach.default,
 }
 for _op, _twin in _INPLACE.items():
     TABLE[_op] = OpInfo(value_of=_twin)

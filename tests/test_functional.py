@@ -186,3 +186,30 @@ def test_the_views_a_write_went_through_are_gone_with_it():
     dead = [n for n in gm.graph.nodes if n.op == "call_function" and not n.users]
     assert not dead, [n.format_node() for n in dead]
     assert torch.equal(gm(x), m(x))
+
+
+class TensorFromData(nn.Module):
+    """FreeNoise's frame weights: ``torch.tensor(list)`` in a forward, which export writes as a lifted constant,
+    ``lift_fresh_copy`` and an in-place ``detach_`` (autograd metadata only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.tensor([0.5, 1.0, 2.0, 1.0], dtype=x.dtype).unsqueeze(-1)
+        return self.proj(torch.relu(self.proj(x)) * weights)
+
+
+def test_detach_in_place_of_a_constant_becomes_a_value_and_the_graph_slices():
+    torch.manual_seed(0)
+    m, x = TensorFromData().eval(), torch.randn(4, 4, 8)
+    gm = capture(m, x)
+    assert not mutations(gm), [n.format_node() for n in mutations(gm)]
+    assert torch.ops.aten.detach.default in {n.target for n in gm.graph.nodes}
+    compiled = fxstream.compile(m, chunks=2)
+    with torch.no_grad():
+        ref = m(x)
+        out = compiled(x)
+    assert compiled.plan.sliced_groups and not compiled.plan.notes
+    assert _rel(out, ref) <= RTOL
