@@ -38,10 +38,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def animatediff(tmp_path_factory) -> str:
     """A folder holding the tiny AnimateDiff pipeline, saved with ``save_pretrained`` (load it with
-    ``tests.pipes.load``)."""
+    ``tests.pipes.load``); built once per process: the tests only read it."""
     from fxstream import pipelines
 
     folder = tmp_path_factory.mktemp("animatediff")

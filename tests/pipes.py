@@ -43,18 +43,3 @@ def slicing_budget_gb(pipe, frames: int = 2, size: int = 8) -> float:
     result.restore()
     return (result.resident_weight_bytes + peak // 2) / 2**30
 
-
-_SAVED: dict[str, str] = {}
-
-
-def saved_animatediff(tmp_path_factory) -> str:
-    """The folder of the ``animatediff`` fixture (tests/conftest.py), built and saved once per process for the
-    modules that override the fixture with it (tests/test_switches.py, tests/test_guards.py): each only reads
-    the folder."""
-    if "animatediff" not in _SAVED:
-        from fxstream import pipelines
-
-        folder = tmp_path_factory.mktemp("animatediff")
-        pipelines.build("animatediff").save_pretrained(folder)
-        _SAVED["animatediff"] = str(folder)
-    return _SAVED["animatediff"]

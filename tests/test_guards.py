@@ -30,20 +30,13 @@ from fxstream import guards, models
 from fxstream.errors import EagerFallbackWarning, InterleavedGenerationError
 from fxstream.module import MAX_RECOMPILES, MAX_SIGNATURES, StreamlinedModule, installed
 from tests.blocks import VideoBlock
-from tests.pipes import load, saved_animatediff, slicing_budget_gb, unet_call
+from tests.pipes import load, slicing_budget_gb, unet_call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RTOL = 1e-5
 FRAMES = 3
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def animatediff(tmp_path_factory) -> str:
-    """tests/conftest.py's saved tiny AnimateDiff pipeline, built once for this module and the other that
-    reads it (tests/pipes.py)."""
-    return saved_animatediff(tmp_path_factory)
 
 
 def _assert_exact(out: torch.Tensor, ref: torch.Tensor) -> None:

@@ -22,17 +22,10 @@ from torch import nn
 import fxstream
 from fxstream import hooks
 from fxstream.module import installed
-from tests.pipes import load, saved_animatediff, slicing_budget_gb, unet_call
+from tests.pipes import load, slicing_budget_gb, unet_call
 
 RTOL = 1e-5
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def animatediff(tmp_path_factory) -> str:
-    """tests/conftest.py's saved tiny AnimateDiff pipeline, built once for this module and the other that
-    reads it (tests/pipes.py)."""
-    return saved_animatediff(tmp_path_factory)
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
