@@ -21,7 +21,9 @@ resolution) and writes one (its output); every node between runs on a band of it
 
 Bands run top to bottom and each computes only the rows of each node that no earlier band computed
 (line-buffered streaming): the rows above a band that a convolution reads are kept from the previous band, a
-few rows per convolution input, so halos are never recomputed. The passes do cost recomputation (pass ``j``
+few rows per convolution input, so no convolution's halo is recomputed. A chain of memory-bound ops into a
+convolution (norm, SiLU, pad, upsampling) may instead be recomputed over those rows from the value it starts
+at, which is kept anyway (:func:`rematerialized`), where that lowers the workspace. The passes do cost recomputation (pass ``j``
 recomputes from the segment's input what its statistics need); in exchange no tensor between the segment's
 input and output ever exists at full size. Segments are chained at cut points (tensors every later node
 reaches only through them), each a full-size tensor the next segment reads.
@@ -50,7 +52,7 @@ from passes.dims import (WHOLE, SliceAxis, SplitReduction, arg, input_axes, poin
 from passes.memory import live_curve, returns_alias
 from passes.meta import aliases_input, module_path, node_info, tensor_bytes
 from passes.ops import conv_params
-from passes.timing import DeviceCosts, LoopCost, NodeCost, costs_for, node_costs
+from passes.timing import DeviceCosts, LoopCost, NodeCost, costs_for, node_costs, op_class
 
 # Bands per segment the planner tries (capped at the segment's rows, which are tried too up to the last step:
 # one latent row per band, HunyuanVideo's 90 at 720p).
@@ -59,6 +61,10 @@ BAND_LADDER = (2, 4, 8, 16, 32, 64, 128)
 LADDER_GAIN = 0.01
 # A segment with more passes than this is not considered: pass p recomputes passes 0..p-1.
 MAX_PASSES = 24
+# A memory-bound node is recomputed over the rows above a band (not kept) when its banded inputs' storage is at
+# most this many times its value's bytes: a quarter over admits a per-position statistic broadcast beside the
+# input (an RMS norm's divisor), and nothing that would keep twice what it saves.
+REMAT_GROWTH = 1.25
 
 
 @dataclass(frozen=True)
@@ -284,6 +290,14 @@ class RowSegment:
     def stats_targets(self, j: int) -> list[torch.fx.Node]:
         return [g for g in self.norms if self.level[g] - 1 == j]
 
+    @property
+    def remat(self) -> frozenset[torch.fx.Node]:
+        """The nodes a band may recompute over the rows the next ops read from above it, instead of keeping
+        them from the previous band (:func:`rematerialized`; :func:`recomputed` says where the planner does)."""
+        if "remat" not in self.memo:
+            self.memo["remat"] = rematerialized(self)
+        return self.memo["remat"]
+
 
 class RowAnalysis:
     """Row-streaming facts of one graph: segments between cut points, checked and memoised."""
@@ -369,6 +383,7 @@ class RowAnalysis:
         seg = {n for n in need - upstream if n.op == "call_function"}
         if not seg:
             return None
+        self._shrink_sources(seg, out)
         self._pull_copies(seg, out)
         nodes = sorted(seg, key=self.index.__getitem__)
         if any(n is not out and any(u not in seg for u in n.users) for n in nodes):
@@ -406,6 +421,22 @@ class RowAnalysis:
                 built.side_outputs = leaving
                 return built
         return None
+
+    def _shrink_sources(self, seg: set[torch.fx.Node], out: torch.fx.Node) -> None:
+        """Leave out of the region the nodes at its start that hold no more than the inputs they alone read
+        (each chunk's attention output projected and added to its residual: one tensor whole before the
+        region instead of two); they run whole, at the latent's size, where they are."""
+        changed = True
+        while changed:
+            changed = False
+            for n in sorted(seg, key=self.index.__getitem__):
+                if n is out or any(p in seg for p in n.all_input_nodes) or not isinstance(val(n), torch.Tensor):
+                    continue
+                alone = [p for p in n.all_input_nodes if p.op != "get_attr" and isinstance(val(p), torch.Tensor)
+                         and all(u is n or u not in seg for u in p.users)]
+                if alone and tensor_bytes(val(n)) <= sum(tensor_bytes(val(p)) for p in alone):
+                    seg.discard(n)
+                    changed = True
 
     @staticmethod
     def _pull_copies(seg: set[torch.fx.Node], c_in: torch.fx.Node) -> None:
@@ -480,7 +511,7 @@ class RowAnalysis:
         for n in nodes:
             lv = max((level[p] for p in n.all_input_nodes if p in level), default=0)
             if n.target is ops.GROUP_NORM:
-                lv = level[n.args[0]] + 1
+                lv = level.get(n.args[0], 0) + 1  # (a side input is whole from the start)
                 norms.append(n)
             level[n] = lv
         if limit and level[nodes[-1]] + 1 > MAX_PASSES:
@@ -617,12 +648,48 @@ def computed_rows(seg: RowSegment, j: int, end: int) -> dict[torch.fx.Node, int]
     return hi
 
 
-def _buffer_starts(seg: RowSegment, order, before: dict, now: dict) -> dict[torch.fx.Node, int]:
+def rematerialized(seg: RowSegment) -> frozenset[torch.fx.Node]:
+    """Nodes whose rows above a band are recomputed rather than kept: memory-bound ops (pointwise, copies,
+    pads, joins, nearest upsampling, views) whose rows cost no more to recompute from what is kept than to keep
+    (``REMAT_GROWTH``). A convolution's input is typically such a chain from the residual stream (norm, SiLU,
+    the causal cache joined, the pad; an upsampler's rows cast to fp32, upsampled and cast back): kept, it costs
+    a few rows of every link at full width; recomputed, the rows of the chain's start, which the residual add
+    keeps anyway, or the half-width rows an upsampling reads. What a recomputed node costs to keep is what its
+    inputs cost (a view: its base's; the segment's inputs nothing: the caller holds them whole), in bytes of
+    whole values (a node's kept rows are a fraction of it, and its inputs' the same fraction). The
+    recomputation is a few rows per band of ops that cost their bytes (the time model charges it)."""
+    out = set()
+    outputs = {seg.output, *seg.side_outputs}
+    keep_cost: dict[torch.fx.Node, int] = {seg.input: 0, **{p: 0 for p in seg.side_inputs}}
+    for n in seg.nodes:
+        own = tensor_bytes(val(n))
+        keep_cost[n] = own
+        if n in outputs or _family(n, seg) in ("conv", "group_norm", "sdpa", "keys") or n.target is ops.GROUP_NORM:
+            continue
+        kind = op_class(n)
+        if kind not in ("pointwise", "copy", "view"):
+            continue
+        banded = _banded_inputs(n, seg)
+        if not banded:
+            continue
+        if kind == "view" and n.args and n.args[0] in banded:
+            banded = [n.args[0]]  # a view's rows are its base's
+        cost = sum(keep_cost.get(p, tensor_bytes(val(p))) for p in banded)
+        if cost <= REMAT_GROWTH * own:
+            out.add(n)
+            keep_cost[n] = min(cost, own)
+    return frozenset(out)
+
+
+def _buffer_starts(seg: RowSegment, order, before: dict, now: dict,
+                   remat: frozenset = frozenset()) -> dict[torch.fx.Node, int]:
     """The first row of each node a band must hold: its new rows, and the rows before them that the next
-    ops read (a convolution's rows above, kept from the previous band)."""
+    ops read (a convolution's rows above, kept from the previous band). A rematerialized node computes its
+    rows from its first held one, so its inputs' rows start earlier (the consumers come later in ``order``:
+    walked backwards, each node's start is final before it asks its inputs)."""
     start = {n: before.get(n, 0) for n in order}
-    for n in order:
-        a, b = before.get(n, 0), now[n]
+    for n in reversed(order):
+        a, b = (start[n] if n in remat else before.get(n, 0)), now[n]
         if b <= a:
             continue
         for p, r in seg.reqs[n].items():
@@ -661,14 +728,16 @@ class _PassBuilder:
     band and are kept (a few rows per convolution input), never recomputed."""
 
     def __init__(self, seg: RowSegment, j: int, bounds: list[tuple[int, int]], ext_index, norm_key,
-                 emit: bool = True):
+                 emit: bool = True, remat: frozenset = frozenset()):
         self.seg, self.j, self.bounds = seg, j, bounds
+        self.remat = remat  # nodes recomputed over the rows above each band (:func:`rematerialized`)
         self.emit = emit  # False: the instructions carry their slots and bytes only (for the planner's trials)
         self.targets = seg.stats_targets(j)
         self.final = j == seg.num_passes - 1
         self.ext_index, self.norm_key = ext_index, norm_key
         self.counter = 1
         self.carry: dict[torch.fx.Node, int] = {}  # node -> slot with its rows kept from the previous band
+        self.recomputed: dict[torch.fx.Node, int] = {}  # rematerialized node -> rows above the second band
         self.order: list[torch.fx.Node] | None = None
         self._hi: dict[int, dict] = {}
         # side inputs: negative slots, bound to the whole tensors before the bands; outputs: the output first
@@ -693,8 +762,8 @@ class _PassBuilder:
         if self.order is None:
             self.order = [n for n in seg.nodes if n in now]
         order = self.order
-        start = _buffer_starts(seg, order, before, now)
-        nxt = _buffer_starts(seg, order, now, self.hi(s + 1)) if s + 1 < len(self.bounds) else None
+        start = _buffer_starts(seg, order, before, now, self.remat)
+        nxt = _buffer_starts(seg, order, now, self.hi(s + 1), self.remat) if s + 1 < len(self.bounds) else None
         a_pos, b_pos = self.bounds[s]
         prog: list[tuple] = []
         buf: dict[torch.fx.Node, int] = {}
@@ -712,16 +781,22 @@ class _PassBuilder:
                 oa, ob = seg.own(x, a_pos, b_pos)
                 prog.append(("stats", self.norm_key[g], rows_of(x, oa, ob), g.args[1],
                              (ob - oa) * _row_bytes(x, seg)))
+        remat = self.remat
         for n in order:
             a, b = before.get(n, 0), now[n]
             d = seg.row_dim[n]
             parts = []
-            if n in self.carry:
+            lo = a
+            if n in remat:
+                lo = start[n]  # the rows above recomputed, not kept
+                if s == 1:
+                    self.recomputed[n] = a - lo
+            elif n in self.carry:
                 parts.append(self.carry.pop(n))
             elif start[n] < a:
                 raise AssertionError(f"rows of {n.name} above band {s} were not kept")
-            if b > a:
-                parts.append(self._compute(n, a, b, rows_of, prog))
+            if b > lo:
+                parts.append(self._compute(n, lo, b, rows_of, prog))
             if not parts:
                 continue
             if len(parts) == 2:
@@ -741,7 +816,7 @@ class _PassBuilder:
         keep = {}
         if nxt is not None:
             for n, slot in buf.items():
-                if nxt[n] < now[n]:
+                if nxt[n] < now[n] and n not in remat:
                     keep[slot] = (n, nxt[n] - start[n], now[n] - nxt[n])
         return self._with_frees(prog, keep)
 
@@ -964,8 +1039,26 @@ def segment_loop(seg: RowSegment, bands: int) -> LoopCost:
 
 def _estimate(seg: RowSegment, bands: int) -> tuple[int, LoopCost]:
     memo = seg.memo.setdefault("loops", {})
-    if bands in memo:
-        return memo[bands]
+    if bands not in memo:
+        # recomputing the rows above a band lowers the rows kept and widens each band's values: kept where it
+        # lowers the workspace (many thin bands), not where the widened bands cost more (a few wide ones)
+        plain = _estimate_with(seg, bands, frozenset())
+        memo[bands] = (plain, frozenset())
+        if seg.remat:
+            remat = _estimate_with(seg, bands, seg.remat)
+            if remat[0] < plain[0]:
+                memo[bands] = (remat, seg.remat)
+    return memo[bands][0]
+
+
+def recomputed(seg: RowSegment, bands: int) -> frozenset[torch.fx.Node]:
+    """The nodes the ``bands`` bands of ``seg`` recompute over the rows above each band (the planner's choice,
+    made once per segment and band count: a saved plan replays it)."""
+    _estimate(seg, bands)
+    return seg.memo["loops"][bands][1]
+
+
+def _estimate_with(seg: RowSegment, bands: int, remat: frozenset) -> tuple[int, LoopCost]:
     bounds = slice_bounds(seg.length, bands)
     norm_key = {g: i for i, g in enumerate(seg.norms)}
     table = seg.shared.get("table")
@@ -976,15 +1069,20 @@ def _estimate(seg: RowSegment, bands: int) -> tuple[int, LoopCost]:
         # A statistics pass runs the same program in every segment from this input whose GroupNorms at
         # its depth are the same: what it computes is upstream of them (same rows, dims and bytes).
         key = None if j == seg.num_passes - 1 else \
-            ("pass", seg.input, seg.row_dim[seg.input], seg.length, bands, frozenset(seg.stats_targets(j)))
+            ("pass", seg.input, seg.row_dim[seg.input], seg.length, bands, frozenset(seg.stats_targets(j)), remat)
         done = seg.shared.get(key) if key is not None else None
         if done is None:
-            builder = _PassBuilder(seg, j, bounds, {}, norm_key, emit=False)
+            builder = _PassBuilder(seg, j, bounds, {}, norm_key, emit=False, remat=remat)
             first = builder.band(0)
             steady = builder.band(1) if len(bounds) > 1 else []
             peak = simulate(first + steady)
             rest = len(bounds) - 1
             work = [table[n] for n in builder.hi(0) if n in table]
+            for n, extra in builder.recomputed.items():  # rows above each later band, recomputed
+                w = table.get(n)
+                if w is not None and extra > 0:
+                    f = extra * rest / seg.rows[n]
+                    work.append(NodeCost(w.kind, int(w.flops * f), int(w.nbytes * f), w.op, int(w.out_bytes * f)))
             work += [NodeCost("norm", 0, tensor_bytes(val(g.args[0])), "statistics", tensor_bytes(val(g.args[0])))
                      for g in seg.stats_targets(j)]
             done = (peak, LoopCost(
@@ -999,8 +1097,7 @@ def _estimate(seg: RowSegment, bands: int) -> tuple[int, LoopCost]:
         loop.instructions += done[1].instructions
         loop.copy_bytes += done[1].copy_bytes
     loop.piece = 1 / len(bounds)
-    memo[bands] = (ws, loop)
-    return memo[bands]
+    return ws, loop
 
 
 def _instructions(program: list[tuple]) -> int:
@@ -1028,8 +1125,9 @@ def build_programs(seg: RowSegment, bands: int) -> tuple[list[list[tuple]], list
     ext_index = {p: i for i, p in enumerate(seg.externals)}
     norm_key = {g: i for i, g in enumerate(seg.norms)}
     programs = []
+    remat = recomputed(seg, bands)
     for j in _passes(seg):
-        builder = _PassBuilder(seg, j, bounds, ext_index, norm_key)
+        builder = _PassBuilder(seg, j, bounds, ext_index, norm_key, remat=remat)
         programs.append([ins for s in range(len(bounds)) for ins in builder.band(s)])
     return programs, list(seg.externals)
 
