@@ -249,7 +249,8 @@ def _rebuild(gm: torch.fx.GraphModule, decisions: list[GroupPlan], request: Plan
         named = {n.name: n for n in work.graph.nodes}
         choices = []
         for g in segments:
-            seg = analysis.segment(named[g.start], named[g.end]) if g.start in named and g.end in named else None
+            seg = analysis.segment(named[g.start], named[g.end], limit=False) \
+                if g.start in named and g.end in named else None
             if seg is None or seg.num_passes != g.passes:
                 raise PlanMismatchError(f"the plan's row-streamed segment '{g.name}' ({g.start} .. {g.end}) does not "
                                         "match this graph: plan again")

@@ -59,7 +59,8 @@ from passes.timing import DeviceCosts, LoopCost, NodeCost, costs_for, node_costs
 BAND_LADDER = (2, 4, 8, 16, 32, 64, 128)
 # The planner stops adding bands to a segment once a step of the ladder saves less than this fraction.
 LADDER_GAIN = 0.01
-# A segment with more passes than this is not considered: pass p recomputes passes 0..p-1.
+# A segment with more passes than this is not considered where cut points could split it: pass p recomputes
+# passes 0..p-1.
 MAX_PASSES = 24
 # A memory-bound node is recomputed over the rows above a band (not kept) when its banded inputs' storage is at
 # most this many times its value's bytes: a quarter over admits a per-position statistic broadcast beside the
@@ -317,8 +318,16 @@ class RowAnalysis:
         # seconds with, and the graph's node costs
         self._shared: dict = {"costs": costs if costs is not None else costs_for("cpu")}
         self._rules: dict[tuple[torch.fx.Node, int], dict | None] = {}
+        self._logical: dict[tuple[torch.fx.Node, int], int] = {}
         self._cuts: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         self._ends: list[torch.fx.Node] | None = None
+
+    def logical(self, n: torch.fx.Node, d: int) -> int:
+        """:func:`logical_rows`, memoised."""
+        key = (n, d)
+        if key not in self._logical:
+            self._logical[key] = logical_rows(n, d)
+        return self._logical[key]
 
     def rule(self, n: torch.fx.Node, d: int) -> dict[torch.fx.Node, object] | None:
         """:func:`row_rule`, memoised (every segment through ``n`` asks it)."""
@@ -340,13 +349,13 @@ class RowAnalysis:
             self._down[c] = seen
         return self._down[c]
 
-    def segment(self, c_in: torch.fx.Node, c_out: torch.fx.Node) -> RowSegment | None:
+    def segment(self, c_in: torch.fx.Node, c_out: torch.fx.Node, limit: bool = True) -> RowSegment | None:
         """The segment from ``c_in`` to ``c_out``: the output's :meth:`region` where ``c_in`` is its first input,
-        else what lies between them."""
-        key = (c_in.name, c_out.name)
+        else what lies between them; with ``limit``, None past ``MAX_PASSES`` passes."""
+        key = (c_in.name, c_out.name, limit)
         if key not in self._segments:
             region = self.region() if c_out is self.graph_output else None
-            seg = region if region is not None and region.input is c_in else self._build(c_in, c_out)
+            seg = region if region is not None and region.input is c_in else self._build(c_in, c_out, limit)
             if seg is not None:
                 seg.shared = self._shared
             self._segments[key] = seg
@@ -394,6 +403,7 @@ class RowAnalysis:
             for d_in in range(2, val(c_in).dim()):
                 built = self._dims(c_in, d_in, nodes)
                 if built is not None and len(built.side_inputs) + 1 >= len(inputs) // 2:
+                    built.shared = self._shared
                     self._shared["region"] = built
                     return built
         return None
@@ -486,7 +496,7 @@ class RowAnalysis:
                         rows_p = rows[p]
                     if isinstance(a, RowReq):
                         dim_p = new_sides.get(p, row_dim.get(p))
-                        if a.dim != dim_p or rows_p * (a.factor if a.kind == "up" else 1) != logical_rows(n, d):
+                        if a.dim != dim_p or rows_p * (a.factor if a.kind == "up" else 1) != self.logical(n, d):
                             ok = False
                     elif p in row_dim:
                         ok = False
@@ -501,7 +511,7 @@ class RowAnalysis:
             for p, dim_p in new_sides.items():
                 row_dim[p], rows[p] = dim_p, shape(p)[dim_p]
                 sides.append(p)
-            row_dim[n], rows[n], reqs[n] = d, logical_rows(n, d), r
+            row_dim[n], rows[n], reqs[n] = d, self.logical(n, d), r
             for p in ins:
                 if p not in inside and p is not c_in and p not in externals:
                     externals.append(p)
@@ -705,6 +715,14 @@ def _family(n: torch.fx.Node, seg: RowSegment) -> str | None:
     return memo[n]
 
 
+def _folded(n: torch.fx.Node, seg: RowSegment) -> bool:
+    """Whether ``n`` is a pad folded into its convolutions' halo along its row dim (:func:`folded_pad`)."""
+    memo = seg.memo.setdefault("folded", {})
+    if n not in memo:
+        memo[n] = _pads(n) is not None and folded_pad(n, seg.row_dim[n]) is not None
+    return memo[n]
+
+
 def _conv_params(n: torch.fx.Node, seg: RowSegment) -> dict:
     memo = seg.memo.setdefault("conv", {})
     if n not in memo:
@@ -740,6 +758,7 @@ class _PassBuilder:
         self.recomputed: dict[torch.fx.Node, int] = {}  # rematerialized node -> rows above the second band
         self.order: list[torch.fx.Node] | None = None
         self._hi: dict[int, dict] = {}
+        self._starts: dict[int, dict] = {}
         # side inputs: negative slots, bound to the whole tensors before the bands; outputs: the output first
         self.side_slot = {p: -1 - i for i, p in enumerate(seg.side_inputs)}
         self.out_index = {o: k for k, o in enumerate((seg.output, *seg.side_outputs))}
@@ -756,14 +775,20 @@ class _PassBuilder:
             self._hi[s] = computed_rows(self.seg, self.j, self.bounds[s][1])
         return self._hi[s]
 
+    def starts(self, s: int) -> dict[torch.fx.Node, int]:
+        """:func:`_buffer_starts` of band ``s`` (band ``s - 1`` asked for them as its next band's)."""
+        if s not in self._starts:
+            self._starts = {s: _buffer_starts(self.seg, self.order, self.hi(s - 1), self.hi(s), self.remat)}
+        return self._starts[s]
+
     def band(self, s: int) -> list[tuple]:
         seg = self.seg
         before, now = self.hi(s - 1), self.hi(s)
         if self.order is None:
             self.order = [n for n in seg.nodes if n in now]
         order = self.order
-        start = _buffer_starts(seg, order, before, now, self.remat)
-        nxt = _buffer_starts(seg, order, now, self.hi(s + 1), self.remat) if s + 1 < len(self.bounds) else None
+        start = self.starts(s)
+        nxt = self.starts(s + 1) if s + 1 < len(self.bounds) else None
         a_pos, b_pos = self.bounds[s]
         prog: list[tuple] = []
         buf: dict[torch.fx.Node, int] = {}
@@ -898,7 +923,7 @@ class _PassBuilder:
                 args = torch.fx.node.map_arg(args, mapped)
                 if lo - pa * r.factor or hi - lo != (pb - pa) * r.factor:
                     post = (d, lo - pa * r.factor, hi - lo)
-        elif _pads(n) is not None and folded_pad(n, d) is not None:
+        elif _folded(n, seg):
             if self.emit:  # its other dims padded as in the graph; the convolutions pad the rows
                 fn, kwargs = F.pad, {}
                 pads, mode = _pads(n)
@@ -1179,7 +1204,17 @@ def chain(analysis: RowAnalysis, start: torch.fx.Node, cuts: list[torch.fx.Node]
           slack: float = 0.02, floor: int = 0, end: torch.fx.Node | None = None) -> list[RowChoice] | None:
     """Segments from ``start`` to the graph's output through some of ``cuts``: each under ``goal`` bytes with
     the least predicted time (``goal`` None: the lowest reachable maximum or ``floor``, whichever is higher,
-    within ``slack``, then the least time)."""
+    within ``slack``, then the least time). Where no such chain exists from the first cut point, from there to
+    the end as one segment past ``MAX_PASSES`` (CogVideoX's frame batches chain their GroupNorms and causal caches from the latent to
+    the output: no cut splits them, one segment of 38 passes at full size)."""
+    found = _chain(analysis, start, cuts, goal, slack, floor, end, whole=False)
+    if found is None and cuts and start is cuts[0]:  # (from the first start only: each such segment is long)
+        found = _chain(analysis, start, cuts, goal, slack, floor, end, whole=True)
+    return found
+
+
+def _chain(analysis: RowAnalysis, start: torch.fx.Node, cuts: list[torch.fx.Node], goal: int | None,
+           slack: float, floor: int, end: torch.fx.Node | None, whole: bool) -> list[RowChoice] | None:
     end = analysis.graph_output if end is None else end
     points = [start] + [c for c in cuts if analysis.index[start] < analysis.index[c] < analysis.index[end]] + [end]
     points = list(dict.fromkeys(points))
@@ -1193,7 +1228,7 @@ def chain(analysis: RowAnalysis, start: torch.fx.Node, cuts: list[torch.fx.Node]
     def option(i: int, j: int, g: int | None) -> RowChoice | None:
         key = (i, j, g)
         if key not in choices:
-            seg = analysis.segment(points[i], points[j])
+            seg = analysis.segment(points[i], points[j], limit=not (whole and (i, j) == (0, len(points) - 1)))
             choices[key] = None if seg is None else best_bands(seg, g)
         return choices[key]
 

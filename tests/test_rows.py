@@ -639,3 +639,26 @@ def test_the_region_starts_after_what_each_chunk_holds_in_fewer_bytes_whole():
             z = torch.randn(1, 8, 6, 12, 10) * (seed + 1)
             assert _close(compiled(z), module(z))
     assert [g for g in compiled.plan.groups if g.kind == "rows" and g.slices > 1]
+
+
+def test_frame_batches_chained_by_their_caches_stream_as_one_segment_past_the_pass_limit(monkeypatch):
+    """CogVideoX decodes frame batches whose causal caches chain them: no cut splits the decode, and its
+    GroupNorms in series make one segment from the latent to the output of more passes than ``MAX_PASSES``
+    (38 at full size; 18 here, over a limit lowered to 8). Where no chain within the limit exists, that one
+    segment is planned: exact, in what the plan predicts (tiny, 17 frames: two batches)."""
+    from passes import rows
+
+    monkeypatch.setattr(rows, "MAX_PASSES", 8)
+    built = models.build("cogvideox-vae-decoder", "tiny", frames=17)
+    compiled = fxstream.compile(built.module)
+    with torch.no_grad():
+        eager = measure(built.module, *built.args)
+        compiled(*built.args)
+        got = measure(compiled, *built.args)
+    assert _close(got.output, eager.output)
+    streamed = [g for g in compiled.plan.groups if g.kind == "rows" and g.slices > 1]
+    assert [(g.start, g.passes) for g in streamed] == [("z", 18)], [(g.start, g.passes) for g in streamed]
+    predicted = compiled.plan.predicted_activation_peak_bytes
+    assert abs(got.activation_peak_bytes - predicted) <= 0.1 * predicted, (got.activation_peak_bytes, predicted)
+    # 15% of eager here (1,467,536 of 9,588,736 B)
+    assert got.activation_peak_bytes <= 0.2 * eager.activation_peak_bytes
