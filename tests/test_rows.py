@@ -369,6 +369,21 @@ def test_a_budget_only_rows_reach_is_met_exactly():
     assert any(g.kind == "rows" for g in compiled.plan.groups)
 
 
+def _at_minimum(built):
+    """A zoo module compiled at the minimum: (compiled, eager's measurement, the compiled one's), its output equal
+    to eager's, a row-streamed segment in its plan and its measured peak within 10% of the prediction."""
+    compiled = fxstream.compile(built.module)
+    with torch.no_grad():
+        eager = measure(built.module, *built.args)
+        compiled(*built.args)
+        got = measure(compiled, *built.args)
+    assert _close(got.output, eager.output)
+    assert [g for g in compiled.plan.groups if g.kind == "rows" and g.slices > 1]
+    predicted = compiled.plan.predicted_activation_peak_bytes
+    assert abs(got.activation_peak_bytes - predicted) <= 0.1 * predicted, (got.activation_peak_bytes, predicted)
+    return compiled, eager, got
+
+
 # measured here at the minimum, against eager: HunyuanVideo 26% (58% while the upsampler's split stopped the
 # bands, 72% with no pad folded); CogVideoX 17%, from the latent on (45% while its causal convolutions' cache,
 # unread after the last chunk, left every segment); Mochi 28% (77% with no depth-to-space); LTX-Video 45% (the
@@ -387,16 +402,9 @@ def test_3d_causal_vae_decodes_stream_by_rows_exactly_in_what_the_plan_predicts(
     from dit_models import build
 
     built = build(name)
-    compiled = fxstream.compile(built.module)
-    with torch.no_grad():
-        eager = measure(built.module, *built.args)
-        compiled(*built.args)
-        got = measure(compiled, *built.args)
-    assert _close(got.output, eager.output)
+    compiled, eager, got = _at_minimum(built)
     plan = compiled.plan
-    assert [g for g in plan.groups if g.kind == "rows" and g.slices > 1]
     predicted = plan.predicted_activation_peak_bytes
-    assert abs(got.activation_peak_bytes - predicted) <= 0.1 * predicted, (got.activation_peak_bytes, predicted)
     assert got.activation_peak_bytes <= VAE_RATIO[name] * eager.activation_peak_bytes, (
         got.activation_peak_bytes, eager.activation_peak_bytes)
     # and at a budget halfway between the minimum and eager, exactly, within the budget
@@ -424,10 +432,14 @@ class ChunkLoop(nn.Module):
         x = torch.cat([cache, x], 2) if cache is not None else F.pad(x, (0, 0, 0, 0, 2, 0))
         return conv(F.pad(x, (1, 1, 1, 1, 0, 0))), new
 
+    def head(self, x):
+        """What a chunk runs on its latent frames before its causal convolutions."""
+        return F.interpolate(x, scale_factor=(1, 2, 2))
+
     def forward(self, z):
         caches, outs = [None, None], []
         for i in range(z.shape[2] // 2):
-            x = F.interpolate(z[:, :, 2 * i:2 * i + 2], scale_factor=(1, 2, 2))
+            x = self.head(z[:, :, 2 * i:2 * i + 2])
             h, caches[0] = self.causal(self.conv1, F.silu(x), caches[0])
             y, caches[1] = self.causal(self.conv2, F.silu(h), caches[1])
             outs.append(y)
@@ -464,19 +476,25 @@ def test_a_chunk_reads_the_cache_of_the_chunk_before_and_hands_its_own_to_the_ne
             assert _close(streamed(z), module(z))
 
 
+def _compiled_exactly(module, shape):
+    """``module`` compiled at the minimum, with a row-streamed segment, equal to eager on two seeds; and the last
+    input."""
+    compiled = fxstream.compile(module)
+    with torch.no_grad():
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            z = torch.randn(shape) * (seed + 1)
+            assert _close(compiled(z), module(z))
+    assert [g for g in compiled.plan.groups if g.kind == "rows" and g.slices > 1]
+    return compiled, z
+
+
 class ChunkLoopWithBarrier(ChunkLoop):
     """:class:`ChunkLoop` with what no band passes at the start of every chunk (Wan's per-frame attention in each
     chunk's mid-block; here a mean over the chunk's frames and pixels)."""
 
-    def forward(self, z):
-        caches, outs = [None, None], []
-        for i in range(z.shape[2] // 2):
-            x = z[:, :, 2 * i:2 * i + 2]
-            x = F.interpolate(x - x.mean(dim=(2, 3, 4), keepdim=True), scale_factor=(1, 2, 2))
-            h, caches[0] = self.causal(self.conv1, F.silu(x), caches[0])
-            y, caches[1] = self.causal(self.conv2, F.silu(h), caches[1])
-            outs.append(y)
-        return torch.cat(outs, 2)
+    def head(self, x):
+        return F.interpolate(x - x.mean(dim=(2, 3, 4), keepdim=True), scale_factor=(1, 2, 2))
 
 
 def test_every_chunks_tail_streams_as_one_region_past_the_barriers_of_each_chunk():
@@ -491,14 +509,9 @@ def test_every_chunks_tail_streams_as_one_region_past_the_barriers_of_each_chunk
     assert len(means) == 3 and not set(means) & set(region.nodes)  # the barriers run before, whole
     assert len(region.side_inputs) >= 2  # the later chunks' inputs, read by bands alongside the first's
     assert analysis.segment(region.input, analysis.graph_output) is region  # what a saved plan replays
-    compiled = fxstream.compile(module)
+    compiled, z = _compiled_exactly(module, (1, 8, 6, 12, 10))
     with torch.no_grad():
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            z = torch.randn(1, 8, 6, 12, 10) * (seed + 1)
-            assert _close(compiled(z), module(z))
         got = measure(compiled, z)
-    assert [g for g in compiled.plan.groups if g.kind == "rows" and g.slices > 1]
     predicted = compiled.plan.predicted_activation_peak_bytes
     assert abs(got.activation_peak_bytes - predicted) <= 0.1 * predicted, (got.activation_peak_bytes, predicted)
     with torch.no_grad():
@@ -553,9 +566,7 @@ def test_rows_above_a_band_are_recomputed_through_memory_bound_chains_not_kept()
 
     torch.manual_seed(0)
     module = ResidualTail().eval()
-    x = torch.randn(1, 8, 3, 16, 12)
-    gm = _captured(module, x)
-    work, _ = copy_graph_module(gm)
+    work, _ = copy_graph_module(_captured(module, torch.randn(1, 8, 3, 16, 12)))
     analysis = RowAnalysis(work)
     seg = analysis.segment(analysis.cut_points()[0], analysis.graph_output)
     bands = 8
@@ -609,16 +620,9 @@ class ChunkLoopWithAttention(ChunkLoop):
         super().__init__(c)
         self.proj = nn.Conv3d(c, c, 1)
 
-    def forward(self, z):
-        caches, outs = [None, None], []
-        for i in range(z.shape[2] // 2):
-            x = z[:, :, 2 * i:2 * i + 2]
-            a = torch.softmax(x.flatten(2), dim=-1).view_as(x)
-            x = F.interpolate(x + self.proj(a), scale_factor=(1, 2, 2))
-            h, caches[0] = self.causal(self.conv1, F.silu(x), caches[0])
-            y, caches[1] = self.causal(self.conv2, F.silu(h), caches[1])
-            outs.append(y)
-        return torch.cat(outs, 2)
+    def head(self, x):
+        a = torch.softmax(x.flatten(2), dim=-1).view_as(x)
+        return F.interpolate(x + self.proj(a), scale_factor=(1, 2, 2))
 
 
 def test_the_region_starts_after_what_each_chunk_holds_in_fewer_bytes_whole():
@@ -632,13 +636,7 @@ def test_the_region_starts_after_what_each_chunk_holds_in_fewer_bytes_whole():
     assert region is not None
     reads = [region.input, *region.side_inputs]
     assert [n.target for n in reads] == [torch.ops.aten.add.Tensor] * 3, [n.target for n in reads]
-    compiled = fxstream.compile(module)
-    with torch.no_grad():
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            z = torch.randn(1, 8, 6, 12, 10) * (seed + 1)
-            assert _close(compiled(z), module(z))
-    assert [g for g in compiled.plan.groups if g.kind == "rows" and g.slices > 1]
+    _compiled_exactly(module, (1, 8, 6, 12, 10))
 
 
 def test_frame_batches_chained_by_their_caches_stream_as_one_segment_past_the_pass_limit(monkeypatch):
@@ -649,16 +647,8 @@ def test_frame_batches_chained_by_their_caches_stream_as_one_segment_past_the_pa
     from passes import rows
 
     monkeypatch.setattr(rows, "MAX_PASSES", 8)
-    built = models.build("cogvideox-vae-decoder", "tiny", frames=17)
-    compiled = fxstream.compile(built.module)
-    with torch.no_grad():
-        eager = measure(built.module, *built.args)
-        compiled(*built.args)
-        got = measure(compiled, *built.args)
-    assert _close(got.output, eager.output)
+    compiled, eager, got = _at_minimum(models.build("cogvideox-vae-decoder", "tiny", frames=17))
     streamed = [g for g in compiled.plan.groups if g.kind == "rows" and g.slices > 1]
     assert [(g.start, g.passes) for g in streamed] == [("z", 18)], [(g.start, g.passes) for g in streamed]
-    predicted = compiled.plan.predicted_activation_peak_bytes
-    assert abs(got.activation_peak_bytes - predicted) <= 0.1 * predicted, (got.activation_peak_bytes, predicted)
     # 15% of eager here (1,467,536 of 9,588,736 B)
     assert got.activation_peak_bytes <= 0.2 * eager.activation_peak_bytes
