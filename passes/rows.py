@@ -23,9 +23,9 @@ Bands run top to bottom and each computes only the rows of each node that no ear
 (line-buffered streaming): the rows above a band that a convolution reads are kept from the previous band, a
 few rows per convolution input, so no convolution's halo is recomputed. A chain of memory-bound ops into a
 convolution (norm, SiLU, pad, upsampling) may instead be recomputed over those rows from the value it starts
-at, which is kept anyway (:func:`rematerialized`), where that lowers the workspace. The passes do cost recomputation (pass ``j``
-recomputes from the segment's input what its statistics need); in exchange no tensor between the segment's
-input and output ever exists at full size. Segments are chained at cut points (tensors every later node
+at, which is kept anyway (:func:`rematerialized`), where that lowers the workspace. The passes do cost
+recomputation (pass ``j`` recomputes from the segment's input what its statistics need); in exchange no tensor
+between the segment's input and output ever exists at full size. Segments are chained at cut points (tensors every later node
 reaches only through them), each a full-size tensor the next segment reads.
 
 Input: a captured GraphModule. Output: :class:`RowSegment` s, their programs for
@@ -62,9 +62,9 @@ LADDER_GAIN = 0.01
 # A segment with more passes than this is not considered where cut points could split it: pass p recomputes
 # passes 0..p-1.
 MAX_PASSES = 24
-# A memory-bound node is recomputed over the rows above a band (not kept) when its banded inputs' storage is at
-# most this many times its value's bytes: a quarter over admits a per-position statistic broadcast beside the
-# input (an RMS norm's divisor), and nothing that would keep twice what it saves.
+# A memory-bound node may be recomputed over the rows above a band (not kept) when keeping what it is recomputed
+# from costs at most this many times its own bytes (:func:`rematerialized`): a quarter over admits a per-position
+# statistic broadcast beside the input (an RMS norm's divisor), and nothing that would keep twice what it saves.
 REMAT_GROWTH = 1.25
 
 
