@@ -674,17 +674,15 @@ def rematerialized(seg: RowSegment) -> frozenset[torch.fx.Node]:
     for n in seg.nodes:
         own = tensor_bytes(val(n))
         keep_cost[n] = own
-        if n in outputs or _family(n, seg) in ("conv", "group_norm", "sdpa", "keys") or n.target is ops.GROUP_NORM:
-            continue
-        kind = op_class(n)
-        if kind not in ("pointwise", "copy", "view"):
+        kind = op_class(n)  # (convolutions, attention and norms are classes of their own)
+        if n in outputs or kind not in ("pointwise", "copy", "view"):
             continue
         banded = _banded_inputs(n, seg)
         if not banded:
             continue
         if kind == "view" and n.args and n.args[0] in banded:
             banded = [n.args[0]]  # a view's rows are its base's
-        cost = sum(keep_cost.get(p, tensor_bytes(val(p))) for p in banded)
+        cost = sum(keep_cost[p] for p in banded)
         if cost <= REMAT_GROWTH * own:
             out.add(n)
             keep_cost[n] = min(cost, own)
