@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,13 @@ LADDER_GAIN = 0.01
 # A segment with more passes than this is not considered where cut points could split it: pass p recomputes
 # passes 0..p-1.
 MAX_PASSES = 24
+# A segment runs at most this many band programs (passes x bands; each is interpreted on the host, its
+# instructions dispatched one by one): finer bands are not tried past it (CogVideoX's 38 passes stop at its
+# latent's 60 rows, 1.01 GiB at full size; 240 bands would save a tenth of that for 4x the instructions).
+MAX_BAND_PROGRAMS = 4096
+# Bands finer than a row of the segment's coarsest nodes split each of its rows into at most this many (a decoder
+# upsamples 8x: a latent row under 8 bands of one output row).
+MAX_SPLIT = 8
 # A memory-bound node may be recomputed over the rows above a band (not kept) when keeping what it is recomputed
 # from costs at most this many times its own bytes (:func:`rematerialized`): a quarter over admits a per-position
 # statistic broadcast beside the input (an RMS norm's divisor), and nothing that would keep twice what it saves.
@@ -282,11 +290,39 @@ class RowSegment:
         first, last = (paths[0], paths[-1]) if paths else (self.input.name, self.output.name)
         return first if first == last else f"{first} .. {last}"
 
-    def unit(self, n: torch.fx.Node) -> int:
-        return self.rows[n] // self.length
+    @property
+    def finest(self) -> int:
+        """Band positions of the finest bands: every node's rows divide it (the output's rows, in a decoder)."""
+        if "finest" not in self.memo:
+            self.memo["finest"] = math.lcm(*self.rows.values())
+        return self.memo["finest"]
 
-    def own(self, n: torch.fx.Node, a: int, b: int) -> tuple[int, int]:
-        return a * self.unit(n), b * self.unit(n)
+    def upto(self, n: torch.fx.Node, end: int) -> int:
+        """Rows of ``n`` that the bands before position ``end`` (of :attr:`finest`) own: a band finer than a row
+        of ``n`` owns the row it starts, so every row has one owner."""
+        return -(-end * self.rows[n] // self.finest)
+
+    def bounds(self, bands: int) -> list[tuple[int, int]]:
+        """The bands' positions (of :attr:`finest`): up to :attr:`length` bands, whole rows of every node
+        (``slice_bounds`` of the length); more, finer bands: some nodes' rows are owned by one band of several,
+        which the others read as rows kept from above (a latent row under several bands of output rows)."""
+        if bands <= self.length:
+            f = self.finest // self.length
+            return [(a * f, b * f) for a, b in slice_bounds(self.length, bands)]
+        return slice_bounds(self.finest, bands)
+
+    def finer(self) -> list[int]:
+        """Band counts finer than :attr:`length` whose bands are equal and split every row of every node
+        evenly (the length times a power of two that divides :attr:`finest` / :attr:`length`)."""
+        f, m, out = self.finest // self.length, 2, []
+        while m <= min(f, MAX_SPLIT) and f % m == 0:
+            out.append(self.length * m)
+            m *= 2
+        return out
+
+    def period(self, bands: int) -> int:
+        """Bands after which the pattern of rows each band computes repeats (one per length position)."""
+        return max(1, -(-bands // self.length))
 
     def stats_targets(self, j: int) -> list[torch.fx.Node]:
         return [g for g in self.norms if self.level[g] - 1 == j]
@@ -581,16 +617,24 @@ class RowAnalysis:
             first = max(first, self.index[earlier[-1]] + 1)  # a chunk's tail starts after the chunk before
         region = self.order[first:self.index[end] + 1]
         best: dict[str, torch.fx.Node] = {}
+        least: dict[str, torch.fx.Node] = {}
         keys = _block_keys(region)
         for n in region:
             if n.op not in ("call_function", "placeholder") or not isinstance(val(n), torch.Tensor) or val(n).dim() < 3:
                 continue
             if ops.of(n).layout and aliases_input(n):
                 continue
-            if n is end or self._build(n, end, limit=False) is None:
+            built = None if n is end else self._build(n, end, limit=False)
+            if built is None:
                 continue  # (a tail with too many passes for one segment is still a start: the chain cuts it)
-            best[n.name if n.op == "placeholder" else keys.get(n, "")] = n
-        return sorted(best.values(), key=self.index.__getitem__)
+            key = n.name if n.op == "placeholder" else keys.get(n, "")
+            best[key] = n
+            if not built.side_inputs and (key not in least or tensor_bytes(val(n)) <= tensor_bytes(val(least[key]))):
+                least[key] = n
+        # each block's last tensor, and its least that alone starts a tail (no other tensor read by bands) where
+        # that is smaller (Mochi's up blocks end in a depth-to-space of 8x their resnets' output)
+        found = set(best.values()) | set(least.values())
+        return sorted(found, key=self.index.__getitem__)
 
 
 def _block_keys(nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, str]:
@@ -643,19 +687,16 @@ def computed_rows(seg: RowSegment, j: int, end: int) -> dict[torch.fx.Node, int]
             hi[n] = h
 
     for g in seg.stats_targets(j):
-        up(g.args[0], end * seg.unit(g.args[0]))
+        up(g.args[0], seg.upto(g.args[0], end))
     if j == seg.num_passes - 1:
         for o in (seg.output, *seg.side_outputs):
-            up(o, end * seg.unit(o))
+            up(o, seg.upto(o, end))
     for n in reversed(seg.nodes):
         if n in hi:
             for p, r in seg.reqs[n].items():
                 if isinstance(r, RowReq):
                     up(p, r.needed(0, hi[n], seg.rows[p])[1])
-    hi.pop(seg.input, None)
-    for p in seg.side_inputs:
-        hi.pop(p, None)
-    return hi
+    return hi  # (with the rows read of the input and side inputs: not computed, they tell a band's reads)
 
 
 def rematerialized(seg: RowSegment) -> frozenset[torch.fx.Node]:
@@ -701,9 +742,10 @@ def _buffer_starts(seg: RowSegment, order, before: dict, now: dict,
         if b <= a:
             continue
         for p, r in seg.reqs[n].items():
-            if isinstance(r, RowReq) and p is not seg.input and p not in seg.side_inputs:
-                start[p] = min(start[p], r.needed(a, b, seg.rows[p])[0])
-    return start
+            if isinstance(r, RowReq):
+                first = r.needed(a, b, seg.rows[p])[0]
+                start[p] = min(start[p], first) if p in start else first
+    return start  # (with the first row read of the input and side inputs, read in place)
 
 
 def _family(n: torch.fx.Node, seg: RowSegment) -> str | None:
@@ -753,10 +795,11 @@ class _PassBuilder:
         self.ext_index, self.norm_key = ext_index, norm_key
         self.counter = 1
         self.carry: dict[torch.fx.Node, int] = {}  # node -> slot with its rows kept from the previous band
-        self.recomputed: dict[torch.fx.Node, int] = {}  # rematerialized node -> rows above the second band
+        self.recomputed: dict[torch.fx.Node, int] = {}  # rematerialized node -> rows above the bands after the first
         self.order: list[torch.fx.Node] | None = None
         self._hi: dict[int, dict] = {}
         self._starts: dict[int, dict] = {}
+        self._raw: dict[int, dict] = {}
         # side inputs: negative slots, bound to the whole tensors before the bands; outputs: the output first
         self.side_slot = {p: -1 - i for i, p in enumerate(seg.side_inputs)}
         self.out_index = {o: k for k, o in enumerate((seg.output, *seg.side_outputs))}
@@ -774,10 +817,74 @@ class _PassBuilder:
         return self._hi[s]
 
     def starts(self, s: int) -> dict[torch.fx.Node, int]:
-        """:func:`_buffer_starts` of band ``s`` (band ``s - 1`` asked for them as its next band's)."""
+        """The first row of each node band ``s`` holds (band ``s - 1`` asked for them as its next band's):
+        :func:`_buffer_starts` of the band, and of the bands up to a period ahead for the rows it does not
+        read but keeps for them (bands finer than a row of a node: a band that computes none of its rows
+        passes on the rows above that a later band reads)."""
         if s not in self._starts:
-            self._starts = {s: _buffer_starts(self.seg, self.order, self.hi(s - 1), self.hi(s), self.remat)}
+            last = min(s + self.seg.period(len(self.bounds)), len(self.bounds) - 1)
+            self._raw = {k: v for k, v in self._raw.items() if k >= s}
+            raw = [self._raw_starts(t) for t in range(s, last + 1)]
+            outside = {self.seg.input, *self.side_slot}
+            held = raw[0] if len(raw) == 1 else {n: a if n in self.remat or n in outside else
+                                                 min(a, *(r[n] for r in raw[1:])) for n, a in raw[0].items()}
+            keep = s - 2 - self.seg.period(len(self.bounds))  # (:meth:`bands` compares a period back)
+            self._starts = {k: v for k, v in self._starts.items() if k >= keep}
+            self._starts[s] = held
         return self._starts[s]
+
+    def _raw_starts(self, s: int) -> dict[torch.fx.Node, int]:
+        if s not in self._raw:
+            self._raw[s] = _buffer_starts(self.seg, self.order, self.hi(s - 1), self.hi(s), self.remat)
+        return self._raw[s]
+
+    def bands(self) -> Iterator[list[tuple]]:
+        """Every band's program, in order. Where a band repeats the band a period above it a period further
+        down (every node's rows computed, held and kept shifted by its rows per period, the same rows carried
+        in), its program is that band's on other slots and rows: shifted, not built again (all but the first
+        and last few of a segment's bands, in every pass)."""
+        n_b, p = len(self.bounds), self.seg.period(len(self.bounds))
+        built: dict[int, list[tuple]] = {}
+        marks: dict[int, tuple[int, dict]] = {}  # band -> (the slot counter, the carried rows) entering it
+        for s in range(n_b):
+            marks[s] = (self.counter, dict(self.carry))
+            t = s - p
+            shift = self._translation(t, s, marks) if t >= 1 else None
+            if shift is None:
+                prog = self.band(s)
+            else:
+                d = shift[0]
+                prog = _shifted(built[t], *shift)
+                self.counter = marks[t + 1][0] + d
+                self.carry = {n: c + d for n, c in marks[t + 1][1].items()}
+            built[s] = prog
+            for k in [k for k in built if k < s - p]:
+                del built[k], marks[k]
+            yield prog
+
+    def _translation(self, t: int, s: int, marks: dict) -> tuple | None:
+        """(slot shift, rows shift of the input and of each side input by slot, rows shift of each output)
+        where band ``s`` repeats band ``t`` shifted, else None."""
+        seg, bounds = self.seg, self.bounds
+        (a_t, b_t), (a_s, b_s) = bounds[t], bounds[s]
+        if b_s - a_s != b_t - a_t or s + 1 >= len(bounds):
+            return None
+        moved = a_s - a_t
+        delta = {}
+        for n, r in seg.rows.items():
+            if moved * r % seg.finest:
+                return None
+            delta[n] = moved * r // seg.finest
+        for x_t, x_s in ((self.hi(t - 1), self.hi(s - 1)), (self.hi(t), self.hi(s)),
+                         (self.starts(t), self.starts(s)), (self.starts(t + 1), self.starts(s + 1))):
+            if len(x_t) != len(x_s) or any(x_s.get(n, -1) != v + delta[n] for n, v in x_t.items()):
+                return None
+        d = marks[s][0] - marks[t][0]
+        if marks[s][1] != {n: c + d for n, c in marks[t][1].items()}:
+            return None
+        rows = {0: delta[seg.input], **{slot: delta[q] for q, slot in self.side_slot.items()}}
+        outs = {k: delta[o] for o, k in self.out_index.items()}
+        return d, rows, outs
 
     def band(self, s: int) -> list[tuple]:
         seg = self.seg
@@ -801,9 +908,10 @@ class _PassBuilder:
         for g in self.targets:
             x = g.args[0]
             if x is seg.input or x in self.side_slot:
-                oa, ob = seg.own(x, a_pos, b_pos)
-                prog.append(("stats", self.norm_key[g], rows_of(x, oa, ob), g.args[1],
-                             (ob - oa) * _row_bytes(x, seg)))
+                oa, ob = seg.upto(x, a_pos), seg.upto(x, b_pos)
+                if ob > oa:
+                    prog.append(("stats", self.norm_key[g], rows_of(x, oa, ob), g.args[1],
+                                 (ob - oa) * _row_bytes(x, seg)))
         remat = self.remat
         for n in order:
             a, b = before.get(n, 0), now[n]
@@ -812,8 +920,8 @@ class _PassBuilder:
             lo = a
             if n in remat:
                 lo = start[n]  # the rows above recomputed, not kept
-                if s == 1:
-                    self.recomputed[n] = a - lo
+                if s >= 1:
+                    self.recomputed[n] = self.recomputed.get(n, 0) + a - lo
             elif n in self.carry:
                 parts.append(self.carry.pop(n))
             elif start[n] < a:
@@ -980,6 +1088,38 @@ class _PassBuilder:
         return out
 
 
+def _shifted(prog: list[tuple], d: int, rows: dict[int, int], outs: dict[int, int]) -> list[tuple]:
+    """``prog`` on slots ``d`` further (the caller's slots, 0 and the side inputs', stay) and rows further down:
+    the input's and side inputs' (read in place, by absolute rows) by ``rows`` of their slot, the outputs'
+    by ``outs``; a band of a buffer is relative to it and stays."""
+
+    def band(b: Band) -> Band:
+        return b._replace(slot=b.slot + d) if b.slot > 0 else b._replace(start=b.start + rows[b.slot])
+
+    def arg(a):
+        if isinstance(a, Band):
+            return band(a)
+        if isinstance(a, (list, tuple)) and any(isinstance(b, Band) for b in a):
+            return type(a)(band(b) if isinstance(b, Band) else b for b in a)
+        return a
+
+    out = []
+    for ins in prog:
+        kind = ins[0]
+        if kind == "op":
+            _, slot, fn, args, kwargs, post, nbytes = ins
+            out.append(("op", slot + d, fn, tuple(arg(a) for a in args),
+                        {k: arg(v) for k, v in kwargs.items()} if kwargs else kwargs, post, nbytes))
+        elif kind == "stats":
+            out.append((kind, ins[1], band(ins[2]), *ins[3:]))
+        elif kind == "out":
+            _, b, (a, length), k = ins
+            out.append((kind, band(b), (a + outs[k], length), k))
+        else:
+            out.append((kind, [x + d for x in ins[1]]))
+    return out
+
+
 def _reads(ins: tuple) -> list[int]:
     """Slots an instruction reads (Bands sit in its arguments, or in a list argument: torch.cat)."""
     kind = ins[0]
@@ -988,8 +1128,8 @@ def _reads(ins: tuple) -> list[int]:
         for a in (*ins[3], *ins[4].values()):
             if isinstance(a, Band):
                 found.append(a.slot)
-            elif isinstance(a, list) and a and isinstance(a[0], Band):
-                found.extend(b.slot for b in a)
+            elif isinstance(a, (list, tuple)):
+                found.extend(b.slot for b in a if isinstance(b, Band))
         return found
     if kind in ("stats", "out"):
         return [ins[2].slot] if kind == "stats" else [ins[1].slot]
@@ -1082,7 +1222,7 @@ def recomputed(seg: RowSegment, bands: int) -> frozenset[torch.fx.Node]:
 
 
 def _estimate_with(seg: RowSegment, bands: int, remat: frozenset) -> tuple[int, LoopCost]:
-    bounds = slice_bounds(seg.length, bands)
+    bounds = seg.bounds(bands)
     norm_key = {g: i for i, g in enumerate(seg.norms)}
     table = seg.shared.get("table")
     if table is None:
@@ -1097,10 +1237,12 @@ def _estimate_with(seg: RowSegment, bands: int, remat: frozenset) -> tuple[int, 
         if done is None:
             builder = _PassBuilder(seg, j, bounds, {}, norm_key, emit=False, remat=remat)
             first = builder.band(0)
-            steady = builder.band(1) if len(bounds) > 1 else []
+            # the bands after the first reach their steady state in one period (a row of the coarsest nodes)
+            window = min(len(bounds), 2 * seg.period(len(bounds)))
+            steady = [ins for s in range(1, window) for ins in builder.band(s)]
             peak = simulate(first + steady)
-            rest = len(bounds) - 1
-            work = [table[n] for n in builder.hi(0) if n in table]
+            rest = (len(bounds) - 1) / max(window - 1, 1)  # later bands, in units of the simulated ones
+            work = [table[n] for n in builder.order if n in table]
             for n, extra in builder.recomputed.items():  # rows above each later band, recomputed
                 w = table.get(n)
                 if w is not None and extra > 0:
@@ -1110,8 +1252,8 @@ def _estimate_with(seg: RowSegment, bands: int, remat: frozenset) -> tuple[int, 
                      for g in seg.stats_targets(j)]
             done = (peak, LoopCost(
                 work=work,
-                instructions=_instructions(first) + rest * _instructions(steady),  # (a band is its instructions)
-                copy_bytes=_copied(first) + rest * _copied(steady)
+                instructions=round(_instructions(first) + rest * _instructions(steady)),  # (a band: its instructions)
+                copy_bytes=round(_copied(first) + rest * _copied(steady))
                 + (sum(tensor_bytes(val(o)) for o in (seg.output, *seg.side_outputs)) if key is None else 0)))
             if key is not None:
                 seg.shared[key] = done
@@ -1144,14 +1286,14 @@ def _passes(seg: RowSegment) -> list[int]:
 
 def build_programs(seg: RowSegment, bands: int) -> tuple[list[list[tuple]], list[torch.fx.Node]]:
     """One program per pass (its bands in order), and the whole inputs they index."""
-    bounds = slice_bounds(seg.length, bands)
+    bounds = seg.bounds(bands)
     ext_index = {p: i for i, p in enumerate(seg.externals)}
     norm_key = {g: i for i, g in enumerate(seg.norms)}
     programs = []
     remat = recomputed(seg, bands)
     for j in _passes(seg):
         builder = _PassBuilder(seg, j, bounds, ext_index, norm_key, remat=remat)
-        programs.append([ins for s in range(len(bounds)) for ins in builder.band(s)])
+        programs.append([ins for prog in builder.bands() for ins in prog])
     return programs, list(seg.externals)
 
 
@@ -1178,15 +1320,20 @@ class RowChoice:
         return self.boundary_bytes + self.workspace_bytes
 
 
-def _ladder(length: int) -> list[int]:
+def _ladder(seg: RowSegment) -> list[int]:
+    """Band counts to try, fewest first: the ladder up to one row of the coarsest nodes per band, then finer
+    (:meth:`RowSegment.finer`: a few latent rows leave bands of many output rows)."""
+    length = seg.length
     steps = [k for k in BAND_LADDER if k < length]
-    return steps + [length] if length <= BAND_LADDER[-1] else steps + [BAND_LADDER[-1]]
+    if length > BAND_LADDER[-1]:
+        return steps + [BAND_LADDER[-1]]
+    return steps + [length] + [k for k in seg.finer() if k * seg.num_passes <= MAX_BAND_PROGRAMS]
 
 
 def best_bands(seg: RowSegment, goal: int | None) -> RowChoice | None:
     """The fewest bands that keep the segment under ``goal`` bytes (None: the fewest bytes reachable)."""
     best = None
-    for k in _ladder(seg.length):
+    for k in _ladder(seg):
         ws, cost = segment_estimate(seg, k)
         choice = RowChoice(seg, k, ws, cost)
         if goal is not None and choice.bytes <= goal:
