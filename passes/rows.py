@@ -58,8 +58,11 @@ from passes.timing import DeviceCosts, LoopCost, NodeCost, costs_for, node_costs
 # Bands per segment the planner tries (capped at the segment's rows, which are tried too up to the last step:
 # one latent row per band, HunyuanVideo's 90 at 720p).
 BAND_LADDER = (2, 4, 8, 16, 32, 64, 128)
-# The planner stops adding bands to a segment once a step of the ladder saves less than this fraction.
+# The planner stops adding bands to a segment once a step of the ladder saves less than this fraction; past
+# one band per row of the coarsest nodes, less than ``FINER_GAIN`` (each finer step doubles the band programs
+# and their host-side instructions for a few rows of halo saved: the tiny SVD decoder's 32 -> 128 saved 5%).
 LADDER_GAIN = 0.01
+FINER_GAIN = 0.10
 # A segment with more passes than this is not considered where cut points could split it: pass p recomputes
 # passes 0..p-1.
 MAX_PASSES = 24
@@ -1338,7 +1341,8 @@ def best_bands(seg: RowSegment, goal: int | None) -> RowChoice | None:
         choice = RowChoice(seg, k, ws, cost)
         if goal is not None and choice.bytes <= goal:
             return choice
-        if best is not None and choice.bytes > best.bytes * (1 - LADDER_GAIN):
+        gain = LADDER_GAIN if k <= seg.length else FINER_GAIN
+        if best is not None and choice.bytes > best.bytes * (1 - gain):
             break  # more bands no longer pay (halos grow as bands shrink)
         if best is None or choice.bytes < best.bytes:
             best = choice
