@@ -172,7 +172,7 @@ def _decisions(groups: list[OperatorGroup], result: BudgetResult, streamed: list
         out.append(GroupPlan(
             name=seg.name, kind="rows",
             axis=f"rows (dim {seg.row_dim[seg.output]}), {seg.num_passes} passes",
-            length=seg.length, slices=c.bands, nodes=len(seg.nodes),
+            length=seg.finest, slices=c.bands, nodes=len(seg.nodes),
             intermediate_bytes=sum(tensor_bytes(n.meta.get("val")) for n in seg.nodes),
             dim=seg.row_dim[seg.output], start=seg.input.name, end=seg.output.name, passes=seg.num_passes,
         ))
