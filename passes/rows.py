@@ -811,6 +811,8 @@ class _PassBuilder:
         # side inputs: negative slots, bound to the whole tensors before the bands; outputs: the output first
         self.side_slot = {p: -1 - i for i, p in enumerate(seg.side_inputs)}
         self.out_index = {o: k for k, o in enumerate((seg.output, *seg.side_outputs))}
+        self.outside = {seg.input, *seg.side_inputs}  # read in place, by absolute rows
+        self._deltas: dict[int, dict | None] = {}  # positions moved -> each node's rows moved (None: not whole)
 
     def new_slot(self) -> int:
         self.counter += 1
@@ -833,7 +835,7 @@ class _PassBuilder:
             last = min(s + self.seg.period(len(self.bounds)), len(self.bounds) - 1)
             self._raw = {k: v for k, v in self._raw.items() if k >= s}
             raw = [self._raw_starts(t) for t in range(s, last + 1)]
-            outside = {self.seg.input, *self.side_slot}
+            outside = self.outside
             held = raw[0] if len(raw) == 1 else {n: a if n in self.remat or n in outside else
                                                  min(a, *(r[n] for r in raw[1:])) for n, a in raw[0].items()}
             keep = s - 2 - self.seg.period(len(self.bounds))  # (:meth:`bands` compares a period back)
@@ -878,11 +880,12 @@ class _PassBuilder:
         if b_s - a_s != b_t - a_t or s + 1 >= len(bounds):
             return None
         moved = a_s - a_t
-        delta = {}
-        for n, r in seg.rows.items():
-            if moved * r % seg.finest:
-                return None
-            delta[n] = moved * r // seg.finest
+        if moved not in self._deltas:
+            whole = all(moved * r % seg.finest == 0 for r in seg.rows.values())
+            self._deltas[moved] = {n: moved * r // seg.finest for n, r in seg.rows.items()} if whole else None
+        delta = self._deltas[moved]
+        if delta is None:
+            return None
         for x_t, x_s in ((self.hi(t - 1), self.hi(s - 1)), (self.hi(t), self.hi(s)),
                          (self.starts(t), self.starts(s)), (self.starts(t + 1), self.starts(s + 1))):
             if len(x_t) != len(x_s) or any(x_s.get(n, -1) != v + delta[n] for n, v in x_t.items()):
