@@ -451,6 +451,11 @@ def test_decoder_minimum_streams_rows_exactly_and_memory_is_as_predicted(name):
     assert plan.predicted_activation_peak_bytes < groups_only.timeline.activation_peak_bytes
     predicted = plan.predicted_activation_peak_bytes
     assert abs(m.activation_peak_bytes - predicted) <= 0.1 * predicted, (m.activation_peak_bytes, predicted)
+    if name == "svd-vae-decoder":  # its sliced groups too: the graph alone, as tests/test_slicing.py measures
+        assert plan.sliced_groups
+        with torch.no_grad():
+            graph_only = measure(compiled.compiled.graph_module, *flat, **kw).activation_peak_bytes
+        assert abs(graph_only - predicted) <= 0.05 * graph_only, (graph_only, predicted)
 
 
 @pytest.mark.slow

@@ -97,10 +97,11 @@ def test_planning_view_records_workspace_without_building_bodies():
         assert all(len(b) == 0 for b in getattr(view, n.target).bodies)
 
 
-@pytest.mark.parametrize("name", ["svd", "svd-vae-decoder"])
+@pytest.mark.parametrize("name", ["svd"])
 def test_sliced_graph_memory_is_what_the_plan_predicts(name):
     """Each buffer the loop keeps is one the memory model counts: no output buffer for a view of another
-    output, no slice result kept past its copy."""
+    output, no slice result kept past its copy. (The decoder's minimum, sliced groups and row-streamed tail
+    together: tests/test_rows.py, which compiles it anyway.)"""
     import fxstream
     from fxstream.capture import normalize_inputs
     from fxstream.measure import measure
