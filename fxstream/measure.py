@@ -8,7 +8,10 @@ the call's output included; weights, inputs and anything else that existed befor
   goes), and samples the sum. The sample after an op therefore holds the op's inputs and its output
   together, as the estimator does. Buffers an op allocates and frees inside its own kernel (e.g. CPU flash
   attention's per-thread blocks) are not tensors and are not seen. The torch profiler is not used: on CPU
-  it misses frees (``shared/reference/CAPTURE-NOTES.md``, pitfall 7).
+  it misses frees (``shared/reference/CAPTURE-NOTES.md``, pitfall 7). A dispatch mode changes what one
+  composite op does: torch's ``linear`` then adds its bias out of place (composite compliance takes every tensor
+  for a subclass under a mode), allocating its output twice where eager adds in place; such calls run as eager
+  runs them (:class:`_AsEager`).
 - CUDA: the caching allocator's own counters, ``max_memory_allocated`` minus ``memory_allocated`` before.
   They include what libraries allocate through it (cuDNN's convolution workspaces, which the estimator
   models; cuBLAS's workspace on its first use, so run the call once before measuring).
@@ -16,12 +19,14 @@ the call's output included; weights, inputs and anything else that existed befor
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -86,6 +91,32 @@ class _LiveStorageTracker(TorchDispatchMode):
             self._live_bytes -= self._live.pop(ref)
 
 
+_LINEARS = (torch.nn.functional.linear, torch.ops.aten.linear.default)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # (a tensor subclass's own linear is its business)
+
+
+class _AsEager(TorchFunctionMode):
+    """Runs the calls a dispatch mode would change as eager runs them, so that the tracker below counts eager's
+    allocations. torch's ``linear`` with a bias flattens its input into one ``addmm`` where it can (2-d input,
+    or contiguous); otherwise it runs ``matmul(input, weight.t())`` and adds the bias in place, except under a
+    dispatch mode, where it adds out of place (a second output-sized tensor: the measured peak of Mochi's
+    depth-to-space projection, whose input is a permuted view, was its output over what eager allocates). The
+    same ops in the same order: the values are eager's."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LINEARS:
+            x = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (bias is not None and all(type(t) in _PLAIN for t in (x, weight, bias))
+                    and x.layout == torch.strided and x.dim() != 2
+                    and not (x.is_contiguous() and (x.dim() == 3 or bias.dim() == 1))
+                    and not (x.dim() == 3 and os.environ.get("TORCH_LINEAR_FLATTEN_3D"))):
+                return torch.matmul(x, weight.t()).add_(bias)
+        return func(*args, **kwargs)
+
+
 def _tensors(tree: Any) -> list[torch.Tensor]:
     return [x for x in tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
@@ -113,7 +144,7 @@ def measure(fn: Callable, *args: Any, **kwargs: Any) -> Measurement:
         raise ValueError(f"measure: cannot measure on device '{device}' (cpu or cuda only)")
     tracker = _LiveStorageTracker()
     start = time.perf_counter()
-    with torch.no_grad(), tracker:
+    with torch.no_grad(), _AsEager(), tracker:
         output = fn(*args, **kwargs)
     seconds = time.perf_counter() - start
     return Measurement(tracker.peak_bytes, seconds, str(device), output)
@@ -126,7 +157,7 @@ def timeline(fn: Callable, *args: Any, **kwargs: Any) -> list[int]:
     if device.type != "cpu":
         raise ValueError(f"timeline: counts CPU calls only, not '{device}'")
     tracker = _LiveStorageTracker(sample=True)
-    with torch.no_grad(), tracker:
+    with torch.no_grad(), _AsEager(), tracker:
         fn(*args, **kwargs)
     return tracker.samples
 
