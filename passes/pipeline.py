@@ -464,7 +464,7 @@ def stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str,
         prefix[n.name] = running
         running = max(running, at[order[n.name]])
     # Under a budget: the tail for the budget's activations; where the whole graph then misses the budget (what
-    # is live beside a segment, which its estimate leaves out), the tail for a goal lowered by the miss, at most
+    # is live beside a segment, which its estimate leaves out), a tail whose segments are the miss lower, at most
     # TAIL_TRIES times; then the lowest-memory tail. (Straight to the lowest one, the medium HunyuanVideo decode
     # half-way between its floor and eager ran its floor's plan: 128 bands, 1.9x the predicted time.)
     goal = None if budget_bytes is None else budget_bytes - base.weight_bytes
@@ -483,7 +483,9 @@ def stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str,
             except BudgetError as e:
                 miss = (e.min_peak_bytes or 0) - budget_bytes
                 if goal is not None and miss > 0 and tries < TAIL_TRIES:
-                    goal -= miss
+                    # below the largest segment's bytes by the miss: a goal the same tail would still meet
+                    # (a segment under it with room to spare) would find it again
+                    goal = min(goal, max(c.bytes for c in choices)) - miss
                     continue
         if result is not None:
             break
