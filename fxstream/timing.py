@@ -30,9 +30,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.timing import COMPUTE, MEMORY, SMALL_BYTES, DeviceCosts, node_costs, size_class
+from passes.timing import COMPUTE, MEMORY, SMALL_BYTES, DeviceCosts, key_chain, node_costs, size_class
 
-CALIBRATION_MODELS = ("animatediff", "modelscope", "sd-vae-decoder", "svd", "svd-vae-decoder")
+CALIBRATION_MODELS = ("animatediff", "modelscope", "sd-vae-decoder", "svd", "svd-vae-decoder", "wan-vae-decoder",
+                      "hunyuanvideo-vae-decoder", "ltx-vae-decoder", "cogvideox-vae-decoder", "mochi-vae-decoder")
 
 
 def _sync(device: torch.device) -> None:
@@ -192,10 +193,10 @@ def fit_rates(samples: Iterable[tuple], op_s: float) -> tuple[dict[str, float], 
             if feature <= 0:
                 continue
             size = size_class(c.out_bytes * share)
-            base = c.op.split("/")[0]
-            keys = ((c.kind, f"{c.kind}@{size}"), (c.kind, f"{base}@{size}"), (c.kind, f"{c.op}@{size}"))
+            chain = key_chain(c.op)  # the op's key and its coarser ones (conv3d/c32/k27, conv3d/c32, conv3d)
+            keys = ((c.kind, f"{c.kind}@{size}"), *((c.kind, f"{k}@{size}") for k in chain))
             if not band:  # the class's and the op's own rates are those of whole calls
-                keys += ((c.kind, ""), (c.kind, base), (c.kind, c.op))
+                keys += ((c.kind, ""), *((c.kind, k) for k in chain))
             for key in dict.fromkeys(keys):
                 work[key] = work.get(key, 0.0) + feature
                 spent[key] = spent.get(key, 0.0) + max(t - op_s, t * 0.05)

@@ -62,12 +62,12 @@ class DeviceCosts:
 
     def work_seconds(self, kind: str, flops: float, nbytes: float, op: str = "", out_bytes: float = 0) -> float:
         """Seconds of an op's work (without its dispatch) that writes ``out_bytes``: the rate of the op at its
-        :func:`size_class`, else of its base (``conv3d``) at that size, else of the op, of its base, of its class
-        at that size, of its class."""
+        :func:`size_class`, else of its coarser keys (:func:`key_chain`: ``conv3d/c32``, ``conv3d``) at that
+        size, else of the op and its coarser keys at any size, of its class at that size, of its class."""
         size = size_class(out_bytes)
-        base = op.split("/")[0]
+        chain = key_chain(op)
         rate = None
-        for key in (f"{op}@{size}", f"{base}@{size}", op, base, f"{kind}@{size}"):
+        for key in (*(f"{k}@{size}" for k in chain), *chain, f"{kind}@{size}"):
             rate = self.by_op.get(key)
             if rate:
                 break
@@ -252,17 +252,24 @@ def node_bytes(node: torch.fx.Node) -> int:
 
 
 def op_key(node: torch.fx.Node) -> str:
-    """The name a cost table's per-op rates use: for a convolution ``conv<N>d/c<C>``, N by the weight's dims (a
-    temporal ``(3, 1, 1)`` kernel is a 3-D convolution, and runs as one) and C the fewer of its input (per
-    group) and output channels to the nearest power of two (kernels on few channels reach a fraction of the
-    rate of wide ones); else the ATen overload. A table without the key falls back to the part before ``/``,
-    then to the class."""
+    """The name a cost table's per-op rates use: for a convolution ``conv<N>d/c<C>/k<K>``, N by the weight's dims
+    (a temporal ``(3, 1, 1)`` kernel is a 3-D convolution, and runs as one), C the fewer of its input (per group)
+    and output channels to the nearest power of two (kernels on few channels reach a fraction of the rate of wide
+    ones) and K the kernel's taps (a 3x3x3 kernel runs at several times the FLOP rate of a 3x1x1 one on as many
+    channels: HunyuanVideo's decode, timed on a table fitted on 3x1x1 ones, was predicted at 6x its time); else
+    the ATen overload. A table without the key falls back along :func:`key_chain`, then to the class."""
     if ops.of(node).family == "conv":
         w = node.args[1].meta.get("val") if isinstance(node.args[1], torch.fx.Node) else None
         if isinstance(w, torch.Tensor):
             channels = max(1, min(w.shape[0], w.shape[1]))
-            return f"conv{w.dim() - 2}d/c{2 ** round(math.log2(channels))}"
+            return f"conv{w.dim() - 2}d/c{2 ** round(math.log2(channels))}/k{math.prod(w.shape[2:])}"
     return str(node.target)
+
+
+def key_chain(op: str) -> tuple[str, ...]:
+    """``op`` and its coarser keys, finest first: ``conv3d/c32/k27``, ``conv3d/c32``, ``conv3d``."""
+    parts = op.split("/")
+    return tuple("/".join(parts[:i]) for i in range(len(parts), 0, -1)) if op else ()
 
 
 @dataclass(frozen=True)
@@ -370,5 +377,5 @@ def graph_seconds(gm: torch.fx.GraphModule, costs: DeviceCosts) -> float:
     return sum(graph_breakdown(gm, costs).values())
 
 
-__all__ = ["CLASSES", "DeviceCosts", "LoopCost", "NodeCost", "costs_for", "flops_by_node", "graph_breakdown",
+__all__ = ["CLASSES", "DeviceCosts", "LoopCost", "NodeCost", "costs_for", "flops_by_node", "key_chain", "graph_breakdown",
            "graph_flops", "graph_seconds", "node_bytes", "recomputed", "node_costs", "node_flops", "op_class", "op_key", "size_class", "use_costs"]
