@@ -30,6 +30,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxstream.runtime.rows import conv_rows
+from passes import ops
 from passes.timing import COMPUTE, MEMORY, SMALL_BYTES, DeviceCosts, key_chain, node_costs, size_class
 
 CALIBRATION_MODELS = ("animatediff", "modelscope", "sd-vae-decoder", "svd", "svd-vae-decoder", "wan-vae-decoder",
@@ -113,10 +115,10 @@ class _TimedInterpreter(torch.fx.Interpreter):
         self.times: dict[torch.fx.Node, float] = {}
         self.bands: dict[torch.fx.Node, tuple[float, float]] = {}  # node -> (seconds, share of the whole)
 
-    def _timed(self, n, args, kwargs):
+    def _timed(self, n, args, kwargs, target=None):
         _sync(self.device)
         start = time.perf_counter()
-        out = getattr(self, n.op)(n.target, args, kwargs)
+        out = getattr(self, n.op)(target or n.target, args, kwargs)
         _sync(self.device)
         return out, time.perf_counter() - start
 
@@ -127,8 +129,8 @@ class _TimedInterpreter(torch.fx.Interpreter):
         out, took = self._timed(n, args, kwargs)
         self.times[n] = min(self.times.get(n, took), took)
         band = _band_args(n, args, out)
-        if band is not None:
-            b_out, b_took = self._timed(n, band, kwargs)
+        if band is not None:  # a convolution as a band program runs it (fxstream.runtime.rows.conv_rows)
+            b_out, b_took = self._timed(n, band, kwargs, conv_rows if n.target is ops.CONVOLUTION else None)
             share = b_out.numel() / out.numel()
             prev = self.bands.get(n)
             self.bands[n] = (b_took, share) if prev is None or b_took < prev[0] else prev

@@ -49,7 +49,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from fxstream.runtime.rows import Band, Ext, RowStream, Stats, group_norm_rows
+from fxstream.runtime.rows import Band, Ext, RowStream, Stats, conv_rows, group_norm_rows
 from fxstream.runtime.sliced import slice_bounds
 from passes import ops
 from passes.dims import (WHOLE, SliceAxis, SplitReduction, arg, input_axes, pointwise, shape, sliced_args, val,
@@ -1002,7 +1002,7 @@ class _PassBuilder:
                 xin = reads[0] = Band(tmp, None)
             if self.emit:
                 bias = prm["bias"]
-                fn = ops.CONVOLUTION
+                fn = conv_rows
                 args = (xin, mapped(n.args[1]), mapped(bias) if isinstance(bias, torch.fx.Node) else None,
                         prm["stride"], padding, prm["dilation"], False, [0] * len(padding), prm["groups"])
         elif family == "upsample":

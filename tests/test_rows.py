@@ -786,3 +786,32 @@ def test_a_larger_budget_never_gets_a_slower_tail_than_a_smaller_one():
     assert _close(m.output, ref)
     predicted = compiled.plan.predicted_activation_peak_bytes
     assert abs(m.activation_peak_bytes - predicted) <= 0.1 * predicted, (m.activation_peak_bytes, predicted)
+
+
+def _kernels(fn) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_a_band_convolution_runs_the_kernel_a_whole_video_runs(one_thread):
+    # torch gives a batch-1 input of at most 20,480 channels x frames x rows its native convolution, several times
+    # slower per FLOP than oneDNN, which it runs on the whole video: the 3-D VAE decodes' bands took that path.
+    from fxstream.runtime.rows import conv_rows
+
+    torch.manual_seed(0)
+    video = torch.randn(1, 8, 3, 24, 16)
+    band = video.narrow(3, 6, 8)  # a band of rows, a view as the programs read them
+    for w, padding in ((torch.randn(8, 8, 3, 3, 3), [0, 0, 1]), (torch.randn(8, 8, 3, 1, 1), [0, 0, 0])):
+        args = (w, torch.randn(8), [1, 1, 1], padding, [1, 1, 1], False, [0, 0, 0], 1)
+        ref = torch.ops.aten.convolution(band, *args)
+        out = conv_rows(band, *args)
+        assert _close(out, ref)
+        assert "aten::slow_conv3d_forward" in _kernels(lambda: torch.ops.aten.convolution(band, *args))
+        used = _kernels(lambda: conv_rows(band, *args))
+        if w.shape[-1] == 1:  # a (3, 1, 1) kernel on one thread: torch's native kernel for any size, kept
+            assert "aten::mkldnn_convolution" not in used
+        else:
+            assert "aten::mkldnn_convolution" in used and "aten::slow_conv3d_forward" not in used

@@ -78,6 +78,22 @@ def group_norm_rows(x: torch.Tensor, stats: torch.Tensor, num_groups: int, weigh
     return out
 
 
+def conv_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
+              transposed: bool, output_padding, groups: int) -> torch.Tensor:
+    """A convolution on a band of rows (``aten.convolution``'s arguments). On the CPU in float32, where torch runs
+    a whole video's convolution of this kind with oneDNN, the band runs it with oneDNN too: torch's choice also
+    weighs the input's size and gives a batch-1 input of at most 20,480 channels x frames x rows its native
+    kernel, several times slower per FLOP (a 3x3x3 convolution over 32 channels, 11 frames and 34 of 128 rows
+    took 0.10 s there, the whole 128 rows 0.06 s with oneDNN). The same sums in another order: exact to rounding,
+    as a band's convolution is anyway."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and not transposed
+            and x.dim() in (4, 5) and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and (any(s != 1 for s in stride) or any(d != 1 for d in dilation) or x.shape[0] >= 16
+                 or weight.shape[-1] != 1 or weight.shape[-2] != 1 or torch.get_num_threads() > 1)):
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+
+
 class RowStream(nn.Module):
     """Runs one row-streamed segment: ``forward(segment_input, *whole_inputs) -> segment_output``, or the tuple
     ``(segment_output, *side_outputs)`` when it has side outputs. ``sides`` pairs each negative slot the programs
