@@ -466,7 +466,7 @@ def stream_tail(gm: torch.fx.GraphModule, budget_bytes: int | None, target: str,
     # Under a budget: the tail for the budget's activations; where the whole graph then misses the budget (what
     # is live beside a segment, which its estimate leaves out), a tail whose segments are the miss lower, at most
     # TAIL_TRIES times; then the lowest-memory tail. (Straight to the lowest one, the medium HunyuanVideo decode
-    # half-way between its floor and eager ran its floor's plan: 128 bands, 1.9x the predicted time.)
+    # half-way between its floor and eager ran its floor's plan, 128 bands, predicted twice the time of its own.)
     goal = None if budget_bytes is None else budget_bytes - base.weight_bytes
     tries = 0
     while True:
