@@ -11,13 +11,17 @@ that producer carries, every other operand is available outside the group, and n
 starts a new group, whose axis is chosen by looking a little ahead for the axis that covers the most bytes
 (ties go to the outermost dim). Ops without a rule are barriers and belong to no group.
 
+First, ops parallel along a joint sequence are moved through the ``cat`` that joins it (``passes/joins.py``): the
+video part of a text + video sequence becomes a chain of its own, sliced like any other; a join an attention reads
+whole (its keys, its values) belongs to no group.
+
 Then, so that groups hand each other as few full-size tensors as possible: GroupNorms that stop a group along
 a dim they reduce over are split (``passes/reductions.py``; :func:`group_operators` works on a copy, its input
 never changes) and the copy regrouped; a group whose statistics
 pass feeds its own later nodes runs in several passes over the slices (``passes``); group tails that hand over
 more bytes than they read are moved to the next group; a chain that only feeds a tensor its consumer reads
 sliced, while that consumer reads others of the chain's group whole (an attention's queries, next to its keys
-and values), moves into the consumer's group; a group that would hold one layer's inputs while it makes the
+and values, or next to a join of them), moves into the consumer's group; a group that would hold one layer's inputs while it makes the
 next layer's outputs is cut in two; small groups of cheap ops are absorbed into the group that consumes them;
 and views handed out of a group are redone outside it, on their base. Last, a cheap chain (no anchor op) whose
 result one group reads sliced from another group that needs it too is copied into the reader, which recomputes
@@ -38,6 +42,7 @@ import torch.fx
 
 from passes import ops
 from passes.dims import REDUCED, WHOLE, SliceAxis, SplitReduction, input_axes, shape, val
+from passes.joins import WHOLE_JOIN, split_joins
 from passes.meta import aliases_input, module_path, node_storage, tensor_bytes
 from passes.reductions import reduced_input_ok
 
@@ -91,7 +96,7 @@ class OperatorGroup:
 
 
 def _groupable(node: torch.fx.Node) -> bool:
-    if node.op != "call_function" or shape(node) is None:
+    if node.op != "call_function" or shape(node) is None or node.meta.get(WHOLE_JOIN):
         return False
     v = val(node)
     if isinstance(v, torch.Tensor):
@@ -450,6 +455,11 @@ class _Grouper:
             by_group: dict[int, dict[str, list]] = defaultdict(lambda: {"sliced": [], "whole": []})
             for p, r in self.reqs[hid].items():
                 gid = self.group_of.get(p)
+                if gid is None and not isinstance(r, SliceAxis):
+                    # keys or values joined outside any group (a joint sequence's): read whole from the groups
+                    # that make their parts
+                    for q in self._joined_from(p):
+                        by_group[self.group_of[q]]["whole"].append(q)
                 if gid is None or gid == hid or not any(self.group_of.get(u) == hid for u in p.users):
                     continue
                 by_group[gid]["sliced" if isinstance(r, SliceAxis) else "whole"].append(p)
@@ -461,6 +471,22 @@ class _Grouper:
                         # reads (a feed-forward's up-projection held across an attention)
                         keys = any(ops.of(u).family == "keys" for u in out.users)
                         self._move_cone(out, gid, hid, widening=not read["whole"] and not keys)
+
+    def _joined_from(self, p: torch.fx.Node) -> list[torch.fx.Node]:
+        """The group members a join no group takes (``WHOLE_JOIN``) is made of, through views, for ``p`` that
+        is such a join or a view of one; else none."""
+        while p.meta.get(WHOLE_JOIN) is None and p.op == "call_function" and ops.of(p).alias is ops.Alias.VIEW \
+                and p not in self.group_of:
+            p = p.args[0]
+        if not p.meta.get(WHOLE_JOIN):
+            return []
+        out = []
+        for q in p.args[0]:
+            while q not in self.group_of and q.op == "call_function" and ops.of(q).alias is ops.Alias.VIEW:
+                q = q.args[0]
+            if q in self.group_of:
+                out.append(q)
+        return out
 
     def _move_cone(self, out: torch.fx.Node, gid: int, hid: int, widening: bool = False) -> None:
         g_members, h_members = set(self.members[gid]), set(self.members[hid])
@@ -840,14 +866,15 @@ class Grouping(NamedTuple):
 
 
 def group_operators(gm: torch.fx.GraphModule) -> Grouping:
-    """Operator grouping, on a copy of ``gm`` (``gm`` itself is never changed) with its two rewrites:
-    GroupNorms that stop a group along one of their reduced dims are split into exact statistics + apply form
-    (``passes/reductions.py``) and the copy grouped again; views a group hands out are redone outside it, on
-    their base."""
+    """Operator grouping, on a copy of ``gm`` (``gm`` itself is never changed) with its rewrites: per-token ops
+    are moved through the joins of a joint sequence first (``passes/joins.py``); GroupNorms that stop a group
+    along one of their reduced dims are split into exact statistics + apply form (``passes/reductions.py``) and
+    the copy grouped again; views a group hands out are redone outside it, on their base."""
     from passes.reductions import split_group_norms
     from passes.slicing import copy_graph_module
 
     work = copy_graph_module(gm)[0]
+    split_joins(work)
     seeds: dict = {}
     first = _Grouper(work, seeds=seeds)
     first.run()

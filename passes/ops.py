@@ -56,6 +56,7 @@ import torch.fx
 
 from fxstream.runtime.keys import KeyChunkedAttention
 from fxstream.runtime.ops import APPLY_OP, PARTIAL_OP, combine_partials
+from fxstream.runtime.sliced import join_buffer, join_into
 from passes import dims as d
 
 aten = torch.ops.aten
@@ -194,11 +195,25 @@ _add([PARTIAL_OP], dims=d.group_norm_partial, combine=combine_partials)
 _add([APPLY_OP], dims=d.group_norm_apply)
 # an attention whose keys and values are recomputed chunk by chunk (passes/keys.py): every instance, by its type
 _add([KeyChunkedAttention], dims=d.key_chunked, anchor=True, family="keys")
+# a cat made in a buffer that sliced groups write their ranges of (passes/slicing.py, write_into_joins): the
+# buffer (a new tensor), and the join, which returns it
+_add([join_buffer])
+_add([join_into], alias=Alias.VIEW, family="join")
 
 # Overloads the rewrites build nodes or programs with.
 GROUP_NORM = aten.group_norm.default
 CONVOLUTION = aten.convolution.default
 SLICE = aten.slice.Tensor
+JOIN = aten.cat.default
+CONCATENATE = aten.concatenate.default
+SLICE_SCATTER = aten.slice_scatter.default
+UNFLATTEN = aten.unflatten.int
+PERMUTE = aten.permute.default
+TRANSPOSE = aten.transpose.int
+UNSQUEEZE = aten.unsqueeze.default
+SQUEEZE_DIM = aten.squeeze.dim
+ALIAS = aten.alias.default
+DETACH = aten.detach.default
 PAD = aten.pad.default
 CONSTANT_PAD = aten.constant_pad_nd.default
 VIEW = aten.view.default

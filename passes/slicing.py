@@ -22,7 +22,8 @@ import torch.fx
 # graphs (and builds slice bodies for plans it then discards) far more often than it runs them.
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from fxstream.runtime.sliced import SlicedCall, SlicedInput, SlicedOutput, SlicePass, slice_bounds
+from fxstream.runtime.sliced import (SlicedCall, SlicedInput, SlicedOutput, SlicePass, join_buffer, join_into,
+                                     slice_bounds)
 from passes.chains import OperatorGroup
 from passes.dims import REDUCED, WHOLE, SliceAxis, sliced_args, val
 from passes.meta import node_info, tensor_bytes
@@ -316,6 +317,7 @@ def apply_plan(gm: torch.fx.GraphModule, groups: list[OperatorGroup], chunks: di
             anchor.append(item)
             anchor = item
     write_in_place(new_gm, graph)
+    write_into_joins(new_gm, graph)
     if not planning:
         fuse_group_norms(graph)  # GroupNorms split for groups that now run whole
         graph.lint()
@@ -404,4 +406,156 @@ def write_in_place(gm: torch.nn.Module, graph: torch.fx.Graph) -> int:
     return written
 
 
-__all__ = ["apply_plan", "write_in_place", "body_workspace_bytes", "copy_graph_module", "group_layout", "PlanningView"]
+def write_into_joins(gm: torch.nn.Module, graph: torch.fx.Graph) -> int:
+    """Let each sliced group write an output that only a ``cat`` reads straight into its range of the joined
+    tensor: no 2x at a join. A joint text + video sequence's keys (the video's part from a group sliced along
+    its tokens, the prompt's part beside it) were otherwise whole twice, as the part and as the join.
+
+    The joined tensor is allocated (:func:`fxstream.runtime.sliced.join_buffer`) before the first group that
+    writes into it; each such group gets its range (a view) as an argument after its inputs
+    (``SlicedOutput.dest``), and the ``cat`` becomes :func:`fxstream.runtime.sliced.join_into`, which copies the
+    other parts in and returns the buffer. Only where the written parts are at least half the join (the buffer
+    lives from the first of those groups on). Returns how many outputs are written into joins."""
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    written = 0
+    for c in nodes:
+        if c.op != "call_function" or c.target not in (ops.JOIN, ops.CONCATENATE) or not isinstance(val(c), torch.Tensor):
+            continue
+        parts = c.args[0]
+        v = val(c)
+        d = c.args[1] if len(c.args) > 1 else c.kwargs.get("dim", 0)
+        d = d + v.dim() if d < 0 else d
+        if not isinstance(parts, (list, tuple)) or len(parts) < 2 or \
+                not all(isinstance(p, torch.fx.Node) and isinstance(val(p), torch.Tensor) and val(p).dim() == v.dim()
+                        for p in parts):
+            continue
+        chosen, offset, offsets = [], 0, []
+        for p in parts:
+            offsets.append(offset)
+            offset += val(p).shape[d]
+        for i, p in enumerate(parts):
+            chain, q = [], p  # views between the group's output and the join, the join's side first
+            while q.op == "call_function" and q.target in _INVERTIBLE_VIEWS and list(q.users) == [chain[-1] if chain else c]:
+                chain.append(q)
+                q = q.args[0]
+            call = q.args[0] if q.op == "call_function" and q.target is operator.getitem else None
+            module = getattr(gm, str(call.target), None) if call is not None and call.op == "call_module" else None
+            if not isinstance(module, SlicedCall) or list(q.users) != [chain[-1] if chain else c] \
+                    or parts.count(p) != 1:
+                continue
+            spec = module.slot_specs[q.args[1]]
+            if spec.dim is None or spec.into is not None or spec.dest is not None or spec.dtype != v.dtype:
+                continue
+            chosen.append((i, p, q, chain, call, module))
+        if not chosen or 2 * sum(val(p).shape[d] for _, p, _, _, _, _ in chosen) < v.shape[d]:
+            continue
+        first = min((call for *_, call, _ in chosen), key=lambda n: pos[n])
+        like = next(a for a in first.args if isinstance(a, torch.fx.Node) and isinstance(val(a), torch.Tensor))
+        made, order = [], None
+        # the buffer's layout: contiguous, else the layout of the largest written part (its views must reach it)
+        largest = max(chosen, key=lambda t: val(t[1]).shape[d])[1]
+        for order in (None, _memory_order(val(largest))):
+            fake_buf = _fake_call(join_buffer, (val(like), list(v.shape), v.dtype, order))
+            made = []
+            for i, p, q, chain, call, module in chosen:
+                steps = _dest_steps(fake_buf, d, offsets[i], val(p).shape[d], chain, val(q))
+                if steps is not None:
+                    made.append((i, p, q, chain, call, module, steps))
+            if any(t[1] is largest for t in made):
+                break
+        if not made or 2 * sum(val(t[1]).shape[d] for t in made) < v.shape[d]:
+            continue
+        with graph.inserting_before(first):
+            buf = graph.call_function(join_buffer, (like, list(v.shape), v.dtype, order))
+        buf.meta = {"val": fake_buf, "nn_module_stack": c.meta.get("nn_module_stack", {})}
+        for i, p, q, chain, call, module, (steps, vals) in made:
+            dest = buf
+            with graph.inserting_before(call):
+                for (target, args), fv in zip(steps, vals[: len(steps)]):
+                    dest = graph.call_function(target, (dest, *args))
+                    dest.meta = {"val": fv, "nn_module_stack": buf.meta["nn_module_stack"]}
+            k = q.args[1]
+            call.args = (*call.args, dest)
+            specs = list(module.slot_specs)
+            specs[k] = replace(specs[k], dest=len(call.args) - 1)
+            module.slot_specs = specs
+            q.meta["val"] = dest.meta["val"]
+            call.meta["val"] = tuple(dest.meta["val"] if j == k else o for j, o in enumerate(call.meta["val"]))
+            for n, fv in zip(reversed(chain), vals[len(steps):]):  # the views of it, on the buffer now
+                n.meta["val"] = fv
+            written += 1
+        with graph.inserting_before(c):
+            joined = graph.call_function(join_into, (buf, list(parts), d))
+        joined.meta = {**c.meta, "val": val(buf)}
+        c.replace_all_uses_with(joined)
+        graph.erase_node(c)
+    if written:
+        stable_topological_sort(graph)
+    return written
+
+
+# views whose inverse is a view: the range of the join a group output must be written into for the views between
+# them to give that range
+_INVERTIBLE_VIEWS = {ops.VIEW, ops.UNSAFE_VIEW, ops.UNFLATTEN, ops.PERMUTE, ops.TRANSPOSE, ops.UNSQUEEZE, ops.SQUEEZE_DIM,
+                     ops.ALIAS, ops.DETACH}
+
+
+def _dest_steps(buf: torch.Tensor, d: int, start: int, length: int, chain: list[torch.fx.Node],
+                out: torch.Tensor) -> tuple[list, list] | None:
+    """How to make, from the join's buffer, the tensor a group output is written into: the buffer's range
+    ``[start, start + length)`` of ``d``, then the inverse of each view in ``chain`` (the join's side first).
+    Returns the steps (target, args after the tensor) and the fake values of the steps and then of the chain's
+    views redone on it (the group's side first); None where a view has no inverse that is a view, or the views
+    redone do not land on the range exactly."""
+    steps = [(ops.SLICE, (d, start, start + length))]
+    cur = _fake_call(ops.SLICE, (buf, d, start, start + length))
+    vals = [cur]
+    target_range = cur
+    try:
+        for n in chain:
+            x = n.args[0]
+            if n.target is ops.PERMUTE:
+                dims = [a % len(n.args[1]) for a in n.args[1]]
+                inv = [dims.index(i) for i in range(len(dims))]
+                step = (ops.PERMUTE, (inv,))
+            elif n.target is ops.TRANSPOSE:
+                step = (ops.TRANSPOSE, tuple(n.args[1:3]))
+            elif n.target in (ops.ALIAS, ops.DETACH):
+                continue
+            else:
+                step = (ops.VIEW, (list(val(x).shape),))
+            cur = _fake_call(step[0], (cur, *step[1]))
+            steps.append(step)
+            vals.append(cur)
+        if tuple(cur.shape) != tuple(out.shape) or cur.dtype != out.dtype:
+            return None
+        redone, again = cur, []
+        for n in reversed(chain):
+            redone = _fake_call(n.target, (redone, *n.args[1:]))
+            again.append(redone)
+    except (RuntimeError, ValueError):  # a view that is not one on these strides
+        return None
+    if (tuple(redone.shape), redone.stride(), redone.storage_offset()) != \
+            (tuple(target_range.shape), target_range.stride(), target_range.storage_offset()):
+        return None
+    return steps, vals + again
+
+
+def _fake_call(target, args):
+    """``target(*args)`` on fake values, under their fake mode (a view of a fake storage for a view op)."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)])
+    if mode is None:
+        return target(*args)
+    with mode:
+        return target(*args)
+
+
+def _memory_order(t: torch.Tensor) -> list[int]:
+    """``t``'s dims from outermost to innermost in memory (largest stride first; ties keep dim order)."""
+    return sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))
+
+
+__all__ = ["apply_plan", "write_in_place", "write_into_joins", "body_workspace_bytes", "copy_graph_module", "group_layout", "PlanningView"]

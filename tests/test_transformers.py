@@ -30,6 +30,11 @@ def _medium(name: str) -> models.BuiltModel:
     return models.build(name, "medium")
 
 
+def _video_tokens(m: models.BuiltModel) -> int:
+    c, x = m.module.config, m.kwargs["hidden_states"]
+    return x.shape[2] // c.patch_size_t * (x.shape[3] // c.patch_size) * (x.shape[4] // c.patch_size)
+
+
 def _sample(out) -> torch.Tensor:
     return out.sample if hasattr(out, "sample") else out[0]
 
@@ -63,16 +68,18 @@ def test_lowest_and_middle_budget_are_exact_at_the_predicted_peak(name):
     assert middle.plan.predicted_peak_bytes <= budget
 
 
-def test_a_single_stream_blocks_wide_mlp_runs_in_the_loop_of_the_projection_that_reads_it():
-    """HunyuanVideo's single-stream blocks compute a 4x-wide MLP beside the attention, and one projection reads
-    both. The attention is sliced along heads (its rotary embedding turns the video tokens only, a cat along the
-    tokens), so the MLP's up-projection and activation move to the projection's token loop: the 4x-wide tensor
-    never exists whole (it would otherwise wait for the attention, full-size)."""
+def test_a_single_stream_blocks_attention_and_wide_mlp_run_in_one_token_loop():
+    """HunyuanVideo's single-stream blocks join the prompt to the video tokens (a cat along the tokens), compute
+    a 4x-wide MLP beside the attention, and one projection reads both. With the join split (passes/joins.py), the
+    attention's video queries, the MLP's up-projection and activation and the projection run in one loop over the
+    video tokens: neither the 4x-wide tensor nor the attention's output exists whole."""
     m = _medium("hunyuanvideo")
     plan = fxstream.plan(m.module, *m.args, **m.kwargs)
     for block in range(m.module.config.num_single_layers):
         prefix = f"single_transformer_blocks.{block}"
-        mlp = [g for g in plan.groups if g.name.startswith(prefix)
-               and any(n.startswith("gelu") for n in g.members)]
-        assert len(mlp) == 1 and mlp[0].slices > 1, [(g.name, g.members) for g in mlp]
-        assert any(n.startswith("cat") for n in mlp[0].members), mlp[0].members  # the projection's input
+        loop = [g for g in plan.groups if g.name.startswith(prefix)
+                and any(n.startswith("scaled_dot_product_attention") for n in g.members)
+                and any(n.startswith("gelu") for n in g.members)]
+        assert len(loop) == 1 and loop[0].slices > 1, [(g.name, g.members) for g in plan.groups]
+        assert loop[0].axis == "dim 1" and loop[0].length == _video_tokens(m), (loop[0].axis, loop[0].length)
+        assert any(n.startswith("cat") for n in loop[0].members), loop[0].members  # the projection's input

@@ -2,8 +2,9 @@
 
 Outputs are preallocated at full size and each slice's results are written into them (no list of slices
 concatenated at the end, so no second full-size copy at the join); an output the plan writes in place goes into
-the storage of an input that dies at the call (a residual stream: ``x + f(x)`` sliced along tokens). A slice's intermediates are freed before
-the next slice starts. Reductions over the sliced axis (GroupNorm statistics) are combined across slices.
+the storage of an input that dies at the call (a residual stream: ``x + f(x)`` sliced along tokens), and an output
+that only a ``cat`` reads goes into its range of the joined tensor (:func:`join_buffer`, :func:`join_into`). A
+slice's intermediates are freed before the next slice starts. Reductions over the sliced axis (GroupNorm statistics) are combined across slices.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class SlicedOutput:
     # the index of an input whose storage receives this output (it dies at the call, and slice ``i`` of the
     # output depends only on slice ``i`` of it): written slice by slice in place of a new tensor
     into: int | None = None
+    # the index of an argument (after the inputs the body reads) that is this output's range of a joined tensor:
+    # written there, so the join (``join_into``) has nothing to copy for it
+    dest: int | None = None
 
 
 def slice_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
@@ -129,8 +133,41 @@ class SlicedCall(nn.Module):
             x = args[spec.into]
             if tuple(x.shape) == spec.shape and x.dtype == spec.dtype and x.is_contiguous():
                 return x
+        if spec.dest is not None:
+            x = args[spec.dest]
+            if tuple(x.shape) == spec.shape and x.dtype == spec.dtype and x.device == device:
+                return x
         return torch.empty(spec.shape, dtype=spec.dtype, device=device)
 
     def extra_repr(self) -> str:
         return (f"group={self.group_name!r}, length={self.length}, chunks={self.chunks}, "
                 f"passes={len(self.pass_specs)}")
+
+
+def join_buffer(like: torch.Tensor, shape: list[int], dtype: torch.dtype, order: list[int] | None = None
+                ) -> torch.Tensor:
+    """The tensor a ``cat`` of sliced groups' outputs is made in, allocated before the first group writes its
+    range (on ``like``'s device): contiguous, or laid out with its dims in memory in ``order`` (outermost first:
+    the layout of a part whose views reach the join, a token-major projection seen head-major)."""
+    if order is None:
+        return like.new_empty(shape, dtype=dtype)
+    return like.new_empty([shape[i] for i in order], dtype=dtype).permute([order.index(i) for i in range(len(order))])
+
+
+def join_into(buffer: torch.Tensor, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat(parts, dim)`` made in ``buffer``: each part is copied into its range, unless it is that range
+    already (a sliced group wrote it there). Returns ``buffer``."""
+    offset = 0
+    for p in parts:
+        n = p.shape[dim]
+        dest = buffer.narrow(dim, offset, n)
+        if not _same_view(p, dest):
+            dest.copy_(p)
+        offset += n
+    return buffer
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory (strides of dims of size 1 do not count)."""
+    return a.shape == b.shape and a.data_ptr() == b.data_ptr() and all(
+        s == 1 or x == y for s, x, y in zip(a.shape, a.stride(), b.stride()))
