@@ -319,6 +319,9 @@ class _Grouper:
             for gid in producer_groups:
                 if (node.name, self.seed[gid].name) in self.banned:
                     continue
+                if node.meta.get(RECOMPUTED) and not any(
+                        p.meta.get(RECOMPUTED) for p in node.all_input_nodes if self.group_of.get(p) == gid):
+                    continue  # a copy made for its reader's group: a group of its own, absorbed into the reader
                 members_axis = {n: self.axis_of[n] for n in node.all_input_nodes if self.group_of.get(n) == gid}
                 for opt in self._options(node, self.length[gid]):
                     try:
@@ -893,6 +896,9 @@ def group_operators(gm: torch.fx.GraphModule) -> Grouping:
 
 # A chain of cheap ops (no anchor) of at most this many nodes may be recomputed in a group that reads its result.
 MAX_RECOMPUTED_NODES = 12
+# Marks such a copy: the walk never adds it to the group of what it reads (the group it was copied from, where it
+# would be computed whole again) but to its own, which absorb_cheap_groups merges into the group that reads it.
+RECOMPUTED = "fxstream_recomputed"
 
 
 def _recompute_cheap_inputs(gm: torch.fx.GraphModule, groups: list[OperatorGroup]) -> bool:
@@ -938,6 +944,7 @@ def _recompute_cheap_inputs(gm: torch.fx.GraphModule, groups: list[OperatorGroup
                 for n in [n for n in g.nodes if n in cone]:
                     copy = gm.graph.node_copy(n, lambda x: mapping.get(x, x))
                     copy.meta = dict(n.meta)
+                    copy.meta[RECOMPUTED] = True
                     mapping[n] = copy
             for u in users:
                 u.replace_input_with(p, mapping[p])

@@ -218,6 +218,7 @@ def split_joins(gm: torch.fx.GraphModule) -> int:
                 rw.undo()
                 continue
             u.replace_all_uses_with(new)
+            _refresh_views(new)
             inputs = u.all_input_nodes
             graph.erase_node(u)
             _erase_unread(graph, inputs)
@@ -254,6 +255,18 @@ def _read_whole_by_attention(c: torch.fx.Node) -> bool:
             if ops.of(u).alias is ops.Alias.VIEW and u.args[0] is n:
                 stack.append(u)
     return False
+
+
+def _refresh_views(node: torch.fx.Node) -> None:
+    """The views that read ``node`` now (a part where they read a slice of the join) are views of its storage:
+    their fake values are derived again (the memory model groups storages by them)."""
+    stack = list(node.users)
+    while stack:
+        u = stack.pop()
+        if u.op != "call_function" or ops.of(u).alias not in (ops.Alias.VIEW, ops.Alias.RESHAPE, ops.Alias.CONVERT):
+            continue
+        u.meta["val"] = _fake(u.target, u.args, u.kwargs)
+        stack.extend(u.users)
 
 
 def _erase_unread(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:

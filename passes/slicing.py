@@ -414,8 +414,9 @@ def write_into_joins(gm: torch.nn.Module, graph: torch.fx.Graph) -> int:
     The joined tensor is allocated (:func:`fxstream.runtime.sliced.join_buffer`) before the first group that
     writes into it; each such group gets its range (a view) as an argument after its inputs
     (``SlicedOutput.dest``), and the ``cat`` becomes :func:`fxstream.runtime.sliced.join_into`, which copies the
-    other parts in and returns the buffer. Only where the written parts are at least half the join (the buffer
-    lives from the first of those groups on). Returns how many outputs are written into joins."""
+    other parts in and returns the buffer. Only the part that is at least half the join is written so (the buffer
+    lives from its group on; a prompt's part may be made long before). Returns how many outputs are written
+    into joins."""
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     written = 0
@@ -447,6 +448,8 @@ def write_into_joins(gm: torch.nn.Module, graph: torch.fx.Graph) -> int:
             spec = module.slot_specs[q.args[1]]
             if spec.dim is None or spec.into is not None or spec.dest is not None or spec.dtype != v.dtype:
                 continue
+            if 2 * val(p).shape[d] < v.shape[d]:
+                continue  # a short part (the prompt's) is copied: its group may run long before the buffer is needed
             chosen.append((i, p, q, chain, call, module))
         if not chosen or 2 * sum(val(p).shape[d] for _, p, _, _, _, _ in chosen) < v.shape[d]:
             continue

@@ -17,6 +17,7 @@ import torch
 
 import fxstream
 from fxstream import models
+from passes.dims import SliceAxis
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,8 +73,25 @@ def test_a_single_stream_blocks_attention_and_wide_mlp_run_in_one_token_loop():
     """HunyuanVideo's single-stream blocks join the prompt to the video tokens (a cat along the tokens), compute
     a 4x-wide MLP beside the attention, and one projection reads both. With the join split (passes/joins.py), the
     attention's video queries, the MLP's up-projection and activation and the projection run in one loop over the
-    video tokens: neither the 4x-wide tensor nor the attention's output exists whole."""
+    video tokens: neither the 4x-wide tensor nor the attention's output exists whole, nor the normed hidden state
+    they read (recomputed in the loop: passes.chains.RECOMPUTED)."""
     m = _medium("hunyuanvideo")
+    from fxstream.capture import capture
+    from passes.chains import group_operators
+
+    _, groups, _ = group_operators(capture(m.module, *m.args, **m.kwargs))
+    width = m.module.config.num_attention_heads * m.module.config.attention_head_dim
+    loops = 0
+    for g in groups:
+        if g.name.startswith("single_transformer_blocks") and any("gelu" in str(n.target) for n in g.nodes) \
+                and any("scaled_dot_product" in str(n.target) for n in g.nodes):
+            # of the block's full-size hidden states it reads only the residual stream, sliced: its modulated norm
+            # is recomputed per slice, not read whole from the group that makes the keys and values
+            hidden = [p for p, a in g.inputs.items() if isinstance(a, SliceAxis) and p.op == "call_function"
+                      and tuple(p.meta["val"].shape) == (1, _video_tokens(m), width)]
+            assert len(hidden) == 1, [p.name for p in hidden]
+            loops += 1
+    assert loops == m.module.config.num_single_layers
     plan = fxstream.plan(m.module, *m.args, **m.kwargs)
     for block in range(m.module.config.num_single_layers):
         prefix = f"single_transformer_blocks.{block}"
