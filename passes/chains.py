@@ -896,8 +896,10 @@ def group_operators(gm: torch.fx.GraphModule) -> Grouping:
 
 # A chain of cheap ops (no anchor) of at most this many nodes may be recomputed in a group that reads its result.
 MAX_RECOMPUTED_NODES = 12
-# Marks such a copy: the walk never adds it to the group of what it reads (the group it was copied from, where it
-# would be computed whole again) but to its own, which absorb_cheap_groups merges into the group that reads it.
+# Marks such a copy made for an attention's group that reads joined keys and values (passes/joins.py): the walk
+# never adds it to the group of what it reads (the group it was copied from, where it would be computed whole
+# again: HunyuanVideo's single-stream blocks) but to its own, which absorb_cheap_groups merges into its reader.
+# Elsewhere the walk places copies as it finds them (LTX-Video's minimum is lower so).
 RECOMPUTED = "fxstream_recomputed"
 
 
@@ -939,12 +941,14 @@ def _recompute_cheap_inputs(gm: torch.fx.GraphModule, groups: list[OperatorGroup
             if any(tensor_bytes(val(x)) > small and not isinstance(h.inputs.get(x), SliceAxis) for x in outside):
                 continue
             users = [u for u in p.users if u in members_h]
+            joint = _reads_whole_join(h)
             mapping: dict[torch.fx.Node, torch.fx.Node] = {}
             with gm.graph.inserting_before(_earliest(gm, users)):
                 for n in [n for n in g.nodes if n in cone]:
                     copy = gm.graph.node_copy(n, lambda x: mapping.get(x, x))
                     copy.meta = dict(n.meta)
-                    copy.meta[RECOMPUTED] = True
+                    if joint:
+                        copy.meta[RECOMPUTED] = True
                     mapping[n] = copy
             for u in users:
                 u.replace_input_with(p, mapping[p])
@@ -952,6 +956,17 @@ def _recompute_cheap_inputs(gm: torch.fx.GraphModule, groups: list[OperatorGroup
     if changed:
         gm.recompile()
     return changed
+
+
+def _reads_whole_join(group: OperatorGroup) -> bool:
+    """Whether ``group`` reads, whole, keys or values joined outside any group (``WHOLE_JOIN``), through views."""
+    for p, axis in group.inputs.items():
+        while axis is WHOLE and not p.meta.get(WHOLE_JOIN) and p.op == "call_function" \
+                and ops.of(p).alias is ops.Alias.VIEW:
+            p = p.args[0]
+        if axis is WHOLE and p.meta.get(WHOLE_JOIN):
+            return True
+    return False
 
 
 def _earliest(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> torch.fx.Node:
