@@ -27,7 +27,7 @@ import torch.fx
 
 from passes import ops
 from passes.memory import returns_alias
-from passes.meta import storage_key
+from passes.meta import fake_value, storage_key
 
 
 def is_mutation(node: torch.fx.Node) -> bool:
@@ -193,23 +193,9 @@ def _read_after(node: torch.fx.Node, order: dict, position: int) -> bool:
 def _propagate(node: torch.fx.Node) -> None:
     """``node.meta["val"]`` from its inputs' fake values (a fresh fake storage, or a view of its input's, as
     eager would give), and the module path of the node it stands in for."""
-    from torch._guards import detect_fake_mode
-
-    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
     source = node.args[0]
     node.meta["nn_module_stack"] = source.meta.get("nn_module_stack", {})
-    mode = detect_fake_mode(_tensors((args, kwargs)))
-    if mode is None:
-        node.meta["val"] = node.target(*args, **kwargs)
-        return
-    with mode:
-        node.meta["val"] = node.target(*args, **kwargs)
-
-
-def _tensors(tree: object) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    torch.fx.node.map_aggregate(tree, lambda x: out.append(x) if isinstance(x, torch.Tensor) else None)
-    return out
+    node.meta["val"] = fake_value(node.target, node.args, node.kwargs)
 
 
 def _repropagate_views(node: torch.fx.Node, aliased: bool = False) -> None:

@@ -3,10 +3,12 @@
 Input: a GraphModule (a copy the caller owns). Output (:func:`split_joins`, which rewrites it): every op that is
 parallel along the dim a ``cat`` joins on, and reads the ``cat``, runs on each part instead, and its results are
 joined after it: ``op(cat([a, b])) -> cat([op(a), op(b)])``; a slice of a ``cat`` that is one of its parts is that
-part. Repeated to a fixed point, the join moves down each chain until an op that needs the whole sequence (the
-keys and values of an attention) or is not parallel along it.
+part, and a ``slice_scatter`` that writes one part back is the join with the new part. Repeated to a fixed point,
+the join moves down each chain until an op that needs the whole sequence (the keys and values of an attention) or
+is not parallel along it. A join an attention reads whole is marked (``WHOLE_JOIN``) for the grouper and the
+slicer.
 
-Why: a joint text + video sequence (HunyuanVideo's blocks, CogVideoX's and Mochi's attentions) joins a short
+Why: a joint text + video sequence (HunyuanVideo's blocks, CogVideoX's attentions) joins a short
 prompt to tens of thousands of video tokens along the token axis, and an operator group's slices are ranges of
 one axis of equal length in every tensor (:mod:`passes.dims`): no group can slice the joined sequence, so the
 per-token chains around its attention (norms, projections, the feed-forward, the attention's queries) ran whole.
@@ -24,10 +26,10 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 
 from passes import ops
 from passes.dims import WHOLE, SliceAxis, SplitReduction, input_axes, shape, sliced_args, val
+from passes.meta import fake_value
 
 JOINS = (ops.JOIN, ops.CONCATENATE)
 
@@ -57,18 +59,6 @@ def _lengths(node: torch.fx.Node) -> list[int]:
     return [shape(p)[_dim(node)] for p in node.args[0]]
 
 
-def _fake(target, args, kwargs):
-    """The value ``target`` gives on the fake values of its arguments (a view of its input for a view op)."""
-    fargs, fkwargs = torch.fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
-    tensors: list = []
-    torch.fx.node.map_aggregate((fargs, fkwargs), lambda x: tensors.append(x) if isinstance(x, torch.Tensor) else None)
-    mode = detect_fake_mode(tensors)
-    if mode is None:
-        return target(*fargs, **fkwargs)
-    with mode:
-        return target(*fargs, **fkwargs)
-
-
 class _Rewriter:
     def __init__(self, gm: torch.fx.GraphModule):
         self.graph = gm.graph
@@ -78,7 +68,7 @@ class _Rewriter:
         n = self.graph.call_function(target, tuple(args), dict(kwargs))
         self.made.append(n)
         n.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
-        n.meta["val"] = _fake(target, n.args, n.kwargs)
+        n.meta["val"] = fake_value(target, n.args, n.kwargs)
         return n
 
     def undo(self) -> None:
@@ -265,7 +255,7 @@ def _refresh_views(node: torch.fx.Node) -> None:
         u = stack.pop()
         if u.op != "call_function" or ops.of(u).alias not in (ops.Alias.VIEW, ops.Alias.RESHAPE, ops.Alias.CONVERT):
             continue
-        u.meta["val"] = _fake(u.target, u.args, u.kwargs)
+        u.meta["val"] = fake_value(u.target, u.args, u.kwargs)
         stack.extend(u.users)
 
 

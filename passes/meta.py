@@ -112,3 +112,18 @@ def aliases_input(node: torch.fx.Node) -> bool:
     if not isinstance(out, torch.Tensor) or not isinstance(src, torch.Tensor):
         return False
     return storage_key(out) == storage_key(src)
+
+
+def fake_value(target, args: tuple, kwargs: dict | None = None):
+    """What ``target`` returns on fake values: the arguments' ``meta["val"]`` for nodes, run under their fake mode
+    (a view of its input's fake storage for a view op, as eager would give)."""
+    from torch._guards import detect_fake_mode
+
+    args, kwargs = torch.fx.node.map_arg((tuple(args), dict(kwargs or {})), lambda a: a.meta["val"])
+    tensors: list[torch.Tensor] = []
+    torch.fx.node.map_aggregate((args, kwargs), lambda x: tensors.append(x) if isinstance(x, torch.Tensor) else None)
+    mode = detect_fake_mode(tensors)
+    if mode is None:
+        return target(*args, **kwargs)
+    with mode:
+        return target(*args, **kwargs)

@@ -26,7 +26,7 @@ from fxstream.runtime.sliced import (SlicedCall, SlicedInput, SlicedOutput, Slic
                                      slice_bounds)
 from passes.chains import OperatorGroup
 from passes.dims import REDUCED, WHOLE, SliceAxis, sliced_args, val
-from passes.meta import node_info, tensor_bytes
+from passes.meta import fake_value, node_info, tensor_bytes
 from passes import ops
 from passes.reductions import fuse_group_norms
 from passes.timing import LoopCost, node_costs, recomputed
@@ -459,7 +459,7 @@ def write_into_joins(gm: torch.nn.Module, graph: torch.fx.Graph) -> int:
         # the buffer's layout: contiguous, else the layout of the largest written part (its views must reach it)
         largest = max(chosen, key=lambda t: val(t[1]).shape[d])[1]
         for order in (None, _memory_order(val(largest))):
-            fake_buf = _fake_call(join_buffer, (val(like), list(v.shape), v.dtype, order))
+            fake_buf = fake_value(join_buffer, (val(like), list(v.shape), v.dtype, order))
             made = []
             for i, p, q, chain, call, module in chosen:
                 steps = _dest_steps(fake_buf, d, offsets[i], val(p).shape[d], chain, val(q))
@@ -512,7 +512,7 @@ def _dest_steps(buf: torch.Tensor, d: int, start: int, length: int, chain: list[
     views redone on it (the group's side first); None where a view has no inverse that is a view, or the views
     redone do not land on the range exactly."""
     steps = [(ops.SLICE, (d, start, start + length))]
-    cur = _fake_call(ops.SLICE, (buf, d, start, start + length))
+    cur = fake_value(ops.SLICE, (buf, d, start, start + length))
     vals = [cur]
     target_range = cur
     try:
@@ -528,14 +528,14 @@ def _dest_steps(buf: torch.Tensor, d: int, start: int, length: int, chain: list[
                 continue
             else:
                 step = (ops.VIEW, (list(val(x).shape),))
-            cur = _fake_call(step[0], (cur, *step[1]))
+            cur = fake_value(step[0], (cur, *step[1]))
             steps.append(step)
             vals.append(cur)
         if tuple(cur.shape) != tuple(out.shape) or cur.dtype != out.dtype:
             return None
         redone, again = cur, []
         for n in reversed(chain):
-            redone = _fake_call(n.target, (redone, *n.args[1:]))
+            redone = fake_value(n.target, (redone, *n.args[1:]))
             again.append(redone)
     except (RuntimeError, ValueError):  # a view that is not one on these strides
         return None
@@ -543,17 +543,6 @@ def _dest_steps(buf: torch.Tensor, d: int, start: int, length: int, chain: list[
             (tuple(target_range.shape), target_range.stride(), target_range.storage_offset()):
         return None
     return steps, vals + again
-
-
-def _fake_call(target, args):
-    """``target(*args)`` on fake values, under their fake mode (a view of a fake storage for a view op)."""
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)])
-    if mode is None:
-        return target(*args)
-    with mode:
-        return target(*args)
 
 
 def _memory_order(t: torch.Tensor) -> list[int]:
