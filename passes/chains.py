@@ -42,7 +42,7 @@ import torch.fx
 
 from passes import ops
 from passes.dims import REDUCED, WHOLE, SliceAxis, SplitReduction, input_axes, shape, val
-from passes.joins import WHOLE_JOIN, split_joins
+from passes.joins import WHOLE_JOIN, split_joins, whole_join
 from passes.meta import aliases_input, module_path, node_storage, tensor_bytes
 from passes.reductions import reduced_input_ok
 
@@ -478,13 +478,9 @@ class _Grouper:
     def _joined_from(self, p: torch.fx.Node) -> list[torch.fx.Node]:
         """The group members a join no group takes (``WHOLE_JOIN``) is made of, through views, for ``p`` that
         is such a join or a view of one; else none."""
-        while p.meta.get(WHOLE_JOIN) is None and p.op == "call_function" and ops.of(p).alias is ops.Alias.VIEW \
-                and p not in self.group_of:
-            p = p.args[0]
-        if not p.meta.get(WHOLE_JOIN):
-            return []
+        join = whole_join(p)
         out = []
-        for q in p.args[0]:
+        for q in join.args[0] if join is not None else []:
             while q not in self.group_of and q.op == "call_function" and ops.of(q).alias is ops.Alias.VIEW:
                 q = q.args[0]
             if q in self.group_of:
@@ -960,13 +956,7 @@ def _recompute_cheap_inputs(gm: torch.fx.GraphModule, groups: list[OperatorGroup
 
 def _reads_whole_join(group: OperatorGroup) -> bool:
     """Whether ``group`` reads, whole, keys or values joined outside any group (``WHOLE_JOIN``), through views."""
-    for p, axis in group.inputs.items():
-        while axis is WHOLE and not p.meta.get(WHOLE_JOIN) and p.op == "call_function" \
-                and ops.of(p).alias is ops.Alias.VIEW:
-            p = p.args[0]
-        if axis is WHOLE and p.meta.get(WHOLE_JOIN):
-            return True
-    return False
+    return any(axis is WHOLE and whole_join(p) is not None for p, axis in group.inputs.items())
 
 
 def _earliest(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> torch.fx.Node:

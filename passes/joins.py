@@ -34,9 +34,10 @@ from passes.meta import fake_value
 JOINS = (ops.JOIN, ops.CONCATENATE)
 
 
-def _dim(node: torch.fx.Node) -> int:
+def join_dim(node: torch.fx.Node) -> int:
+    """The dim a ``cat`` node joins along, made non-negative."""
     d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    return d + len(shape(node)) if d < 0 else d
+    return d + val(node).dim() if d < 0 else d
 
 
 def _parts(node: torch.fx.Node) -> list[torch.fx.Node] | None:
@@ -47,16 +48,16 @@ def _parts(node: torch.fx.Node) -> list[torch.fx.Node] | None:
     if s is None or not isinstance(parts, (list, tuple)) or len(parts) < 2:
         return None
     if not all(isinstance(p, torch.fx.Node) and isinstance(val(p), torch.Tensor) and shape(p) is not None
-               and len(shape(p)) == len(s) and shape(p)[_dim(node)] > 0 for p in parts):
+               and len(shape(p)) == len(s) and shape(p)[join_dim(node)] > 0 for p in parts):
         return None  # the legacy empty-tensor cat, or a part of no length
-    d = _dim(node)
+    d = join_dim(node)
     if s[d] < max(s):
         return None  # channels or features joined: nothing is sliced along them
     return list(parts)
 
 
 def _lengths(node: torch.fx.Node) -> list[int]:
-    return [shape(p)[_dim(node)] for p in node.args[0]]
+    return [shape(p)[join_dim(node)] for p in node.args[0]]
 
 
 class _Rewriter:
@@ -79,7 +80,7 @@ class _Rewriter:
 
 def _slice_of(c: torch.fx.Node, u: torch.fx.Node, rw: _Rewriter) -> torch.fx.Node | None:
     """``u``, a slice of the join ``c`` along its dim, as a part, a slice of a part, or a join of whole parts."""
-    d, n = _dim(c), shape(c)[_dim(c)]
+    d, n = join_dim(c), shape(c)[join_dim(c)]
     args = list(u.args) + [None] * (5 - len(u.args))
     dim, start, end, step = (args[1] or 0), args[2], args[3], (args[4] if args[4] is not None else 1)
     dim = dim + len(shape(c)) if dim < 0 else dim
@@ -107,7 +108,7 @@ def _slice_of(c: torch.fx.Node, u: torch.fx.Node, rw: _Rewriter) -> torch.fx.Nod
 def _scatter_into(c: torch.fx.Node, u: torch.fx.Node, rw: _Rewriter) -> torch.fx.Node | None:
     """``u = slice_scatter(c, src, dim, start, end)`` that replaces one part of the join ``c`` (CogVideoX writes
     its rotated video tokens back into the joined queries and keys): the join with ``src`` for that part."""
-    d, n = _dim(c), shape(c)[_dim(c)]
+    d, n = join_dim(c), shape(c)[join_dim(c)]
     args = list(u.args) + [None] * (6 - len(u.args))
     src, dim, start, end, step = args[1], args[2] or 0, args[3], args[4], args[5] if args[5] is not None else 1
     dim = dim + len(shape(c)) if dim < 0 else dim
@@ -134,7 +135,7 @@ def _through(c: torch.fx.Node, u: torch.fx.Node, rw: _Rewriter) -> torch.fx.Node
         return _slice_of(c, u, rw)
     if u.target is ops.SLICE_SCATTER and u.args[0] is c and u.args[1] is not c:
         return _scatter_into(c, u, rw)
-    d, n = _dim(c), shape(c)[_dim(c)]
+    d, n = join_dim(c), shape(c)[join_dim(c)]
     lengths = _lengths(c)
     # the output dim that is the join's dim, element for element
     found = None
@@ -158,7 +159,7 @@ def _through(c: torch.fx.Node, u: torch.fx.Node, rw: _Rewriter) -> torch.fx.Node
         if r is WHOLE:
             per_input[x] = None
         elif isinstance(r, SliceAxis) and r.unit == 1 and not r.halo and r.scale == 1 and shape(x)[r.dim] == n:
-            if x is c or (_parts(x) is not None and _dim(x) == r.dim and _lengths(x) == lengths):
+            if x is c or (_parts(x) is not None and join_dim(x) == r.dim and _lengths(x) == lengths):
                 per_input[x] = list(x.args[0])
             else:
                 per_input[x] = "view", r.dim
@@ -247,6 +248,13 @@ def _read_whole_by_attention(c: torch.fx.Node) -> bool:
     return False
 
 
+def whole_join(p: torch.fx.Node) -> torch.fx.Node | None:
+    """The join no group takes (``WHOLE_JOIN``) that ``p`` is, or is a view of; else None."""
+    while not p.meta.get(WHOLE_JOIN) and p.op == "call_function" and ops.of(p).alias is ops.Alias.VIEW:
+        p = p.args[0]
+    return p if p.meta.get(WHOLE_JOIN) else None
+
+
 def _refresh_views(node: torch.fx.Node) -> None:
     """The views that read ``node`` now (a part where they read a slice of the join) are views of its storage:
     their fake values are derived again (the memory model groups storages by them)."""
@@ -272,4 +280,4 @@ def _erase_unread(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
         stack.extend(inputs)
 
 
-__all__ = ["WHOLE_JOIN", "split_joins"]
+__all__ = ["WHOLE_JOIN", "join_dim", "split_joins", "whole_join"]

@@ -26,6 +26,7 @@ from fxstream.runtime.sliced import (SlicedCall, SlicedInput, SlicedOutput, Slic
                                      slice_bounds)
 from passes.chains import OperatorGroup
 from passes.dims import REDUCED, WHOLE, SliceAxis, sliced_args, val
+from passes.joins import join_dim
 from passes.meta import fake_value, node_info, tensor_bytes
 from passes import ops
 from passes.reductions import fuse_group_norms
@@ -425,8 +426,7 @@ def write_into_joins(gm: torch.nn.Module, graph: torch.fx.Graph) -> int:
             continue
         parts = c.args[0]
         v = val(c)
-        d = c.args[1] if len(c.args) > 1 else c.kwargs.get("dim", 0)
-        d = d + v.dim() if d < 0 else d
+        d = join_dim(c)
         if not isinstance(parts, (list, tuple)) or len(parts) < 2 or \
                 not all(isinstance(p, torch.fx.Node) and isinstance(val(p), torch.Tensor) and val(p).dim() == v.dim()
                         for p in parts):
@@ -451,7 +451,7 @@ def write_into_joins(gm: torch.nn.Module, graph: torch.fx.Graph) -> int:
             if 2 * val(p).shape[d] < v.shape[d]:
                 continue  # a short part (the prompt's) is copied: its group may run long before the buffer is needed
             chosen.append((i, p, q, chain, call, module))
-        if not chosen or 2 * sum(val(p).shape[d] for _, p, _, _, _, _ in chosen) < v.shape[d]:
+        if not chosen:
             continue
         first = min((call for *_, call, _ in chosen), key=lambda n: pos[n])
         like = next(a for a in first.args if isinstance(a, torch.fx.Node) and isinstance(val(a), torch.Tensor))
@@ -467,7 +467,7 @@ def write_into_joins(gm: torch.nn.Module, graph: torch.fx.Graph) -> int:
                     made.append((i, p, q, chain, call, module, steps))
             if any(t[1] is largest for t in made):
                 break
-        if not made or 2 * sum(val(t[1]).shape[d] for t in made) < v.shape[d]:
+        if not made:
             continue
         with graph.inserting_before(first):
             buf = graph.call_function(join_buffer, (like, list(v.shape), v.dtype, order))
