@@ -18,7 +18,7 @@ prompt's part runs whole beside it.
 Exact: each op computes the same elements, on fewer rows at a time (float reordering inside a kernel at most).
 Which ops: those whose slice rule (:mod:`passes.dims`) maps one output dim, of the joined length, to the join's
 dim with unit 1; their other inputs are read whole where the rule says so, else the matching parts (a join of the
-same lengths, or a view of each part's range). Which joins: those along the longest dim of their value (a
+same lengths, or a view of each part's range). Which joins: those along the longest dim of their value, not its last (a
 sequence, not the channels or features a ``cat`` also joins), of at least two parts.
 """
 
@@ -51,8 +51,8 @@ def _parts(node: torch.fx.Node) -> list[torch.fx.Node] | None:
                and len(shape(p)) == len(s) and shape(p)[join_dim(node)] > 0 for p in parts):
         return None  # the legacy empty-tensor cat, or a part of no length
     d = join_dim(node)
-    if s[d] < max(s):
-        return None  # channels or features joined: nothing is sliced along them
+    if s[d] < max(s) or d == len(s) - 1:
+        return None  # channels or features joined (a timestep embedding's sin and cos): not a sequence
     return list(parts)
 
 

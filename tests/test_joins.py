@@ -118,9 +118,13 @@ def test_a_part_written_back_into_the_join_replaces_that_part():
 def test_a_join_of_channels_is_left_alone():
     class Channels(nn.Module):
         def forward(self, a, b):
-            return torch.relu(torch.cat([a, b], dim=2)) * 2
+            return torch.relu(torch.cat([a, b], dim=-1)) * 2
 
     gm = capture(Channels(), torch.randn(1, 64, 8), torch.randn(1, 64, 4))
+    work = copy_graph_module(gm)[0]
+    assert split_joins(work) == 0
+    # a timestep embedding's sin and cos, joined along its features (its longest dim, but its last)
+    gm = capture(Channels(), torch.randn(2, 32), torch.randn(2, 32))
     work = copy_graph_module(gm)[0]
     assert split_joins(work) == 0
 
